@@ -1,0 +1,173 @@
+"""Small shared pieces: the problem description handed to backends, dropout, input validation."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .projection import Projection
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is accepted by the "torch" backend only (gradcheck); kernels take the three above.
+ACCEPTED_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
+
+_warned: set = set()
+
+
+def warn_once(key: str, message: str, category=UserWarning) -> None:
+    """Emit ``message`` the first time ``key`` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, category, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """Adapter-input dropout of one forward call (DESIGN §2).
+
+    ``seed`` is the per-call Philox key σ; element ``(row, col)`` of the flattened input is kept iff
+    ``(word >> 8) >= threshold`` and then scaled by ``scale = 1 / (1 - p)``.
+    """
+
+    p: float
+    seed: int
+    threshold: int
+    scale: float
+
+    @staticmethod
+    def threshold_for(p: float) -> int:
+        return math.ceil(p * 2**24)
+
+    @classmethod
+    def draw(cls, p: float) -> "Dropout":
+        """A fresh dropout seed from torch's default generator (so ``torch.manual_seed`` reproduces it)."""
+        seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64).item())
+        return cls(p=float(p), seed=seed, threshold=cls.threshold_for(p), scale=1.0 / (1.0 - p))
+
+
+def make_dropout(dropout_p: float, training: bool, seed: Optional[int] = None) -> Optional[Dropout]:
+    """Validate ``dropout_p``; return ``None`` when no dropout applies (p = 0 or eval mode)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if p == 0.0 or not training:
+        return None
+    if seed is None:
+        return Dropout.draw(p)
+    return Dropout(p=p, seed=int(seed), threshold=Dropout.threshold_for(p), scale=1.0 / (1.0 - p))
+
+
+@dataclass
+class Problem:
+    """Everything a backend needs for one call, already validated.
+
+    ``x2d`` is the input flattened to ``[M, K]`` (a view when possible, strides may be arbitrary);
+    it is ``None`` in backward, where only ``s`` (``[M, r]`` float32) is kept.
+    """
+
+    x2d: Optional[torch.Tensor]
+    weight: torch.Tensor  # [N, K], any strides
+    bias: Optional[torch.Tensor]  # [N] or None
+    lambda_d: torch.Tensor  # [r], float32 (float64 on the torch backend)
+    lambda_b: torch.Tensor  # [N], float32 (float64 on the torch backend)
+    projection: Projection
+    dropout: Optional[Dropout]
+    M: int
+    K: int
+    N: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """float32 for the adapter path, float64 only when the inputs are float64 (gradcheck)."""
+        if torch.float64 in (self.weight.dtype, self.lambda_d.dtype, self.lambda_b.dtype):
+            return torch.float64
+        return torch.float32
+
+
+def _is_tensor(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def validate(x, weight, bias, lambda_d, lambda_b, projection) -> None:
+    """Raise a clear ``TypeError``/``ValueError`` for any input a backend must not see."""
+    if not isinstance(projection, Projection):
+        raise TypeError(f"projection must be a vera_kernels.Projection, got {type(projection).__name__}")
+    _is_tensor(x, "x")
+    _is_tensor(weight, "weight")
+    _is_tensor(lambda_d, "lambda_d")
+    _is_tensor(lambda_b, "lambda_b")
+    if bias is not None:
+        _is_tensor(bias, "bias")
+    if x.dtype not in ACCEPTED_DTYPES:
+        raise TypeError(
+            f"x must be float32, float16 or bfloat16 (float64 on the torch backend), got {x.dtype}"
+        )
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (its last is in_features)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x's last dimension is {x.shape[-1]} but weight is [N={N}, K={K}]")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if bias is not None:
+        if bias.shape != (N,):
+            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+    r = projection.rank
+    if lambda_d.shape != (r,):
+        raise ValueError(f"lambda_d must have shape ({r},) (the projection's rank), got {tuple(lambda_d.shape)}")
+    if lambda_b.shape != (N,):
+        raise ValueError(f"lambda_b must have shape ({N},) (out_features), got {tuple(lambda_b.shape)}")
+    for name, t in (("lambda_d", lambda_d), ("lambda_b", lambda_b)):
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 (VeRA keeps the trained vectors in float32), got {t.dtype}")
+    if K > projection.max_in_features:
+        raise ValueError(f"in_features K={K} exceeds the projection's max_in_features={projection.max_in_features}")
+    if N > projection.max_out_features:
+        raise ValueError(
+            f"out_features N={N} exceeds the projection's max_out_features={projection.max_out_features}"
+        )
+    devices = {t.device for t in (x, weight, lambda_d, lambda_b, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError(
+            "weight and bias are frozen in VeRA and get no gradient; pass tensors with requires_grad=False "
+            "(VeRALinear does this for you)"
+        )
+
+
+def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout) -> Problem:
+    K = weight.shape[1]
+    x2d = x.reshape(-1, K)
+    return Problem(
+        x2d=x2d,
+        weight=weight,
+        bias=bias,
+        lambda_d=lambda_d,
+        lambda_b=lambda_b,
+        projection=projection,
+        dropout=dropout,
+        M=x2d.shape[0],
+        K=K,
+        N=weight.shape[0],
+    )

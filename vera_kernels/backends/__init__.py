@@ -1,0 +1,115 @@
+"""Backend registry and dispatcher (DESIGN §5).
+
+Backends are loaded lazily by name. For a problem, ``select`` walks the priority list of its device
+type and returns the first backend with no reason against it; if none fits, it raises listing every
+backend's reasons. ``backend=`` or the ``VERA_KERNELS_BACKEND`` environment variable forces one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Dict, Optional
+
+from .._helpers import Problem
+from .base import Backend
+
+__all__ = ["Backend", "backends", "get_backend", "select", "ENV_VAR", "PRIORITY"]
+
+ENV_VAR = "VERA_KERNELS_BACKEND"
+
+# name -> module defining BACKEND (a Backend instance)
+_MODULES = {
+    "triton": "vera_kernels.backends.triton_backend",
+    "cuda": "vera_kernels.backends.cuda_backend",
+    "cpu": "vera_kernels.backends.cpu_backend",
+    "torch": "vera_kernels.backends.torch_backend",
+}
+
+# device type -> backends tried in order
+PRIORITY = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+
+_loaded: Dict[str, Backend] = {}
+_load_errors: Dict[str, str] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a requested backend cannot run, or no backend fits a problem."""
+
+
+def _load(name: str) -> Optional[Backend]:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        return None
+    module_name = _MODULES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            _load_errors[name] = "not part of this build of vera_kernels"
+        else:
+            _load_errors[name] = f"import failed: {e}"
+        return None
+    except Exception as e:  # a broken backend must not break the package
+        _load_errors[name] = f"import failed: {type(e).__name__}: {e}"
+        return None
+    _loaded[name] = module.BACKEND
+    return module.BACKEND
+
+
+def _check_name(name: str) -> None:
+    if name not in _MODULES:
+        raise ValueError(f"unknown vera_kernels backend {name!r}; known backends: {', '.join(_MODULES)}")
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object ``name``; raises ``BackendUnavailableError`` with the reason if it cannot run."""
+    _check_name(name)
+    b = _load(name)
+    if b is None:
+        raise BackendUnavailableError(f"vera_kernels backend {name!r} is unavailable: {_load_errors[name]}")
+    why = b.unavailable_reason()
+    if why is not None:
+        raise BackendUnavailableError(f"vera_kernels backend {name!r} is unavailable: {why}")
+    return b
+
+
+def backends() -> Dict[str, Optional[str]]:
+    """Every backend mapped to ``None`` when it can run here, or to the reason it cannot."""
+    out: Dict[str, Optional[str]] = {}
+    for name in _MODULES:
+        b = _load(name)
+        out[name] = _load_errors[name] if b is None else b.unavailable_reason()
+    return out
+
+
+def select(problem: Problem, requested: Optional[str] = None) -> Backend:
+    """Pick the backend for ``problem``: ``requested``, else ``$VERA_KERNELS_BACKEND``, else by priority."""
+    if requested is None:
+        requested = os.environ.get(ENV_VAR) or None
+    if requested is not None:
+        _check_name(requested)
+        b = get_backend(requested)
+        reasons = b.not_supported_reasons(problem)
+        if reasons:
+            raise BackendUnavailableError(
+                f"vera_kernels backend {requested!r} cannot run this call: " + "; ".join(reasons)
+            )
+        return b
+    order = PRIORITY.get(problem.device.type, ("torch",))
+    why_not = {}
+    for name in order:
+        b = _load(name)
+        if b is None:
+            why_not[name] = [_load_errors[name]]
+            continue
+        reasons = b.not_supported_reasons(problem)
+        if not reasons:
+            return b
+        why_not[name] = reasons
+    lines = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in why_not.items())
+    raise BackendUnavailableError(f"no vera_kernels backend can run this call:\n{lines}")

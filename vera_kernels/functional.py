@@ -1,0 +1,68 @@
+"""``vera_linear``: the functional VeRA layer, dispatched to the best available backend."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._helpers import make_dropout, make_problem, validate
+from .autograd import VeRAFunction
+from .backends import select
+from .projection import Projection
+
+__all__ = ["vera_linear"]
+
+
+def _autocast_inputs(x, weight, bias):
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, weight, bias, None
+    dtype = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        return t.to(dtype) if (t is not None and t.dtype.is_floating_point and t.dtype != dtype) else t
+
+    return cast(x), cast(weight), cast(bias), dev
+
+
+def vera_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    projection: Projection,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``y = x W^T + bias + lambda_b * ((lambda_d * (dropout(x) A_K^T)) B_N^T)`` (DESIGN §1).
+
+    Args:
+        x: ``[..., K]`` input, float32/float16/bfloat16 (float64 on the "torch" backend).
+        weight: frozen ``[N, K]`` base weight in ``x``'s dtype (any strides; ``requires_grad=False``).
+        bias: frozen ``[N]`` bias or ``None``.
+        lambda_d: trainable ``[r]`` float32 vector, ``r = projection.rank``.
+        lambda_b: trainable ``[N]`` float32 vector.
+        projection: the shared :class:`Projection`; ``K``/``N`` must not exceed its max dims.
+        dropout_p: dropout probability on the adapter input, in ``[0, 1)``; applied only if ``training``.
+        training: whether dropout is active.
+        backend: force a backend by name ("triton", "cuda", "cpu", "torch"); default picks the fastest
+            available for the device, overridable with ``$VERA_KERNELS_BACKEND``.
+
+    Returns:
+        ``[..., N]`` in ``x``'s dtype (the autocast dtype under ``torch.autocast``). Gradients flow to
+        ``x``, ``lambda_d`` and ``lambda_b`` only.
+    """
+    if isinstance(x, torch.Tensor):
+        x, weight, bias, ac_device = _autocast_inputs(x, weight, bias)
+    else:
+        ac_device = None
+    validate(x, weight, bias, lambda_d, lambda_b, projection)
+    dropout = make_dropout(dropout_p, training)
+    chosen = select(make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout), backend)
+    if ac_device is None:
+        return VeRAFunction.apply(x, weight, bias, lambda_d, lambda_b, projection, dropout, chosen)
+    with torch.autocast(ac_device, enabled=False):
+        return VeRAFunction.apply(x, weight, bias, lambda_d, lambda_b, projection, dropout, chosen)

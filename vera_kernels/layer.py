@@ -1,0 +1,189 @@
+"""``VeRALinear``: a drop-in ``nn.Linear`` with a VeRA adapter."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ._helpers import warn_once
+from .functional import vera_linear
+from .projection import Projection
+
+__all__ = ["VeRALinear"]
+
+
+class VeRALinear(nn.Module):
+    """``y = x W^T + bias + lambda_b * ((lambda_d * (dropout(x) A^T)) B^T)`` with frozen ``W``, ``bias``.
+
+    Only ``lambda_d`` (``[rank]``) and ``lambda_b`` (``[out_features]``) are trained, always in float32.
+    ``A``/``B`` come from ``projection`` (by default a fresh seeded one sized to this layer); share one
+    projection between all layers of a model, sized to the largest layer, as the VeRA paper does.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        rank: the projection's rank (ignored when ``projection`` is given).
+        seed: the projection's seed (ignored when ``projection`` is given).
+        d_initial: initial value of ``lambda_d`` (the paper's default 0.1); ``lambda_b`` starts at 0.
+        dropout: dropout probability on the adapter input while training.
+        projection: a shared :class:`Projection`.
+        device, dtype: of the frozen weight and bias.
+
+    The state dict holds ``weight``, ``bias``, the two lambdas, and (as extra state) the projection's
+    parameters, the dropout and whether the layer is merged, so a saved layer reloads to identical outputs.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        rank: int = 256,
+        seed: int = 0,
+        d_initial: float = 0.1,
+        dropout: float = 0.0,
+        projection: Optional[Projection] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if projection is None:
+            projection = Projection(seed, rank, in_features, out_features)
+        factory = {"device": device, "dtype": dtype}
+        weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        b = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self._setup(weight, b, projection, d_initial, dropout)
+        self.reset_parameters()
+
+    def _setup(self, weight, bias, projection, d_initial, dropout) -> None:
+        """Shared by ``__init__`` and ``from_linear``: frozen base, projection, fresh lambdas."""
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self._set_projection(projection)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
+        self.d_initial = float(d_initial)
+        weight.requires_grad_(False)
+        self.weight = weight
+        if bias is not None:
+            bias.requires_grad_(False)
+            self.bias = bias
+        else:
+            self.register_parameter("bias", None)
+        dev = weight.device
+        self.lambda_d = nn.Parameter(torch.empty(projection.rank, device=dev, dtype=torch.float32))
+        self.lambda_b = nn.Parameter(torch.empty(self.out_features, device=dev, dtype=torch.float32))
+        self.merged = False
+        self.reset_adapter()
+
+    def _set_projection(self, projection: Projection) -> None:
+        if not isinstance(projection, Projection):
+            raise TypeError(f"projection must be a vera_kernels.Projection, got {type(projection).__name__}")
+        if self.in_features > projection.max_in_features or self.out_features > projection.max_out_features:
+            raise ValueError(
+                f"layer [{self.out_features}, {self.in_features}] is larger than the projection "
+                f"(max_out_features={projection.max_out_features}, max_in_features={projection.max_in_features})"
+            )
+        self.projection = projection
+
+    def reset_parameters(self) -> None:
+        """Base weight as ``nn.Linear`` initialises it; ``lambda_b = 0``, ``lambda_d = d_initial``."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """The paper's initialisation: ``lambda_b = 0``, ``lambda_d = d_initial``."""
+        self.lambda_b.zero_()
+        self.lambda_d.fill_(self.d_initial)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        projection: Optional[Projection] = None,
+        d_initial: float = 0.1,
+        dropout: float = 0.0,
+        rank: int = 256,
+        seed: int = 0,
+    ) -> "VeRALinear":
+        """Wrap an existing ``nn.Linear``: its weight and bias are shared (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        if projection is None:
+            projection = Projection(seed, rank, linear.in_features, linear.out_features)
+        layer._setup(linear.weight, linear.bias, projection, d_initial, dropout)
+        return layer
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        if self.merged:
+            if self.training and torch.is_grad_enabled() and (
+                self.lambda_d.requires_grad or self.lambda_b.requires_grad
+            ):
+                warn_once(
+                    "merged-training",
+                    "VeRALinear is merged: the adapter is folded into the weight and lambda_d/lambda_b get "
+                    "no gradient; call unmerge() before training",
+                )
+            return nn.functional.linear(x, self.weight, self.bias)
+        return vera_linear(
+            x, self.weight, self.bias, self.lambda_d, self.lambda_b, self.projection,
+            dropout_p=self.dropout, training=self.training, backend=backend,
+        )
+
+    # --- merge -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``(lambda_b[:, None] * B_N) @ (lambda_d[:, None] * A_K)`` in float32, ``[N, K]``."""
+        A, B = self.projection.materialize(torch.float32, self.weight.device)
+        A_K = A[:, : self.in_features]
+        B_N = B[: self.out_features]
+        return (self.lambda_b.float()[:, None] * B_N) @ (self.lambda_d.float()[:, None] * A_K)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``weight`` (for inference at the base layer's cost)."""
+        if self.merged:
+            raise RuntimeError("VeRALinear is already merged")
+        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge()`` (exact in float32 up to rounding; lossy for fp16/bf16 weights)."""
+        if not self.merged:
+            raise RuntimeError("VeRALinear is not merged")
+        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    # --- dtype handling and state ------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for p in (self.lambda_d, self.lambda_b):
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()  # the trained vectors stay float32 whatever the base dtype
+        return self
+
+    def get_extra_state(self):
+        return {"projection": self.projection.state(), "dropout": self.dropout, "merged": self.merged}
+
+    def set_extra_state(self, state) -> None:
+        self._set_projection(Projection.from_state(state["projection"]))
+        self.dropout = float(state["dropout"])
+        self.merged = bool(state["merged"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, rank={self.projection.rank}, "
+            f"seed={self.projection.seed if self.projection.is_seeded else 'stored'}, "
+            f"dropout={self.dropout}, merged={self.merged}"
+        )

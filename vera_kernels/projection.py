@@ -1,0 +1,296 @@
+"""The frozen random projection of VeRA: ``A`` and ``B`` generated from a seed (DESIGN.md §2).
+
+Every backend regenerates the same numbers: element ``(i, j)`` of matrix ``m`` comes from one
+Philox4x32-10 call at counter ``(j >> 2, i, m, 0)`` with key ``(seed mod 2**32, seed >> 32)``.
+This module holds the PyTorch reference generator, vectorised over whole index grids.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+
+__all__ = ["philox4x32", "Projection", "projection_values", "uint_to_unit_float"]
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M0 = 0xD2511F53
+_PHILOX_M1 = 0xCD9E8D57
+_PHILOX_W0 = 0x9E3779B9
+_PHILOX_W1 = 0xBB67AE85
+
+MATRIX_A = 0
+MATRIX_B = 1
+STREAM_DROPOUT = 2
+
+IntOrTensor = Union[int, torch.Tensor]
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of ``a * b`` for a uint32 constant ``a`` and uint32 values in int64.
+
+    A full 32x32-bit product does not fit a signed int64, so ``b`` is split into 16-bit halves.
+    """
+    b_lo = b & 0xFFFF
+    b_hi = b >> 16
+    p_lo = a * b_lo  # < 2**48
+    p_hi = a * b_hi  # < 2**48
+    mid = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2**49
+    lo = mid & _MASK32
+    hi = (p_hi >> 16) + (mid >> 32)
+    return hi, lo
+
+
+def _as_uint32_tensor(v: IntOrTensor, name: str) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got dtype {v.dtype}")
+        return v.to(torch.int64) & _MASK32
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int or an integer tensor, got {type(v).__name__}")
+    return torch.tensor(int(v) & _MASK32, dtype=torch.int64)
+
+
+def philox4x32(counter, key, rounds: int = 10) -> Tuple[torch.Tensor, ...]:
+    """Random123's Philox4x32 block function, vectorised with PyTorch.
+
+    Args:
+        counter: four ints or integer tensors (broadcastable) holding uint32 values.
+        key: two ints holding uint32 values.
+        rounds: number of rounds (10 is the standard Philox4x32-10).
+
+    Returns:
+        Four int64 tensors holding the uint32 output words.
+    """
+    if len(counter) != 4:
+        raise ValueError(f"counter must have 4 words, got {len(counter)}")
+    if len(key) != 2:
+        raise ValueError(f"key must have 2 words, got {len(key)}")
+    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 0:
+        raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
+    c = [_as_uint32_tensor(w, f"counter[{i}]") for i, w in enumerate(counter)]
+    c = list(torch.broadcast_tensors(*c))
+    k0, k1 = (int(_as_uint32_tensor(k, f"key[{i}]")) for i, k in enumerate(key))
+    for r in range(rounds):
+        if r > 0:
+            k0 = (k0 + _PHILOX_W0) & _MASK32
+            k1 = (k1 + _PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo32(_PHILOX_M0, c[0])
+        hi1, lo1 = _mulhilo32(_PHILOX_M1, c[2])
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+    return tuple(c)
+
+
+def uint_to_unit_float(w: torch.Tensor) -> torch.Tensor:
+    """Map uint32 words (in int64) to float32 in (-1, 1): ``(w >> 9) * 2**-22 - 1 + 2**-23``, exact."""
+    u = (w >> 9).to(torch.float32) * (2.0**-22)
+    return (u - 1.0) + 2.0**-23
+
+
+def _fp32(v: float) -> float:
+    """Round a Python float to the nearest float32 value (returned as a Python float)."""
+    return float(torch.tensor(v, dtype=torch.float32))
+
+
+def _check_seed(seed, name: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int in [0, 2**64), got {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def _check_dim(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(v).__name__}")
+    v = int(v)
+    if v <= 0:
+        raise ValueError(f"{name} must be positive, got {v}")
+    return v
+
+
+def split_key(seed: int) -> Tuple[int, int]:
+    """The Philox key ``(seed mod 2**32, seed >> 32)`` of a 64-bit seed."""
+    return seed & _MASK32, seed >> 32
+
+
+def philox_words(seed: int, stream: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The uint32 word (in int64) for element ``(row, col)`` of ``stream`` (0 = A, 1 = B, 2 = dropout).
+
+    One Philox call at counter ``(col >> 2, row, stream, 0)`` gives four neighbours in a row; lane
+    ``col & 3`` picks the word.
+    """
+    rows, cols = torch.broadcast_tensors(rows.to(torch.int64), cols.to(torch.int64))
+    words = philox4x32((cols >> 2, rows, stream, 0), split_key(seed))
+    lane = cols & 3
+    w = torch.where(lane == 0, words[0], words[1])
+    w = torch.where(lane == 2, words[2], w)
+    return torch.where(lane == 3, words[3], w)
+
+
+def projection_values(
+    seed: int, matrix: int, rows: torch.Tensor, cols: torch.Tensor, bound: float
+) -> torch.Tensor:
+    """Float32 values of ``matrix`` (0 = A, 1 = B) at broadcastable integer index grids ``rows``, ``cols``."""
+    unit = uint_to_unit_float(philox_words(seed, matrix, rows, cols))
+    return unit * torch.tensor(bound, dtype=torch.float32)
+
+
+def dropout_keep_mask(seed: int, threshold: int, rows: int, cols: int, device=None) -> torch.Tensor:
+    """Boolean keep-mask of the adapter dropout for a flattened ``[rows, cols]`` input (DESIGN §2)."""
+    r = torch.arange(rows, dtype=torch.int64, device=device)[:, None]
+    c = torch.arange(cols, dtype=torch.int64, device=device)[None, :]
+    return (philox_words(seed, STREAM_DROPOUT, r, c) >> 8) >= threshold
+
+
+class Projection:
+    """The shared frozen random matrices ``A [rank, max_in_features]`` and ``B [max_out_features, rank]``.
+
+    A seeded projection stores only ``(seed, rank, max_in_features, max_out_features)``; kernels regenerate
+    any tile of ``A``/``B`` bit-exactly from the seed. ``Projection.from_tensors(A, B)`` wraps explicit
+    matrices instead (e.g. a PEFT adapter), which kernels then load from memory.
+
+    Example::
+
+        proj = Projection(seed=0, rank=256, max_in_features=4096, max_out_features=4096)
+        A, B = proj.materialize()           # float32 on the CPU, the reference generator
+    """
+
+    def __init__(self, seed: int, rank: int, max_in_features: int, max_out_features: int):
+        self.seed: Optional[int] = _check_seed(seed)
+        self.rank = _check_dim(rank, "rank")
+        self.max_in_features = _check_dim(max_in_features, "max_in_features")
+        self.max_out_features = _check_dim(max_out_features, "max_out_features")
+        self.bound_a = _fp32(math.sqrt(6.0 / self.max_in_features))
+        self.bound_b = _fp32(math.sqrt(6.0 / self.rank))
+        self._A: Optional[torch.Tensor] = None
+        self._B: Optional[torch.Tensor] = None
+        self._cache: dict = {}
+
+    @classmethod
+    def from_tensors(cls, A: torch.Tensor, B: torch.Tensor) -> "Projection":
+        """Wrap stored matrices ``A [r, max_in]`` and ``B [max_out, r]`` (e.g. PEFT's ``vera_A``/``vera_B``)."""
+        for name, t in (("A", A), ("B", B)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 2:
+                raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be floating point, got {t.dtype}")
+            if t.numel() == 0:
+                raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
+        if B.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"A is [r, max_in] and B is [max_out, r]: got A {tuple(A.shape)}, B {tuple(B.shape)}"
+            )
+        self = cls.__new__(cls)
+        self.seed = None
+        self.rank = int(A.shape[0])
+        self.max_in_features = int(A.shape[1])
+        self.max_out_features = int(B.shape[0])
+        self.bound_a = self.bound_b = None
+        self._A = A.detach().to(torch.float32).contiguous()
+        self._B = B.detach().to(torch.float32).contiguous()
+        self._cache = {}
+        return self
+
+    @property
+    def is_seeded(self) -> bool:
+        """True when ``A``/``B`` are generated from the seed, False when they are stored tensors."""
+        return self.seed is not None
+
+    @property
+    def key(self) -> Tuple[int, int]:
+        """Philox key ``(seed mod 2**32, seed >> 32)``; only for seeded projections."""
+        if self.seed is None:
+            raise ValueError("a projection built from tensors has no seed")
+        return split_key(self.seed)
+
+    @property
+    def stored(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The stored float32 ``(A, B)`` of a projection built with ``from_tensors``."""
+        if self._A is None:
+            raise ValueError("a seeded projection stores no tensors; use materialize()")
+        return self._A, self._B
+
+    def tensors_on(self, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Stored ``(A, B)`` as float32 on ``device`` (cached), for kernels that load instead of generate."""
+        return self.materialize(torch.float32, device, cache=True)
+
+    def materialize(
+        self, dtype: torch.dtype = torch.float32, device="cpu", cache: bool = False
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(A, B)`` of shapes ``[rank, max_in]`` and ``[max_out, rank]`` (reference generator).
+
+        Values are generated in float32 and then cast to ``dtype``. With ``cache=True`` the result is
+        kept on this object for reuse (the naive "torch" backend uses that).
+        """
+        device = torch.device(device)
+        ck = (dtype, device)
+        if cache and ck in self._cache:
+            return self._cache[ck]
+        if self._A is not None:
+            A, B = self._A.to(device=device, dtype=dtype), self._B.to(device=device, dtype=dtype)
+        else:
+            A = self.generate_a(slice(None), slice(None), device=device).to(dtype)
+            B = self.generate_b(slice(None), slice(None), device=device).to(dtype)
+        if cache:
+            self._cache[ck] = (A, B)
+        return A, B
+
+    def _grid(self, rows: slice, cols: slice, nrows: int, ncols: int, device):
+        r0, r1, rs = rows.indices(nrows)
+        c0, c1, cs = cols.indices(ncols)
+        r = torch.arange(r0, r1, rs, dtype=torch.int64, device=device)[:, None]
+        c = torch.arange(c0, c1, cs, dtype=torch.int64, device=device)[None, :]
+        return r, c
+
+    def generate_a(self, rows: slice = slice(None), cols: slice = slice(None), device="cpu"):
+        """A float32 tile ``A[rows, cols]`` regenerated from the seed alone."""
+        r, c = self._grid(rows, cols, self.rank, self.max_in_features, device)
+        return projection_values(self.seed, MATRIX_A, r, c, self.bound_a)
+
+    def generate_b(self, rows: slice = slice(None), cols: slice = slice(None), device="cpu"):
+        """A float32 tile ``B[rows, cols]`` regenerated from the seed alone."""
+        r, c = self._grid(rows, cols, self.max_out_features, self.rank, device)
+        return projection_values(self.seed, MATRIX_B, r, c, self.bound_b)
+
+    # --- serialisation (used by VeRALinear's state dict) -------------------------------------
+    def state(self) -> dict:
+        """A plain dict that ``Projection.from_state`` turns back into an equal projection."""
+        if self.is_seeded:
+            return {
+                "seed": self.seed,
+                "rank": self.rank,
+                "max_in_features": self.max_in_features,
+                "max_out_features": self.max_out_features,
+            }
+        return {"A": self._A.clone(), "B": self._B.clone()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Projection":
+        if "A" in state:
+            return cls.from_tensors(state["A"], state["B"])
+        return cls(state["seed"], state["rank"], state["max_in_features"], state["max_out_features"])
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Projection):
+            return NotImplemented
+        if self.is_seeded != other.is_seeded:
+            return False
+        if self.is_seeded:
+            return self.state() == other.state()
+        return torch.equal(self._A, other._A) and torch.equal(self._B, other._B)
+
+    def __hash__(self):
+        return hash((self.seed, self.rank, self.max_in_features, self.max_out_features))
+
+    def __repr__(self) -> str:
+        src = f"seed={self.seed}" if self.is_seeded else "stored tensors"
+        return (
+            f"Projection({src}, rank={self.rank}, max_in_features={self.max_in_features}, "
+            f"max_out_features={self.max_out_features})"
+        )

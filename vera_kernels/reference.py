@@ -1,0 +1,94 @@
+"""Naive PyTorch VeRA and LoRA: the test oracles and the "naive" baselines of the benchmarks.
+
+``vera_linear`` follows PEFT's VeRA layer: ``A``/``B`` are materialised, the adapter runs in float32
+(``x`` is cast to the lambdas' dtype), four separate operations, and PyTorch autograd saves whatever it
+needs (``x``, the fp32 copy of ``x``, ``s``, ``lambda_d * s`` and the ``[M, N]`` expansion).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._helpers import Dropout, make_dropout, validate
+from .projection import Projection, dropout_keep_mask
+
+__all__ = ["vera_linear", "lora_linear", "vera_forward_math"]
+
+
+def vera_forward_math(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    A_K: torch.Tensor,
+    B_N: torch.Tensor,
+    dropout: Optional[Dropout],
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's formula on a flattened input: returns ``(y2d, s)``.
+
+    ``y = base(x) + lambda_b * ((lambda_d * s) B_N^T)`` with ``s = dropout(x) A_K^T`` in ``compute_dtype``,
+    the base product in ``x.dtype`` and the sum cast back to ``x.dtype``.
+    """
+    base = F.linear(x2d, weight, bias)
+    xa = x2d.to(compute_dtype)
+    if dropout is not None:
+        keep = dropout_keep_mask(dropout.seed, dropout.threshold, x2d.shape[0], x2d.shape[1], x2d.device)
+        xa = xa * keep.to(compute_dtype) * dropout.scale
+    s = F.linear(xa, A_K.to(compute_dtype))
+    adapter = lambda_b.to(compute_dtype) * F.linear(lambda_d.to(compute_dtype) * s, B_N.to(compute_dtype))
+    y = (base.to(compute_dtype) + adapter).to(x2d.dtype)
+    return y, s
+
+
+def vera_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    projection: Projection,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    dropout_seed: Optional[int] = None,
+) -> torch.Tensor:
+    """Naive VeRA forward with plain PyTorch autograd (the oracle).
+
+    The dropout mask is the same Philox mask the kernels use; its seed is drawn from torch's default
+    generator exactly as ``vera_kernels.vera_linear`` draws it (or given as ``dropout_seed``), so
+    ``torch.manual_seed(s)`` before each call makes both use the same mask.
+    """
+    validate(x, weight, bias, lambda_d, lambda_b, projection)
+    dropout = make_dropout(dropout_p, training, dropout_seed)
+    compute_dtype = torch.float64 if torch.float64 in (x.dtype, lambda_d.dtype, lambda_b.dtype) else torch.float32
+    A, B = projection.materialize(compute_dtype, x.device, cache=True)
+    N, K = weight.shape
+    y2d, _ = vera_forward_math(
+        x.reshape(-1, K), weight, bias, lambda_d, lambda_b, A[:, :K], B[:N], dropout, compute_dtype
+    )
+    return y2d.reshape(*x.shape[:-1], N)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Plain PyTorch LoRA as PEFT runs it: ``x W^T + bias + scaling * (x A^T) B^T``.
+
+    ``lora_A`` is ``[r, K]`` and ``lora_B`` is ``[N, r]``, in ``x``'s dtype (PEFT keeps them in the
+    layer's dtype).
+    """
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(f"lora_A must be [r, K] and lora_B [N, r], got {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
+    if lora_A.shape[1] != x.shape[-1] or lora_B.shape[0] != weight.shape[0]:
+        raise ValueError("lora_A/lora_B do not match x's in_features or weight's out_features")
+    return F.linear(x, weight, bias) + F.linear(F.linear(x, lora_A), lora_B) * scaling
