@@ -1,0 +1,269 @@
+"""Shared pieces of the Triton kernels: the Philox/projection generator (written once), the rank-r
+expansion every fused epilogue runs, and small host-side helpers (key splitting, dtypes, configs).
+
+jit helpers first, then the one utility kernel (materialise a projection, for tests and debugging),
+then host helpers. The generator follows DESIGN.md §2 bit for bit:
+
+    (w0, w1, w2, w3) = Philox4x32-10(counter = (col >> 2, row, stream, 0), key = (k0, k1))
+    w     = w_(col & 3)
+    unit  = float32(w >> 9) * 2**-22 - 1 + 2**-23      (exact in float32)
+    value = unit * bound                               (one float32 rounding)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------
+# jit helpers
+# ---------------------------------------------------------------------------------------------
+
+MATRIX_A = tl.constexpr(0)
+MATRIX_B = tl.constexpr(1)
+STREAM_DROPOUT = tl.constexpr(2)
+
+_PHILOX_M0 = tl.constexpr(0xD2511F53)
+_PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+_PHILOX_W0 = tl.constexpr(0x9E3779B9)
+_PHILOX_W1 = tl.constexpr(0xBB67AE85)
+
+
+@triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Random123 Philox4x32-10 on uint32 tensors ``c0..c3`` (same shape) with scalar uint32 key ``k0, k1``."""
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, _PHILOX_M0)
+        lo0 = c0 * _PHILOX_M0
+        hi1 = tl.umulhi(c2, _PHILOX_M1)
+        lo1 = c2 * _PHILOX_M1
+        c0 = hi1 ^ c1 ^ k0
+        c1 = lo1
+        c2 = hi0 ^ c3 ^ k1
+        c3 = lo0
+        k0 = k0 + _PHILOX_W0
+        k1 = k1 + _PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def philox_words_tile(key0, key1, STREAM: tl.constexpr, rows, col_start, COLS: tl.constexpr):
+    """uint32 words ``[len(rows), COLS]`` of elements ``(rows[i], col_start + j)`` of ``STREAM``.
+
+    ``col_start`` must be a multiple of 4: one Philox call yields the 4 neighbours of a row, which are
+    interleaved back in column order with two joins.
+    """
+    ROWS: tl.constexpr = rows.shape[0]
+    quad = (col_start // 4 + tl.arange(0, COLS // 4)).to(tl.uint32)
+    c0 = tl.broadcast_to(quad[None, :], (ROWS, COLS // 4))
+    c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], (ROWS, COLS // 4))
+    c2 = tl.full((ROWS, COLS // 4), STREAM, tl.uint32)
+    c3 = tl.full((ROWS, COLS // 4), 0, tl.uint32)
+    w0, w1, w2, w3 = philox4x32_10(c0, c1, c2, c3, key0.to(tl.uint32, bitcast=True),
+                                   key1.to(tl.uint32, bitcast=True))
+    # join adds a minor dim: join(join(w0, w2), join(w1, w3))[..., i, t] is lane 2 * i + t
+    w = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+    return tl.reshape(w, (ROWS, COLS))
+
+
+@triton.jit
+def words_to_values(w, bound):
+    """DESIGN §2's word -> float32: ``(float32(w >> 9) * 2**-22 - 1 + 2**-23) * bound``."""
+    # 1 + (w >> 9) * 2**-23 built from its bits (no int->float conversion, which runs at quarter rate);
+    # 2 * f - 3 == (w >> 9) * 2**-22 - 1 and every step below is exact, so only "* bound" rounds.
+    f = ((w >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
+    unit = (f * 2.0 - 3.0) + 1.1920928955078125e-07
+    return unit * bound
+
+
+@triton.jit
+def projection_tile(key0, key1, MATRIX: tl.constexpr, rows, col_start, COLS: tl.constexpr, bound):
+    """float32 tile of projection matrix ``MATRIX`` (0 = A, 1 = B) at ``rows`` x ``col_start + arange(COLS)``."""
+    return words_to_values(philox_words_tile(key0, key1, MATRIX, rows, col_start, COLS), bound)
+
+
+@triton.jit
+def dropout_keep_tile(key0, key1, threshold, rows, col_start, COLS: tl.constexpr):
+    """Boolean keep-mask ``[len(rows), COLS]`` of the adapter dropout: ``(word >> 8) >= threshold``."""
+    w = philox_words_tile(key0, key1, STREAM_DROPOUT, rows, col_start, COLS)
+    return (w >> 8) >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def rank_factor_tile(MATRIX: tl.constexpr, offs_j, j_start, offs_o, o_start, R, O,
+                     key0, key1, bound, p_ptr, stride_pj, stride_po,
+                     GENERATE_AB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+    """float32 tile ``P[j, o]`` ``[BLOCK_R, BLOCK_O]`` of the rank factor: ``A[j, o]`` or ``B[o, j]ᵀ``.
+
+    ``j`` runs over the rank, ``o`` over the layer's K (for A) or N (for B). Generated from the seed
+    when ``GENERATE_AB``, else loaded (zero outside ``R`` x ``O``) with the strides of the stored
+    matrix along ``j`` and ``o``. Generated tiles are not masked: callers zero the partner operand.
+    """
+    if GENERATE_AB:
+        if MATRIX == 0:
+            tile = projection_tile(key0, key1, 0, offs_j, o_start, BLOCK_O, bound)
+        else:
+            tile = tl.trans(projection_tile(key0, key1, 1, offs_o, j_start, BLOCK_R, bound))
+    else:
+        ptrs = p_ptr + offs_j[:, None] * stride_pj + offs_o[None, :] * stride_po
+        tile = tl.load(ptrs, mask=(offs_j[:, None] < R) & (offs_o[None, :] < O), other=0.0)
+    return tile
+
+
+@triton.jit
+def rank_expand(acc, v_ptr, stride_vm, stride_vj, lam_ptr, offs_m, M, R, offs_o, o_start, O, col_scale,
+                key0, key1, bound, p_ptr, stride_pj, stride_po,
+                MATRIX: tl.constexpr, GENERATE_AB: tl.constexpr, SCALE_COLS: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, IN_DTYPE: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """``acc[BM, BO] += (lam ⊙ v)[BM, :R] @ (P[:R, BO] ⊙ col_scale)`` with P from ``rank_factor_tile``.
+
+    The shared epilogue of the fused forward (v = s, lam = lambda_d, P = B_Nᵀ, col_scale = lambda_b)
+    and of grad_x (v = g, lam = lambda_d, P = A_K). ``v`` is float32 ``[M, R]``; the products run on
+    ``IN_DTYPE`` operands with a float32 accumulator.
+    """
+    mask_m = offs_m < M
+    for j_start in range(0, R, BLOCK_R):
+        offs_j = j_start + tl.arange(0, BLOCK_R)
+        mask_j = offs_j < R
+        v = tl.load(v_ptr + offs_m[:, None] * stride_vm + offs_j[None, :] * stride_vj,
+                    mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+        lam = tl.load(lam_ptr + offs_j, mask=mask_j, other=0.0)
+        lhs = (v * lam[None, :]).to(IN_DTYPE)
+        p = rank_factor_tile(MATRIX, offs_j, j_start, offs_o, o_start, R, O, key0, key1, bound,
+                             p_ptr, stride_pj, stride_po, GENERATE_AB, BLOCK_R, BLOCK_O)
+        if SCALE_COLS:
+            p = p * col_scale[None, :]
+        acc = tl.dot(lhs, p.to(IN_DTYPE), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Map a linear program id to ``(pid_m, pid_n)`` in groups of ``GROUP_M`` row blocks (L2 reuse)."""
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    return pid_m, pid_n
+
+
+# ---------------------------------------------------------------------------------------------
+# utility kernel: materialise the projection (tests / debugging only; the fused ops never do this)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _materialize_kernel(out_ptr, rows, cols, stride_r, stride_c, key0, key1, bound,
+                        MATRIX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_start = pid_c * BLOCK_C
+    offs_c = col_start + tl.arange(0, BLOCK_C)
+    tile = projection_tile(key0, key1, MATRIX, offs_r, col_start, BLOCK_C, bound)
+    mask = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
+    tl.store(out_ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, tile, mask=mask)
+
+
+def materialize_projection(projection, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` float32 generated by the Triton generator (for bit-exactness tests against the reference)."""
+    k0, k1 = key_args(projection.seed)
+    out = []
+    for matrix, (rows, cols), bound in (
+        (0, (projection.rank, projection.max_in_features), projection.bound_a),
+        (1, (projection.max_out_features, projection.rank), projection.bound_b),
+    ):
+        t = torch.full((rows, cols), float("nan"), dtype=torch.float32, device=device)
+        grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 16))
+        _materialize_kernel[grid](t, rows, cols, t.stride(0), t.stride(1), k0, k1, bound,
+                                  MATRIX=matrix, BLOCK_R=16, BLOCK_C=16)
+        out.append(t)
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# host helpers
+# ---------------------------------------------------------------------------------------------
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotuning() -> bool:
+    """False under the interpreter or with ``VERA_KERNELS_AUTOTUNE=0``: then one config per kernel."""
+    return not interpreting() and os.environ.get("VERA_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton dtype of a torch floating dtype (float32/float16/bfloat16)."""
+    return _TL_DTYPES[dtype]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of fp32 products: TF32 only when torch's matmul precision allows it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def to_i32(word: int) -> int:
+    """A uint32 word as the signed int32 with the same bits (kernel arguments are then always i32)."""
+    word &= 0xFFFFFFFF
+    return word - (1 << 32) if word >= (1 << 31) else word
+
+
+def key_args(seed: int) -> Tuple[int, int]:
+    """A 64-bit Philox seed split into key words ``(seed mod 2**32, seed >> 32)`` as i32 kernel args."""
+    return to_i32(seed), to_i32(seed >> 32)
+
+
+def projection_args(projection, device) -> tuple:
+    """``(GENERATE_AB, key0, key1, bound_a, bound_b, A, B)`` kernel arguments for a projection.
+
+    Seeded projections pass their key and bounds (``A``/``B`` are then ``None``: never allocated);
+    stored ones pass their float32 tensors on ``device``.
+    """
+    if projection.is_seeded:
+        k0, k1 = key_args(projection.seed)
+        return True, k0, k1, projection.bound_a, projection.bound_b, None, None
+    A, B = projection.tensors_on(device)
+    return False, 0, 0, 1.0, 1.0, A, B
+
+
+def dropout_args(dropout) -> tuple:
+    """``(DROPOUT, key0, key1, threshold, scale)`` kernel arguments (inert values without dropout)."""
+    if dropout is None:
+        return False, 0, 0, 0, 1.0
+    k0, k1 = key_args(dropout.seed)
+    return True, k0, k1, int(dropout.threshold), float(dropout.scale)
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of ``device`` (a small stand-in under the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def pick_configs(gpu_configs: List[triton.Config], interpreter_config: triton.Config) -> List[triton.Config]:
+    """The autotune list: every GPU config, or only ``interpreter_config`` / the first one when not tuning."""
+    if interpreting():
+        return [interpreter_config]
+    if not autotuning():
+        return gpu_configs[:1]
+    return gpu_configs
+
+
+def next_pow2(n: int, lo: int = 16) -> int:
+    """Smallest power of two >= max(n, lo)."""
+    return max(lo, triton.next_power_of_2(max(1, n)))
