@@ -115,11 +115,22 @@ def rank_factor_tile(MATRIX: tl.constexpr, offs_j, j_start, offs_o, o_start, R, 
 
 
 @triton.jit
+def mma(a, b, acc, IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` with both operands rounded to ``IN_DTYPE`` and multiplied as ``DOT_DTYPE``.
+
+    On a GPU ``DOT_DTYPE == IN_DTYPE``; under the interpreter bfloat16 products run as float32
+    (its ``tl.dot`` multiplies the raw bits of bfloat16), after the same rounding to bfloat16.
+    """
+    return tl.dot(a.to(IN_DTYPE).to(DOT_DTYPE), b.to(IN_DTYPE).to(DOT_DTYPE), acc,
+                  input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def rank_expand(acc, v_ptr, stride_vm, stride_vj, lam_ptr, offs_m, M, R, offs_o, o_start, O, col_scale,
                 key0, key1, bound, p_ptr, stride_pj, stride_po,
                 MATRIX: tl.constexpr, GENERATE_AB: tl.constexpr, SCALE_COLS: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, IN_DTYPE: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``acc[BM, BO] += (lam ⊙ v)[BM, :R] @ (P[:R, BO] ⊙ col_scale)`` with P from ``rank_factor_tile``.
 
     The shared epilogue of the fused forward (v = s, lam = lambda_d, P = B_Nᵀ, col_scale = lambda_b)
@@ -133,12 +144,12 @@ def rank_expand(acc, v_ptr, stride_vm, stride_vj, lam_ptr, offs_m, M, R, offs_o,
         v = tl.load(v_ptr + offs_m[:, None] * stride_vm + offs_j[None, :] * stride_vj,
                     mask=mask_m[:, None] & mask_j[None, :], other=0.0)
         lam = tl.load(lam_ptr + offs_j, mask=mask_j, other=0.0)
-        lhs = (v * lam[None, :]).to(IN_DTYPE)
+        lhs = v * lam[None, :]
         p = rank_factor_tile(MATRIX, offs_j, j_start, offs_o, o_start, R, O, key0, key1, bound,
                              p_ptr, stride_pj, stride_po, GENERATE_AB, BLOCK_R, BLOCK_O)
         if SCALE_COLS:
             p = p * col_scale[None, :]
-        acc = tl.dot(lhs, p.to(IN_DTYPE), acc, input_precision=DOT_PRECISION)
+        acc = mma(lhs, p, acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
     return acc
 
 
@@ -206,6 +217,13 @@ def autotuning() -> bool:
 
 def tl_dtype(dtype: torch.dtype):
     """The Triton dtype of a torch floating dtype (float32/float16/bfloat16)."""
+    return _TL_DTYPES[dtype]
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The Triton dtype products of ``dtype`` operands run in (float32 for bfloat16 under the interpreter)."""
+    if dtype == torch.bfloat16 and interpreting():
+        return tl.float32
     return _TL_DTYPES[dtype]
 
 

@@ -1,0 +1,141 @@
+"""Fused forward: ``y = x Wᵀ + bias + lambda_b ⊙ ((lambda_d ⊙ s) B_Nᵀ)`` written once (DESIGN §4).
+
+One GEMM over K for ``x Wᵀ``; its epilogue continues the same float32 accumulator over the rank:
+``(lambda_d ⊙ s) @ (B_Nᵀ ⊙ lambda_b)`` with the ``[BLOCK_R, BLOCK_N]`` tiles of ``B`` generated in
+registers (``lambda_b`` folded into the tile, so no second accumulator), then adds the bias, casts and
+stores. ``s`` (from the shrink) is the only intermediate. ``W`` may have any strides (a transposed view of
+a ``[K, N]`` matrix is read in place). Decode (M <= 64) uses a single row block of ``BLOCK_M`` rows, so
+``W`` is streamed exactly once, with narrow column tiles to spread it over every SM.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    dot_dtype, dot_precision, grouped_tile, mma, next_pow2, pick_configs, projection_args, rank_expand,
+    tl_dtype,
+)
+
+DECODE_MAX_M = 64
+
+_PREFILL_CONFIGS = [
+    # Hopper (wgmma, 2 warpgroups) first: it is also the single config when autotuning is off.
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8},
+                  num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8},
+                  num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 64, "GROUP_M": 8},
+                  num_warps=8, num_stages=4),
+    # Ampere (mma.sync, 164 KB shared memory on A100)
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8},
+                  num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8},
+                  num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8},
+                  num_warps=4, num_stages=4),
+]
+_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=5),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=6),
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 128, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=8),
+]
+_INTERPRETER_PREFILL = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 2},
+                                     num_warps=4, num_stages=1)
+_INTERPRETER_DECODE = triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 1},
+                                    num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _fused_forward_kernel(
+    x_ptr, w_ptr, bias_ptr, s_ptr, lamd_ptr, lamb_ptr, b_ptr, y_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
+    stride_bn, stride_bj, stride_ym, stride_yn,
+    key0, key1, bound_b,
+    HAS_BIAS: tl.constexpr, GENERATE_AB: tl.constexpr,
+    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m = pid_m.to(tl.int64)
+    pid_n = pid_n.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_start = pid_n * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wt = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = mma(x, wt, acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+
+    lamb = tl.load(lamb_ptr + offs_n, mask=mask_n, other=0.0)
+    acc = rank_expand(acc, s_ptr, stride_sm, stride_sr, lamd_ptr, offs_m, M, R, offs_n, n_start, N, lamb,
+                      key0, key1, bound_b, b_ptr, stride_bj, stride_bn,
+                      1, GENERATE_AB, True, BLOCK_R, BLOCK_N, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+# Prefill is tuned per M (a training run sees few distinct token counts); decode per row-block size.
+_prefill_tuned = triton.autotune(configs=pick_configs(_PREFILL_CONFIGS, _INTERPRETER_PREFILL),
+                                 key=["N", "K", "R", "M"])(_fused_forward_kernel)
+_decode_tuned = triton.autotune(configs=pick_configs(_DECODE_CONFIGS, _INTERPRETER_DECODE),
+                                key=["N", "K", "R", "BLOCK_M"])(_fused_forward_kernel)
+
+
+def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decode=None) -> torch.Tensor:
+    """``y2d [M, N]`` in ``x2d.dtype`` from ``x2d [M, K]``, ``weight [N, K]`` (any strides), ``s [M, r]``.
+
+    ``bias`` may be ``None``; ``lambda_d``/``lambda_b`` are float32; ``B`` is generated from
+    ``projection`` (or loaded when it holds tensors). ``decode`` forces (True) or forbids (False) the
+    single-row-block path; by default it is used for ``M <= 64``.
+    """
+    M, K = x2d.shape
+    N = weight.shape[0]
+    R = projection.rank
+    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    if M == 0 or N == 0:
+        return y
+    generate, key0, key1, _, bound_b, _, B = projection_args(projection, x2d.device)
+    if decode is None:
+        decode = M <= DECODE_MAX_M
+    kwargs = dict(HAS_BIAS=bias is not None, GENERATE_AB=generate, IN_DTYPE=tl_dtype(x2d.dtype),
+                  DOT_DTYPE=dot_dtype(x2d.dtype), DOT_PRECISION=dot_precision(x2d.dtype))
+    if decode:
+        block_m = min(next_pow2(M), DECODE_MAX_M)
+        kernel = _decode_tuned
+        kwargs["BLOCK_M"] = block_m
+        num_m = triton.cdiv(M, block_m)
+
+        def grid(meta):
+            return (num_m * triton.cdiv(N, meta["BLOCK_N"]),)
+    else:
+        kernel = _prefill_tuned
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    kernel[grid](
+        x2d, weight, bias, s, lambda_d, lambda_b, B, y,
+        M, N, K, R,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
+        B.stride(0) if B is not None else 0, B.stride(1) if B is not None else 0, y.stride(0), y.stride(1),
+        key0, key1, bound_b,
+        **kwargs,
+    )
+    return y

@@ -1,0 +1,129 @@
+"""Shrink: ``s = (x ⊙ mask · q) A_Kᵀ`` in float32 (DESIGN §1, §4).
+
+Each program owns a ``[BLOCK_M, BLOCK_R]`` tile of ``s`` and walks K, generating the matching
+``[BLOCK_R, BLOCK_K]`` tile of ``A`` in registers, so the whole of ``A`` is generated once per row
+block of ``x`` (``cdiv(M, BLOCK_M)`` times in all, independent of ``BLOCK_R``). Rank blocks of one row
+block are neighbouring program ids, so they read the same rows of ``x`` while they are in L2. For
+small M the K range is split across programs and the float32 partials summed on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    dot_dtype, dot_precision, dropout_args, dropout_keep_tile, mma, next_pow2, pick_configs, projection_args,
+    rank_factor_tile, sm_count, tl_dtype,
+)
+
+# K ranges of split programs are multiples of this (every BLOCK_K divides it; keeps tiles 4-aligned).
+K_SPLIT_ALIGN = 256
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_R": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_R": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_R": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_R": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_R": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+]
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_R": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, s_ptr,
+    M, K, R, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_aj, stride_ak, stride_sp, stride_sm, stride_sr,
+    key0, key1, bound_a, drop_key0, drop_key1, drop_threshold, drop_scale,
+    GENERATE_AB: tl.constexpr, DROPOUT: tl.constexpr,
+    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_split = tl.program_id(1).to(tl.int64)
+    num_r = tl.cdiv(R, BLOCK_R)
+    pid_m = pid // num_r
+    pid_r = pid % num_r
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    j_start = pid_r * BLOCK_R
+    offs_j = j_start + tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    k_lo = pid_split * K_PER_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k_start in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (offs_k[None, :] < k_hi), other=0.0)
+        if DROPOUT:
+            keep = dropout_keep_tile(drop_key0, drop_key1, drop_threshold, offs_m, k_start, BLOCK_K)
+            x = tl.where(keep, x, 0.0)
+        a = rank_factor_tile(0, offs_j, j_start, offs_k, k_start, R, K, key0, key1, bound_a,
+                             a_ptr, stride_aj, stride_ak, GENERATE_AB, BLOCK_R, BLOCK_K)
+        acc = mma(x, tl.trans(a), acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+    if DROPOUT:
+        acc = acc * drop_scale  # q applied once to the float32 sum (the mask only zeroes)
+    s_ptrs = s_ptr + pid_split * stride_sp + offs_m[:, None] * stride_sm + offs_j[None, :] * stride_sr
+    tl.store(s_ptrs, acc, mask=mask_m[:, None] & (offs_j[None, :] < R))
+
+
+_shrink_tuned = triton.autotune(
+    configs=pick_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
+    key=["K", "R", "K_PER_SPLIT", "BLOCK_M"],
+)(_shrink_kernel)
+
+
+def _block_m(M: int) -> int:
+    """Rows per program: small for decode; large for prefill, where it divides A's generation work."""
+    if M <= 64:
+        return next_pow2(M)
+    return 128 if M < 4096 else 256
+
+
+def shrink_launch_params(M: int, K: int, R: int, device, split_k: Optional[int] = None):
+    """``(BLOCK_M, split_k, K_PER_SPLIT)`` the launcher uses for an ``[M, K]`` input and rank ``R``."""
+    block_m = _block_m(M)
+    if split_k is None:
+        programs = triton.cdiv(M, block_m) * triton.cdiv(R, 64)
+        split_k = max(1, min(triton.cdiv(sm_count(device), programs), triton.cdiv(K, K_SPLIT_ALIGN)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), K_SPLIT_ALIGN) * K_SPLIT_ALIGN
+    split_k = triton.cdiv(K, k_per_split)
+    return block_m, split_k, k_per_split
+
+
+def shrink(x2d: torch.Tensor, projection, dropout=None, *, split_k: Optional[int] = None) -> torch.Tensor:
+    """``s = (x ⊙ mask · q) A_Kᵀ`` as float32 ``[M, r]`` for ``x2d`` ``[M, K]`` (any strides).
+
+    ``A`` is generated from ``projection``'s seed inside the kernel (or loaded when the projection
+    holds tensors); ``dropout`` is a ``vera_kernels._helpers.Dropout`` or ``None``. ``split_k``
+    overrides the number of K ranges (partials are summed in float32).
+    """
+    M, K = x2d.shape
+    R = projection.rank
+    if M == 0:
+        return torch.zeros((0, R), dtype=torch.float32, device=x2d.device)
+    generate, key0, key1, bound_a, _, A, _ = projection_args(projection, x2d.device)
+    drop, dk0, dk1, threshold, scale = dropout_args(dropout)
+    block_m, split_k, k_per_split = shrink_launch_params(M, K, R, x2d.device, split_k)
+    out = torch.empty((split_k, M, R), dtype=torch.float32, device=x2d.device)
+    num_m = triton.cdiv(M, block_m)
+
+    def grid(meta):
+        return (num_m * triton.cdiv(R, meta["BLOCK_R"]), split_k)
+
+    _shrink_tuned[grid](
+        x2d, A, out,
+        M, K, R, k_per_split,
+        x2d.stride(0), x2d.stride(1),
+        A.stride(0) if A is not None else 0, A.stride(1) if A is not None else 0,
+        out.stride(0), out.stride(1), out.stride(2),
+        key0, key1, bound_a, dk0, dk1, threshold, scale,
+        GENERATE_AB=generate, DROPOUT=drop, IN_DTYPE=tl_dtype(x2d.dtype), DOT_DTYPE=dot_dtype(x2d.dtype),
+        DOT_PRECISION=dot_precision(x2d.dtype), BLOCK_M=block_m,
+    )
+    return out[0] if split_k == 1 else out.sum(0)
