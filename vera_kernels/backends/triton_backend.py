@@ -1,0 +1,80 @@
+"""The "triton" backend: the fused Triton kernels of ``vera_kernels.ops`` (DESIGN §4).
+
+Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` it also accepts CPU tensors (Triton's interpreter,
+for tests), but the dispatcher never picks it for CPU tensors by default (the CPU priority list does not
+name it). ``triton`` is imported lazily, so ``import vera_kernels`` works without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import List, Optional
+
+import torch
+
+from .._helpers import SUPPORTED_DTYPES, Problem
+from .base import Backend
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    dtypes = SUPPORTED_DTYPES
+
+    @property
+    def device_types(self):
+        return ("cuda", "cpu") if _interpreting() else ("cuda",)
+
+    def unavailable_reason(self) -> Optional[str]:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if _interpreting():
+            return None
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+        if torch.version.hip is not None:
+            return "the Triton kernels are written and tested for NVIDIA GPUs only"
+        major, _ = torch.cuda.get_device_capability()
+        if major < 8:
+            return f"needs an NVIDIA GPU with compute capability >= 8.0 (bfloat16 tensor cores), got {major}.x"
+        return None
+
+    def extra_reasons(self, problem: Problem) -> List[str]:
+        reasons = []
+        proj = problem.projection
+        if not proj.is_seeded:
+            A, B = proj.stored
+            if A.dtype != torch.float32 or B.dtype != torch.float32:
+                reasons.append("stored projection matrices must be float32")
+        if problem.device.type == "cuda" and not _interpreting():
+            if torch.cuda.get_device_capability(problem.device)[0] < 8:
+                reasons.append("needs compute capability >= 8.0")
+        return reasons
+
+    def forward(self, problem: Problem):
+        from ..ops import fused_forward, shrink
+
+        s = shrink(problem.x2d, problem.projection, problem.dropout)
+        y = fused_forward(problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b, s,
+                          problem.projection)
+        return y, s
+
+    def backward(self, problem: Problem, grad_y2d, s, needs_input_grad):
+        from ..ops import grad_input, rank_grads
+
+        need_x, need_d, need_b = needs_input_grad
+        g, grad_b = rank_grads(grad_y2d, s, problem.lambda_d, problem.lambda_b, problem.projection,
+                               need_g=need_x or need_d, need_grad_b=need_b)
+        grad_d = torch.linalg.vecdot(s, g, dim=0) if need_d else None
+        grad_x = None
+        if need_x:
+            grad_x = grad_input(grad_y2d, problem.weight, g, problem.lambda_d, problem.projection,
+                                problem.dropout)
+        return grad_x, grad_d, grad_b
+
+
+BACKEND = TritonBackend()

@@ -1,0 +1,136 @@
+"""Input gradient: ``grad_x = gy W + mask · q ⊙ ((g ⊙ lambda_d) A_K)`` written once (DESIGN §1, §4).
+
+The mirror of the fused forward: one GEMM ``gy W`` over N, whose epilogue (the same ``rank_expand``
+helper) adds ``(lambda_d ⊙ g) @ A_K`` with ``[BLOCK_R, BLOCK_K]`` tiles of ``A`` generated in registers.
+With dropout the adapter part goes to its own accumulator, is masked with the regenerated keep-mask and
+scaled by ``q`` before it joins the base part. No ``[M, N]`` or ``[M, K]`` intermediate exists.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    dot_dtype, dot_precision, dropout_args, dropout_keep_tile, grouped_tile, mma, next_pow2, pick_configs,
+    projection_args, rank_expand, tl_dtype,
+)
+
+DECODE_MAX_M = 64
+
+_PREFILL_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 256, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8},
+                  num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8},
+                  num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_R": 64, "GROUP_M": 8},
+                  num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8},
+                  num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8},
+                  num_warps=4, num_stages=4),
+]
+_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_K": 32, "BLOCK_N": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_K": 64, "BLOCK_N": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_K": 16, "BLOCK_N": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=5),
+]
+_INTERPRETER_PREFILL = triton.Config({"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 2},
+                                     num_warps=4, num_stages=1)
+_INTERPRETER_DECODE = triton.Config({"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 1},
+                                    num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _grad_input_kernel(
+    gy_ptr, w_ptr, g_ptr, lamd_ptr, a_ptr, gx_ptr,
+    M, N, K, R,
+    stride_gym, stride_gyn, stride_wn, stride_wk, stride_gm, stride_gr,
+    stride_aj, stride_ak, stride_gxm, stride_gxk,
+    key0, key1, bound_a, drop_key0, drop_key1, drop_threshold, drop_scale,
+    GENERATE_AB: tl.constexpr, DROPOUT: tl.constexpr,
+    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    pid_m = pid_m.to(tl.int64)
+    pid_k = pid_k.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_start = pid_k * BLOCK_K
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n_start in range(0, N, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        gy = tl.load(gy_ptr + offs_m[:, None] * stride_gym + offs_n[None, :] * stride_gyn,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = mma(gy, w, acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+
+    if DROPOUT:
+        adapter = rank_expand(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, stride_gm, stride_gr,
+                              lamd_ptr, offs_m, M, R, offs_k, k_start, K, 1.0,
+                              key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
+                              0, GENERATE_AB, False, BLOCK_R, BLOCK_K, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+        keep = dropout_keep_tile(drop_key0, drop_key1, drop_threshold, offs_m, k_start, BLOCK_K)
+        acc += tl.where(keep, adapter * drop_scale, 0.0)
+    else:
+        acc = rank_expand(acc, g_ptr, stride_gm, stride_gr, lamd_ptr, offs_m, M, R, offs_k, k_start, K, 1.0,
+                          key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
+                          0, GENERATE_AB, False, BLOCK_R, BLOCK_K, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+    tl.store(gx_ptr + offs_m[:, None] * stride_gxm + offs_k[None, :] * stride_gxk,
+             acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+_prefill_tuned = triton.autotune(configs=pick_configs(_PREFILL_CONFIGS, _INTERPRETER_PREFILL),
+                                 key=["N", "K", "R", "M"])(_grad_input_kernel)
+_decode_tuned = triton.autotune(configs=pick_configs(_DECODE_CONFIGS, _INTERPRETER_DECODE),
+                                key=["N", "K", "R", "BLOCK_M"])(_grad_input_kernel)
+
+
+def grad_input(gy2d, weight, g, lambda_d, projection, dropout=None, *, decode=None) -> torch.Tensor:
+    """``grad_x2d [M, K]`` in ``gy2d.dtype`` from ``gy2d [M, N]``, ``weight [N, K]`` and ``g [M, r]``.
+
+    Any strides for ``gy2d`` and ``weight``; ``A`` is generated from ``projection`` (or loaded);
+    ``dropout`` (or ``None``) is the forward call's, its mask regenerated here.
+    """
+    M, N = gy2d.shape
+    K = weight.shape[1]
+    R = projection.rank
+    gx = torch.empty((M, K), dtype=gy2d.dtype, device=gy2d.device)
+    if M == 0 or K == 0:
+        return gx
+    generate, key0, key1, bound_a, _, A, _ = projection_args(projection, gy2d.device)
+    drop, dk0, dk1, threshold, scale = dropout_args(dropout)
+    if decode is None:
+        decode = M <= DECODE_MAX_M
+    kwargs = dict(GENERATE_AB=generate, DROPOUT=drop, IN_DTYPE=tl_dtype(gy2d.dtype),
+                  DOT_DTYPE=dot_dtype(gy2d.dtype), DOT_PRECISION=dot_precision(gy2d.dtype))
+    if decode:
+        block_m = min(next_pow2(M), DECODE_MAX_M)
+        kernel = _decode_tuned
+        kwargs["BLOCK_M"] = block_m
+
+        def grid(meta):
+            return (triton.cdiv(M, block_m) * triton.cdiv(K, meta["BLOCK_K"]),)
+    else:
+        kernel = _prefill_tuned
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+
+    kernel[grid](
+        gy2d, weight, g, lambda_d, A, gx,
+        M, N, K, R,
+        gy2d.stride(0), gy2d.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
+        A.stride(0) if A is not None else 0, A.stride(1) if A is not None else 0, gx.stride(0), gx.stride(1),
+        key0, key1, bound_a, dk0, dk1, threshold, scale,
+        **kwargs,
+    )
+    return gx

@@ -1,0 +1,141 @@
+"""Backward at rank r: ``g = (gy ⊙ lambda_b) B_N`` and ``grad_lambda_b`` in one pass over ``gy``.
+
+Each program owns a ``[BLOCK_M, BLOCK_R]`` tile of ``g`` and walks N. Every ``[BLOCK_N, BLOCK_R]``
+tile of ``B`` is generated once and used twice: for ``g`` and for ``grad_lambda_b``, whose per-row-block
+part is ``rowsum(B ⊙ (gyᵀ (lambda_d ⊙ s)))`` (DESIGN §1), written to a float32 partial row per program
+and summed on the host (deterministic; no atomics). No ``[M, N]`` intermediate exists. For small M the
+N range is split across programs and the partial ``g`` summed on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    dot_dtype, dot_precision, interpreting, mma, next_pow2, pick_configs, projection_args, rank_factor_tile, sm_count,
+    tl_dtype,
+)
+
+N_SPLIT_ALIGN = 256
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
+]
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _rank_grads_kernel(
+    gy_ptr, s_ptr, lamd_ptr, lamb_ptr, b_ptr, g_ptr, gb_ptr,
+    M, N, R, N_PER_SPLIT,
+    stride_gym, stride_gyn, stride_sm, stride_sr, stride_bn, stride_bj,
+    stride_gp, stride_gm, stride_gr, stride_gbp,
+    key0, key1, bound_b,
+    NEED_G: tl.constexpr, NEED_GB: tl.constexpr, GENERATE_AB: tl.constexpr,
+    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_split = tl.program_id(1).to(tl.int64)
+    num_r = tl.cdiv(R, BLOCK_R)
+    pid_m = pid // num_r
+    pid_r = pid % num_r
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    j_start = pid_r * BLOCK_R
+    offs_j = j_start + tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_j = offs_j < R
+    n_lo = pid_split * N_PER_SPLIT
+    n_hi = tl.minimum(N, n_lo + N_PER_SPLIT)
+
+    if NEED_GB:
+        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_j[None, :] * stride_sr,
+                    mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+        sd = s * tl.load(lamd_ptr + offs_j, mask=mask_j, other=0.0)[None, :]
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n_start in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_hi
+        gy = tl.load(gy_ptr + offs_m[:, None] * stride_gym + offs_n[None, :] * stride_gyn,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        bt = rank_factor_tile(1, offs_j, j_start, offs_n, n_start, R, N, key0, key1, bound_b,
+                              b_ptr, stride_bj, stride_bn, GENERATE_AB, BLOCK_R, BLOCK_N)  # B[n, j]ᵀ
+        if NEED_G:
+            lamb = tl.load(lamb_ptr + offs_n, mask=mask_n, other=0.0)
+            g = mma(gy.to(tl.float32) * lamb[None, :], tl.trans(bt), g, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+        if NEED_GB:
+            p = mma(tl.trans(gy), sd, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
+                    IN_DTYPE, DOT_DTYPE, DOT_PRECISION)  # gyᵀ (lambda_d ⊙ s): [BLOCK_N, BLOCK_R]
+            gb = tl.sum(p * tl.trans(bt), axis=1)
+            tl.store(gb_ptr + pid * stride_gbp + offs_n, gb, mask=mask_n)
+    if NEED_G:
+        tl.store(g_ptr + pid_split * stride_gp + offs_m[:, None] * stride_gm + offs_j[None, :] * stride_gr,
+                 g, mask=mask_m[:, None] & mask_j[None, :])
+
+
+_rank_grads_tuned = triton.autotune(
+    configs=pick_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
+    key=["N", "R", "N_PER_SPLIT", "BLOCK_M", "BLOCK_R", "NEED_G", "NEED_GB"],
+)(_rank_grads_kernel)
+
+
+def rank_grads_launch_params(M: int, N: int, R: int, device, split_n: Optional[int] = None):
+    """``(BLOCK_M, BLOCK_R, split_n, N_PER_SPLIT)`` the launcher uses."""
+    if M <= 64:
+        block_m = next_pow2(M)
+    else:
+        block_m = 128
+    block_r = 16 if interpreting() else (64 if R > 32 else 32)
+    if split_n is None:
+        programs = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
+        split_n = max(1, min(triton.cdiv(sm_count(device), programs), triton.cdiv(N, N_SPLIT_ALIGN)))
+    n_per_split = triton.cdiv(triton.cdiv(N, split_n), N_SPLIT_ALIGN) * N_SPLIT_ALIGN
+    split_n = triton.cdiv(N, n_per_split)
+    return block_m, block_r, split_n, n_per_split
+
+
+def rank_grads(gy2d, s, lambda_d, lambda_b, projection, need_g: bool = True, need_grad_b: bool = True,
+               *, split_n: Optional[int] = None):
+    """``(g [M, r] float32 or None, grad_lambda_b [N] float32 or None)`` from ``gy2d [M, N]`` and ``s``.
+
+    ``gy2d`` may have any strides. ``split_n`` overrides the number of N ranges (partials of ``g`` are
+    summed in float32).
+    """
+    M, N = gy2d.shape
+    R = projection.rank
+    dev = gy2d.device
+    if M == 0 or N == 0:
+        g = torch.zeros((M, R), dtype=torch.float32, device=dev) if need_g else None
+        gb = torch.zeros((N,), dtype=torch.float32, device=dev) if need_grad_b else None
+        return g, gb
+    if not (need_g or need_grad_b):
+        return None, None
+    generate, key0, key1, _, bound_b, _, B = projection_args(projection, dev)
+    block_m, block_r, split_n, n_per_split = rank_grads_launch_params(M, N, R, dev, split_n)
+    num_tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
+    # (a one-element dummy stands in for an output that is not wanted)
+    g_parts = torch.empty((split_n, M, R) if need_g else (1, 1, 1), dtype=torch.float32, device=dev)
+    gb_parts = torch.empty((num_tiles, N) if need_grad_b else (1, 1), dtype=torch.float32, device=dev)
+    _rank_grads_tuned[(num_tiles, split_n)](
+        gy2d, s, lambda_d, lambda_b, B, g_parts, gb_parts,
+        M, N, R, n_per_split,
+        gy2d.stride(0), gy2d.stride(1), s.stride(0), s.stride(1),
+        B.stride(0) if B is not None else 0, B.stride(1) if B is not None else 0,
+        g_parts.stride(0), g_parts.stride(1), g_parts.stride(2), gb_parts.stride(0),
+        key0, key1, bound_b,
+        NEED_G=need_g, NEED_GB=need_grad_b, GENERATE_AB=generate, IN_DTYPE=tl_dtype(gy2d.dtype),
+        DOT_DTYPE=dot_dtype(gy2d.dtype), DOT_PRECISION=dot_precision(gy2d.dtype),
+        BLOCK_M=block_m, BLOCK_R=block_r,
+    )
+    g = None
+    if need_g:
+        g = g_parts[0] if split_n == 1 else g_parts.sum(0)
+    gb = gb_parts.sum(0) if need_grad_b else None
+    return g, gb
