@@ -126,18 +126,57 @@ def mma(a, b, acc, IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISIO
 
 
 @triton.jit
+def mma_exact_left(a, b, acc, IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   SPLIT: tl.constexpr):
+    """``acc + a @ b`` where ``a`` (x or gy) is exact in ``IN_DTYPE`` and ``b`` is float32.
+
+    With ``SPLIT`` (bfloat16 inputs) ``b`` is carried as ``hi + lo``, two ``IN_DTYPE`` halves, in two
+    products: ``b`` then keeps ~16 significant bits instead of bfloat16's 8, so the rank-r side of the
+    adapter stays close to the float32 reference (DESIGN §3).
+    """
+    if SPLIT:
+        hi = b.to(IN_DTYPE)
+        acc = mma(a, hi, acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+        acc = mma(a, b - hi.to(tl.float32), acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+    else:
+        acc = mma(a, b, acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _pow2(e):
+    """``2.0 ** e`` (float32) for int32 ``e`` in the normal range, built from its exponent bits."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def rank_expand(acc, v_ptr, stride_vm, stride_vj, lam_ptr, offs_m, M, R, offs_o, o_start, O, col_scale,
                 key0, key1, bound, p_ptr, stride_pj, stride_po,
                 MATRIX: tl.constexpr, GENERATE_AB: tl.constexpr, SCALE_COLS: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, IN_DTYPE: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, RANK_DTYPE: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     """``acc[BM, BO] += (lam ⊙ v)[BM, :R] @ (P[:R, BO] ⊙ col_scale)`` with P from ``rank_factor_tile``.
 
     The shared epilogue of the fused forward (v = s, lam = lambda_d, P = B_Nᵀ, col_scale = lambda_b)
-    and of grad_x (v = g, lam = lambda_d, P = A_K). ``v`` is float32 ``[M, R]``; the products run on
-    ``IN_DTYPE`` operands with a float32 accumulator.
+    and of grad_x (v = g, lam = lambda_d, P = A_K). ``v`` is float32 ``[M, R]``; both operands are
+    rounded to ``RANK_DTYPE`` (float16 for 16-bit inputs: 11 significant bits) with a float32 accumulator.
+    For float16 operands each row of ``lam ⊙ v`` is first scaled by a power of two that brings its
+    largest magnitude to [2**12, 2**13) (exact; ``acc`` is scaled to match and scaled back), so float16's
+    range never overflows; ``P`` is below 1 in magnitude.
     """
     mask_m = offs_m < M
+    if RANK_DTYPE == tl.float16:
+        rowmax = tl.zeros((offs_m.shape[0],), dtype=tl.float32)
+        for j_start in range(0, R, BLOCK_R):
+            offs_j = j_start + tl.arange(0, BLOCK_R)
+            v = tl.load(v_ptr + offs_m[:, None] * stride_vm + offs_j[None, :] * stride_vj,
+                        mask=mask_m[:, None] & (offs_j[None, :] < R), other=0.0)
+            lam = tl.load(lam_ptr + offs_j, mask=offs_j < R, other=0.0)
+            rowmax = tl.maximum(rowmax, tl.max(tl.abs(v * lam[None, :]), axis=1))
+        e = ((rowmax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        e = tl.minimum(tl.maximum(e, -30), 100)
+        row_scale = _pow2(12 - e)
+        acc = acc * row_scale[:, None]
     for j_start in range(0, R, BLOCK_R):
         offs_j = j_start + tl.arange(0, BLOCK_R)
         mask_j = offs_j < R
@@ -145,11 +184,15 @@ def rank_expand(acc, v_ptr, stride_vm, stride_vj, lam_ptr, offs_m, M, R, offs_o,
                     mask=mask_m[:, None] & mask_j[None, :], other=0.0)
         lam = tl.load(lam_ptr + offs_j, mask=mask_j, other=0.0)
         lhs = v * lam[None, :]
+        if RANK_DTYPE == tl.float16:
+            lhs = lhs * row_scale[:, None]
         p = rank_factor_tile(MATRIX, offs_j, j_start, offs_o, o_start, R, O, key0, key1, bound,
                              p_ptr, stride_pj, stride_po, GENERATE_AB, BLOCK_R, BLOCK_O)
         if SCALE_COLS:
             p = p * col_scale[None, :]
-        acc = mma(lhs, p, acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+        acc = mma(lhs, p, acc, RANK_DTYPE, RANK_DTYPE, DOT_PRECISION)
+    if RANK_DTYPE == tl.float16:
+        acc = acc * _pow2(e - 12)[:, None]
     return acc
 
 
@@ -215,23 +258,24 @@ def autotuning() -> bool:
     return not interpreting() and os.environ.get("VERA_KERNELS_AUTOTUNE", "1") != "0"
 
 
-def tl_dtype(dtype: torch.dtype):
-    """The Triton dtype of a torch floating dtype (float32/float16/bfloat16)."""
-    return _TL_DTYPES[dtype]
+def dot_args(dtype: torch.dtype) -> dict:
+    """The constexpr arguments that set how a kernel multiplies, for inputs of ``dtype``.
 
-
-def dot_dtype(dtype: torch.dtype):
-    """The Triton dtype products of ``dtype`` operands run in (float32 for bfloat16 under the interpreter)."""
-    if dtype == torch.bfloat16 and interpreting():
-        return tl.float32
-    return _TL_DTYPES[dtype]
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` of fp32 products: TF32 only when torch's matmul precision allows it."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    ``IN_DTYPE``: the input dtype. ``DOT_DTYPE``: what ``IN_DTYPE`` products run in (float32 for
+    bfloat16 under the interpreter, whose ``tl.dot`` multiplies raw bfloat16 bits). ``RANK_DTYPE``: the
+    operands of the rank-r expansions (float16 for 16-bit inputs). ``SPLIT``: products of x/gy with a
+    generated operand carry it as two bfloat16 halves. ``DOT_PRECISION``: IEEE float32 products unless
+    ``torch.get_float32_matmul_precision()`` allows TF32.
+    """
+    in_dtype = _TL_DTYPES[dtype]
+    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return dict(
+        IN_DTYPE=in_dtype,
+        DOT_DTYPE=tl.float32 if (dtype == torch.bfloat16 and interpreting()) else in_dtype,
+        RANK_DTYPE=tl.float32 if dtype == torch.float32 else tl.float16,
+        SPLIT=dtype == torch.bfloat16,
+        DOT_PRECISION="tf32" if tf32 else "ieee",
+    )
 
 
 def to_i32(word: int) -> int:

@@ -15,8 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    dot_dtype, dot_precision, grouped_tile, mma, next_pow2, pick_configs, projection_args, rank_expand,
-    tl_dtype,
+    dot_args, grouped_tile, mma, next_pow2, pick_configs, projection_args, rank_expand,
 )
 
 DECODE_MAX_M = 64
@@ -58,7 +57,8 @@ def _fused_forward_kernel(
     stride_bn, stride_bj, stride_ym, stride_yn,
     key0, key1, bound_b,
     HAS_BIAS: tl.constexpr, GENERATE_AB: tl.constexpr,
-    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, RANK_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -84,7 +84,7 @@ def _fused_forward_kernel(
     lamb = tl.load(lamb_ptr + offs_n, mask=mask_n, other=0.0)
     acc = rank_expand(acc, s_ptr, stride_sm, stride_sr, lamd_ptr, offs_m, M, R, offs_n, n_start, N, lamb,
                       key0, key1, bound_b, b_ptr, stride_bj, stride_bn,
-                      1, GENERATE_AB, True, BLOCK_R, BLOCK_N, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+                      1, GENERATE_AB, True, BLOCK_R, BLOCK_N, RANK_DTYPE, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -114,8 +114,7 @@ def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decod
     generate, key0, key1, _, bound_b, _, B = projection_args(projection, x2d.device)
     if decode is None:
         decode = M <= DECODE_MAX_M
-    kwargs = dict(HAS_BIAS=bias is not None, GENERATE_AB=generate, IN_DTYPE=tl_dtype(x2d.dtype),
-                  DOT_DTYPE=dot_dtype(x2d.dtype), DOT_PRECISION=dot_precision(x2d.dtype))
+    kwargs = dict(HAS_BIAS=bias is not None, GENERATE_AB=generate, **dot_args(x2d.dtype))
     if decode:
         block_m = min(next_pow2(M), DECODE_MAX_M)
         kernel = _decode_tuned

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    dot_dtype, dot_precision, dropout_args, dropout_keep_tile, grouped_tile, mma, next_pow2, pick_configs,
-    projection_args, rank_expand, tl_dtype,
+    dot_args, dropout_args, dropout_keep_tile, grouped_tile, mma, next_pow2, pick_configs, projection_args,
+    rank_expand,
 )
 
 DECODE_MAX_M = 64
@@ -50,7 +50,8 @@ def _grad_input_kernel(
     stride_aj, stride_ak, stride_gxm, stride_gxk,
     key0, key1, bound_a, drop_key0, drop_key1, drop_threshold, drop_scale,
     GENERATE_AB: tl.constexpr, DROPOUT: tl.constexpr,
-    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, RANK_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -77,13 +78,13 @@ def _grad_input_kernel(
         adapter = rank_expand(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, stride_gm, stride_gr,
                               lamd_ptr, offs_m, M, R, offs_k, k_start, K, 1.0,
                               key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
-                              0, GENERATE_AB, False, BLOCK_R, BLOCK_K, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+                              0, GENERATE_AB, False, BLOCK_R, BLOCK_K, RANK_DTYPE, DOT_PRECISION)
         keep = dropout_keep_tile(drop_key0, drop_key1, drop_threshold, offs_m, k_start, BLOCK_K)
         acc += tl.where(keep, adapter * drop_scale, 0.0)
     else:
         acc = rank_expand(acc, g_ptr, stride_gm, stride_gr, lamd_ptr, offs_m, M, R, offs_k, k_start, K, 1.0,
                           key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
-                          0, GENERATE_AB, False, BLOCK_R, BLOCK_K, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+                          0, GENERATE_AB, False, BLOCK_R, BLOCK_K, RANK_DTYPE, DOT_PRECISION)
     tl.store(gx_ptr + offs_m[:, None] * stride_gxm + offs_k[None, :] * stride_gxk,
              acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
@@ -110,8 +111,7 @@ def grad_input(gy2d, weight, g, lambda_d, projection, dropout=None, *, decode=No
     drop, dk0, dk1, threshold, scale = dropout_args(dropout)
     if decode is None:
         decode = M <= DECODE_MAX_M
-    kwargs = dict(GENERATE_AB=generate, DROPOUT=drop, IN_DTYPE=tl_dtype(gy2d.dtype),
-                  DOT_DTYPE=dot_dtype(gy2d.dtype), DOT_PRECISION=dot_precision(gy2d.dtype))
+    kwargs = dict(GENERATE_AB=generate, DROPOUT=drop, **dot_args(gy2d.dtype))
     if decode:
         block_m = min(next_pow2(M), DECODE_MAX_M)
         kernel = _decode_tuned

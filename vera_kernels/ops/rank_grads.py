@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    dot_dtype, dot_precision, interpreting, mma, next_pow2, pick_configs, projection_args, rank_factor_tile, sm_count,
-    tl_dtype,
+    dot_args, interpreting, mma_exact_left, next_pow2, pick_configs, projection_args, rank_factor_tile,
+    sm_count,
 )
 
 N_SPLIT_ALIGN = 256
@@ -39,7 +39,8 @@ def _rank_grads_kernel(
     stride_gp, stride_gm, stride_gr, stride_gbp,
     key0, key1, bound_b,
     NEED_G: tl.constexpr, NEED_GB: tl.constexpr, GENERATE_AB: tl.constexpr,
-    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, RANK_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -69,10 +70,11 @@ def _rank_grads_kernel(
                               b_ptr, stride_bj, stride_bn, GENERATE_AB, BLOCK_R, BLOCK_N)  # B[n, j]ᵀ
         if NEED_G:
             lamb = tl.load(lamb_ptr + offs_n, mask=mask_n, other=0.0)
-            g = mma(gy.to(tl.float32) * lamb[None, :], tl.trans(bt), g, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+            # lambda_b goes into B's tile, so gy stays exact in its dtype
+            g = mma_exact_left(gy, tl.trans(bt * lamb[None, :]), g, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, SPLIT)
         if NEED_GB:
-            p = mma(tl.trans(gy), sd, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
-                    IN_DTYPE, DOT_DTYPE, DOT_PRECISION)  # gyᵀ (lambda_d ⊙ s): [BLOCK_N, BLOCK_R]
+            p = mma_exact_left(tl.trans(gy), sd, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
+                               IN_DTYPE, DOT_DTYPE, DOT_PRECISION, SPLIT)  # gyᵀ (lambda_d ⊙ s): [BLOCK_N, BLOCK_R]
             gb = tl.sum(p * tl.trans(bt), axis=1)
             tl.store(gb_ptr + pid * stride_gbp + offs_n, gb, mask=mask_n)
     if NEED_G:
@@ -130,9 +132,8 @@ def rank_grads(gy2d, s, lambda_d, lambda_b, projection, need_g: bool = True, nee
         B.stride(0) if B is not None else 0, B.stride(1) if B is not None else 0,
         g_parts.stride(0), g_parts.stride(1), g_parts.stride(2), gb_parts.stride(0),
         key0, key1, bound_b,
-        NEED_G=need_g, NEED_GB=need_grad_b, GENERATE_AB=generate, IN_DTYPE=tl_dtype(gy2d.dtype),
-        DOT_DTYPE=dot_dtype(gy2d.dtype), DOT_PRECISION=dot_precision(gy2d.dtype),
-        BLOCK_M=block_m, BLOCK_R=block_r,
+        NEED_G=need_g, NEED_GB=need_grad_b, GENERATE_AB=generate, BLOCK_M=block_m, BLOCK_R=block_r,
+        **dot_args(gy2d.dtype),
     )
     g = None
     if need_g:

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    dot_dtype, dot_precision, dropout_args, dropout_keep_tile, mma, next_pow2, pick_configs, projection_args,
-    rank_factor_tile, sm_count, tl_dtype,
+    dot_args, dropout_args, dropout_keep_tile, mma_exact_left, next_pow2, pick_configs, projection_args,
+    rank_factor_tile, sm_count,
 )
 
 # K ranges of split programs are multiples of this (every BLOCK_K divides it; keeps tiles 4-aligned).
@@ -40,7 +40,8 @@ def _shrink_kernel(
     stride_xm, stride_xk, stride_aj, stride_ak, stride_sp, stride_sm, stride_sr,
     key0, key1, bound_a, drop_key0, drop_key1, drop_threshold, drop_scale,
     GENERATE_AB: tl.constexpr, DROPOUT: tl.constexpr,
-    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, RANK_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -65,7 +66,7 @@ def _shrink_kernel(
             x = tl.where(keep, x, 0.0)
         a = rank_factor_tile(0, offs_j, j_start, offs_k, k_start, R, K, key0, key1, bound_a,
                              a_ptr, stride_aj, stride_ak, GENERATE_AB, BLOCK_R, BLOCK_K)
-        acc = mma(x, tl.trans(a), acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+        acc = mma_exact_left(x, tl.trans(a), acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, SPLIT)
     if DROPOUT:
         acc = acc * drop_scale  # q applied once to the float32 sum (the mask only zeroes)
     s_ptrs = s_ptr + pid_split * stride_sp + offs_m[:, None] * stride_sm + offs_j[None, :] * stride_sr
@@ -123,7 +124,6 @@ def shrink(x2d: torch.Tensor, projection, dropout=None, *, split_k: Optional[int
         A.stride(0) if A is not None else 0, A.stride(1) if A is not None else 0,
         out.stride(0), out.stride(1), out.stride(2),
         key0, key1, bound_a, dk0, dk1, threshold, scale,
-        GENERATE_AB=generate, DROPOUT=drop, IN_DTYPE=tl_dtype(x2d.dtype), DOT_DTYPE=dot_dtype(x2d.dtype),
-        DOT_PRECISION=dot_precision(x2d.dtype), BLOCK_M=block_m,
+        GENERATE_AB=generate, DROPOUT=drop, BLOCK_M=block_m, **dot_args(x2d.dtype),
     )
     return out[0] if split_k == 1 else out.sum(0)
