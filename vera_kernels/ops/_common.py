@@ -13,7 +13,7 @@ then host helpers. The generator follows DESIGN.md §2 bit for bit:
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import triton
@@ -329,6 +329,25 @@ def pick_configs(gpu_configs: List[triton.Config], interpreter_config: triton.Co
     if not autotuning():
         return gpu_configs[:1]
     return gpu_configs
+
+
+def build_tuners(fn, configs: Dict[str, List[triton.Config]], interpreter: Dict[str, triton.Config],
+                 keys: Dict[str, List[str]]) -> dict:
+    """One autotuner of ``fn`` per kind (``"prefill"``, ``"decode-fp32"``, ...).
+
+    A kind's configs are ``configs[kind]``; its interpreter config and key are those of its base kind
+    (the part before ``-fp32``): float32 kernels get their own, smaller tiles.
+    """
+    out = {}
+    for kind, gpu in configs.items():
+        base = kind.split("-")[0]
+        out[kind] = triton.autotune(configs=pick_configs(gpu, interpreter[base]), key=keys[base])(fn)
+    return out
+
+
+def kind_of(base: str, dtype: torch.dtype) -> str:
+    """The tuner kind for ``base`` (e.g. ``"prefill"``) and inputs of ``dtype``."""
+    return base + "-fp32" if dtype == torch.float32 else base
 
 
 def next_pow2(n: int, lo: int = 16) -> int:

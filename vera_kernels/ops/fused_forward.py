@@ -15,41 +15,47 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    dot_args, grouped_tile, mma, next_pow2, pick_configs, projection_args, rank_expand,
+    build_tuners, dot_args, grouped_tile, kind_of, mma, next_pow2, projection_args, rank_expand,
 )
 
 DECODE_MAX_M = 64
 
-_PREFILL_CONFIGS = [
-    # Hopper (wgmma, 2 warpgroups) first: it is also the single config when autotuning is off.
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8},
-                  num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8},
-                  num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 64, "GROUP_M": 8},
-                  num_warps=8, num_stages=4),
-    # Ampere (mma.sync, 164 KB shared memory on A100)
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8},
-                  num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8},
-                  num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8},
-                  num_warps=4, num_stages=4),
-]
-_DECODE_CONFIGS = [
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 16, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=5),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=6),
-    triton.Config({"BLOCK_N": 16, "BLOCK_K": 128, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=8),
-]
-_INTERPRETER_PREFILL = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 2},
-                                     num_warps=4, num_stages=1)
-_INTERPRETER_DECODE = triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 1},
-                                    num_warps=4, num_stages=1)
+_C = triton.Config
+# GPU autotune lists per kind; the first config of each is the one used when autotuning is off.
+CONFIGS = {
+    "prefill": [
+        # Hopper (wgmma, two warpgroups, 228 KB shared memory)
+        _C({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        _C({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        # Ampere (mma.sync, 164 KB shared memory on A100)
+        _C({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        _C({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ],
+    "prefill-fp32": [
+        _C({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    ],
+    # decode: one row block streams W once; narrow column tiles spread it over every SM
+    "decode": [
+        _C({"BLOCK_N": 32, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        _C({"BLOCK_N": 16, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=5),
+        _C({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+    ],
+    "decode-fp32": [
+        _C({"BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=4),
+    ],
+}
+_INTERPRETER = {
+    "prefill": _C({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 2}, num_warps=4, num_stages=1),
+    "decode": _C({"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
+}
+# Prefill is tuned per M (a training run sees few distinct token counts); decode per row-block size.
+# BLOCK_M of the decode kernels is chosen on the host (one row block of up to DECODE_MAX_M rows)
+HOST_CHOICES = {"prefill": [{}], "prefill-fp32": [{}],
+                "decode": [dict(BLOCK_M=b) for b in (16, 32, 64)], "decode-fp32": [dict(BLOCK_M=b) for b in (16, 32, 64)]}
+_KEYS = {"prefill": ["N", "K", "R", "M"], "decode": ["N", "K", "R", "BLOCK_M"]}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "key0", "key1"])
 def _fused_forward_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, lamd_ptr, lamb_ptr, b_ptr, y_ptr,
     M, N, K, R,
@@ -91,11 +97,7 @@ def _fused_forward_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-# Prefill is tuned per M (a training run sees few distinct token counts); decode per row-block size.
-_prefill_tuned = triton.autotune(configs=pick_configs(_PREFILL_CONFIGS, _INTERPRETER_PREFILL),
-                                 key=["N", "K", "R", "M"])(_fused_forward_kernel)
-_decode_tuned = triton.autotune(configs=pick_configs(_DECODE_CONFIGS, _INTERPRETER_DECODE),
-                                key=["N", "K", "R", "BLOCK_M"])(_fused_forward_kernel)
+TUNERS = build_tuners(_fused_forward_kernel, CONFIGS, _INTERPRETER, _KEYS)
 
 
 def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decode=None) -> torch.Tensor:
@@ -117,14 +119,14 @@ def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decod
     kwargs = dict(HAS_BIAS=bias is not None, GENERATE_AB=generate, **dot_args(x2d.dtype))
     if decode:
         block_m = min(next_pow2(M), DECODE_MAX_M)
-        kernel = _decode_tuned
+        kernel = TUNERS[kind_of("decode", x2d.dtype)]
         kwargs["BLOCK_M"] = block_m
         num_m = triton.cdiv(M, block_m)
 
         def grid(meta):
             return (num_m * triton.cdiv(N, meta["BLOCK_N"]),)
     else:
-        kernel = _prefill_tuned
+        kernel = TUNERS[kind_of("prefill", x2d.dtype)]
 
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -13,36 +13,43 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    dot_args, dropout_args, dropout_keep_tile, grouped_tile, mma, next_pow2, pick_configs, projection_args,
-    rank_expand,
+    build_tuners, dot_args, dropout_args, dropout_keep_tile, grouped_tile, kind_of, mma, next_pow2,
+    projection_args, rank_expand,
 )
 
 DECODE_MAX_M = 64
 
-_PREFILL_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 256, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8},
-                  num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 256, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8},
-                  num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_R": 64, "GROUP_M": 8},
-                  num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8},
-                  num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8},
-                  num_warps=4, num_stages=4),
-]
-_DECODE_CONFIGS = [
-    triton.Config({"BLOCK_K": 32, "BLOCK_N": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_K": 64, "BLOCK_N": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_K": 16, "BLOCK_N": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=5),
-]
-_INTERPRETER_PREFILL = triton.Config({"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 2},
-                                     num_warps=4, num_stages=1)
-_INTERPRETER_DECODE = triton.Config({"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 1},
-                                    num_warps=4, num_stages=1)
+_C = triton.Config
+# GPU autotune lists per kind; the first config of each is the one used when autotuning is off.
+CONFIGS = {
+    "prefill": [
+        _C({"BLOCK_M": 128, "BLOCK_K": 256, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        _C({"BLOCK_M": 256, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        _C({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        _C({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ],
+    "prefill-fp32": [
+        _C({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    ],
+    "decode": [
+        _C({"BLOCK_K": 32, "BLOCK_N": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        _C({"BLOCK_K": 64, "BLOCK_N": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+    ],
+    "decode-fp32": [
+        _C({"BLOCK_K": 32, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=3),
+    ],
+}
+_INTERPRETER = {
+    "prefill": _C({"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 2}, num_warps=4, num_stages=1),
+    "decode": _C({"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
+}
+# BLOCK_M of the decode kernels is chosen on the host (one row block of up to DECODE_MAX_M rows)
+HOST_CHOICES = {"prefill": [{}], "prefill-fp32": [{}],
+                "decode": [dict(BLOCK_M=b) for b in (16, 32, 64)], "decode-fp32": [dict(BLOCK_M=b) for b in (16, 32, 64)]}
+_KEYS = {"prefill": ["N", "K", "R", "M"], "decode": ["N", "K", "R", "BLOCK_M"]}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "key0", "key1", "drop_key0", "drop_key1", "drop_threshold"])
 def _grad_input_kernel(
     gy_ptr, w_ptr, g_ptr, lamd_ptr, a_ptr, gx_ptr,
     M, N, K, R,
@@ -89,10 +96,7 @@ def _grad_input_kernel(
              acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
-_prefill_tuned = triton.autotune(configs=pick_configs(_PREFILL_CONFIGS, _INTERPRETER_PREFILL),
-                                 key=["N", "K", "R", "M"])(_grad_input_kernel)
-_decode_tuned = triton.autotune(configs=pick_configs(_DECODE_CONFIGS, _INTERPRETER_DECODE),
-                                key=["N", "K", "R", "BLOCK_M"])(_grad_input_kernel)
+TUNERS = build_tuners(_grad_input_kernel, CONFIGS, _INTERPRETER, _KEYS)
 
 
 def grad_input(gy2d, weight, g, lambda_d, projection, dropout=None, *, decode=None) -> torch.Tensor:
@@ -114,13 +118,13 @@ def grad_input(gy2d, weight, g, lambda_d, projection, dropout=None, *, decode=No
     kwargs = dict(GENERATE_AB=generate, DROPOUT=drop, **dot_args(gy2d.dtype))
     if decode:
         block_m = min(next_pow2(M), DECODE_MAX_M)
-        kernel = _decode_tuned
+        kernel = TUNERS[kind_of("decode", gy2d.dtype)]
         kwargs["BLOCK_M"] = block_m
 
         def grid(meta):
             return (triton.cdiv(M, block_m) * triton.cdiv(K, meta["BLOCK_K"]),)
     else:
-        kernel = _prefill_tuned
+        kernel = TUNERS[kind_of("prefill", gy2d.dtype)]
 
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)

@@ -16,24 +16,29 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    dot_args, dropout_args, dropout_keep_tile, mma_exact_left, next_pow2, pick_configs, projection_args,
+    build_tuners, dot_args, dropout_args, dropout_keep_tile, kind_of, mma_exact_left, next_pow2, projection_args,
     rank_factor_tile, sm_count,
 )
 
 # K ranges of split programs are multiples of this (every BLOCK_K divides it; keeps tiles 4-aligned).
 K_SPLIT_ALIGN = 256
 
-_GPU_CONFIGS = [
-    triton.Config({"BLOCK_R": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_R": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_R": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_R": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_R": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-]
-_INTERPRETER_CONFIG = triton.Config({"BLOCK_R": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
+_C = triton.Config
+# GPU autotune lists per kind (BLOCK_M and the K split are chosen on the host, see shrink_launch_params)
+CONFIGS = {
+    "shrink": [
+        _C({"BLOCK_R": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        _C({"BLOCK_R": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        _C({"BLOCK_R": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        _C({"BLOCK_R": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    ],
+    "shrink-fp32": [_C({"BLOCK_R": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3)],
+}
+_INTERPRETER = {"shrink": _C({"BLOCK_R": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)}
+_KEYS = {"shrink": ["K", "R", "K_PER_SPLIT", "BLOCK_M"]}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "key0", "key1", "drop_key0", "drop_key1", "drop_threshold"])
 def _shrink_kernel(
     x_ptr, a_ptr, s_ptr,
     M, K, R, K_PER_SPLIT,
@@ -73,22 +78,26 @@ def _shrink_kernel(
     tl.store(s_ptrs, acc, mask=mask_m[:, None] & (offs_j[None, :] < R))
 
 
-_shrink_tuned = triton.autotune(
-    configs=pick_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
-    key=["K", "R", "K_PER_SPLIT", "BLOCK_M"],
-)(_shrink_kernel)
+TUNERS = build_tuners(_shrink_kernel, CONFIGS, _INTERPRETER, _KEYS)
 
 
-def _block_m(M: int) -> int:
+# every BLOCK_M the launcher can choose, per kind (the AOT compile test walks these)
+HOST_CHOICES = {"shrink": [dict(BLOCK_M=b) for b in (16, 32, 64, 128, 256)],
+                "shrink-fp32": [dict(BLOCK_M=b) for b in (16, 32, 64, 128)]}
+
+
+def _block_m(M: int, dtype: torch.dtype) -> int:
     """Rows per program: small for decode; large for prefill, where it divides A's generation work."""
     if M <= 64:
         return next_pow2(M)
-    return 128 if M < 4096 else 256
+    if M < 4096 or dtype == torch.float32:
+        return 128
+    return 256
 
 
-def shrink_launch_params(M: int, K: int, R: int, device, split_k: Optional[int] = None):
+def shrink_launch_params(M: int, K: int, R: int, device, dtype=torch.bfloat16, split_k: Optional[int] = None):
     """``(BLOCK_M, split_k, K_PER_SPLIT)`` the launcher uses for an ``[M, K]`` input and rank ``R``."""
-    block_m = _block_m(M)
+    block_m = _block_m(M, dtype)
     if split_k is None:
         programs = triton.cdiv(M, block_m) * triton.cdiv(R, 64)
         split_k = max(1, min(triton.cdiv(sm_count(device), programs), triton.cdiv(K, K_SPLIT_ALIGN)))
@@ -110,14 +119,14 @@ def shrink(x2d: torch.Tensor, projection, dropout=None, *, split_k: Optional[int
         return torch.zeros((0, R), dtype=torch.float32, device=x2d.device)
     generate, key0, key1, bound_a, _, A, _ = projection_args(projection, x2d.device)
     drop, dk0, dk1, threshold, scale = dropout_args(dropout)
-    block_m, split_k, k_per_split = shrink_launch_params(M, K, R, x2d.device, split_k)
+    block_m, split_k, k_per_split = shrink_launch_params(M, K, R, x2d.device, x2d.dtype, split_k)
     out = torch.empty((split_k, M, R), dtype=torch.float32, device=x2d.device)
     num_m = triton.cdiv(M, block_m)
 
     def grid(meta):
         return (num_m * triton.cdiv(R, meta["BLOCK_R"]), split_k)
 
-    _shrink_tuned[grid](
+    TUNERS[kind_of("shrink", x2d.dtype)][grid](
         x2d, A, out,
         M, K, R, k_per_split,
         x2d.stride(0), x2d.stride(1),

@@ -1,0 +1,190 @@
+"""Ahead-of-time compilation of every kernel variant the launchers can pick, with no GPU (DESIGN §7).
+
+``python -m vera_kernels.ops.aot --arch 80 90`` compiles each variant with
+``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))``, which runs
+the whole pipeline down to ptxas, and prints one JSON line per failure. It must run with
+``TRITON_INTERPRET`` unset (under the interpreter ``triton.jit`` builds interpreter functions).
+
+Variants (see ``variants``): for each kernel and each tuner kind (prefill/decode, 16-bit/float32), its GPU
+autotune configs, the block sizes its launcher picks on the host, its flag combinations (GENERATE_AB,
+DROPOUT, HAS_BIAS, NEED_G/NEED_GB), the dtype modes of the kind (float16, bfloat16; float32 IEEE and TF32)
+and the weight layouts (contiguous, transposed); by default a covering set in which every value of every
+one of these appears, with ``--full`` their whole product. A variant also fails when it needs more shared
+memory than the architecture has (the launch would fail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import sys
+import time
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_args
+
+# the modules (the package namespace re-exports the launchers under the same names)
+shrink, fused_forward, rank_grads, grad_input = (
+    importlib.import_module(f"vera_kernels.ops.{m}") for m in ("shrink", "fused_forward", "rank_grads", "grad_input")
+)
+
+_DTYPE_MODES = [
+    ("fp32-ieee", torch.float32, "ieee"),
+    ("fp32-tf32", torch.float32, "tf32"),
+    ("fp16", torch.float16, "ieee"),
+    ("bf16", torch.bfloat16, "ieee"),
+]
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_FLOAT_ARGS = {"bound_a", "bound_b", "drop_scale"}
+
+
+class Variant:
+    """One kernel specialisation: constexpr values, pointer dtypes and launch options."""
+
+    def __init__(self, name, kernel, dtype, precision, constexprs, io_ptrs, none_ptrs, unit_strides,
+                 num_warps, num_stages):
+        self.name = name
+        self.kernel = kernel
+        self.dtype = dtype
+        self.constexprs = dict(dot_args(dtype), DOT_PRECISION=precision, **constexprs)
+        self.constexprs["DOT_DTYPE"] = self.constexprs["IN_DTYPE"]  # GPU value, whatever the environment
+        self.io_ptrs = set(io_ptrs)
+        self.none_ptrs = set(none_ptrs)
+        self.unit_strides = set(unit_strides)
+        self.num_warps = num_warps
+        self.num_stages = num_stages
+
+    def source(self):
+        fn = self.kernel.fn if hasattr(self.kernel, "configs") else self.kernel  # unwrap an Autotuner
+        sig: Dict[str, str] = {}
+        const = dict(self.constexprs)
+        for arg in fn.arg_names:
+            if arg in const:
+                sig[arg] = "constexpr"
+            elif arg in self.none_ptrs:
+                sig[arg], const[arg] = "constexpr", None
+            elif arg in self.unit_strides:
+                sig[arg], const[arg] = "constexpr", 1  # what Triton specialises a stride of 1 to
+            elif arg.endswith("_ptr"):
+                sig[arg] = _PTR[self.dtype] if arg in self.io_ptrs else "*fp32"
+            elif arg in _FLOAT_ARGS:
+                sig[arg] = "fp32"
+            else:
+                sig[arg] = "i32"
+        return triton.compiler.ASTSource(fn, sig, const)
+
+    def __repr__(self):
+        return self.name
+
+
+# per kernel: module, flags (constexpr booleans), pointers that are None when a flag has a value,
+# pointers in the input dtype, and the unit-stride arguments of each weight layout
+_SPECS = {
+    "shrink": dict(flags=[("GENERATE_AB", (True, False)), ("DROPOUT", (True, False))],
+                   none_if={"a_ptr": ("GENERATE_AB", True)}, io=["x_ptr"],
+                   layouts={"contiguous": ["stride_xk", "stride_sr"]}),
+    "fused_forward": dict(flags=[("HAS_BIAS", (True, False)), ("GENERATE_AB", (True, False))],
+                          none_if={"bias_ptr": ("HAS_BIAS", False), "b_ptr": ("GENERATE_AB", True)},
+                          io=["x_ptr", "w_ptr", "bias_ptr", "y_ptr"],
+                          layouts={"contiguous": ["stride_xk", "stride_wk", "stride_sr", "stride_yn"],
+                                   "transposed-W": ["stride_xk", "stride_wn", "stride_sr", "stride_yn"]}),
+    "rank_grads": dict(flags=[("GENERATE_AB", (True, False)), ("NEED_G", (True, False)), ("NEED_GB", (True, False))],
+                       none_if={"b_ptr": ("GENERATE_AB", True)}, io=["gy_ptr"],
+                       layouts={"contiguous": ["stride_gyn", "stride_sr", "stride_gr"]}),
+    "grad_input": dict(flags=[("GENERATE_AB", (True, False)), ("DROPOUT", (True, False))],
+                       none_if={"a_ptr": ("GENERATE_AB", True)}, io=["gy_ptr", "w_ptr", "gx_ptr"],
+                       layouts={"contiguous": ["stride_gyn", "stride_wk", "stride_gr", "stride_gxk"],
+                                "transposed-W": ["stride_gyn", "stride_wn", "stride_gr", "stride_gxk"]}),
+}
+_MODULES = {"shrink": shrink, "fused_forward": fused_forward, "rank_grads": rank_grads, "grad_input": grad_input}
+
+
+def _flag_sets(flags):
+    names = [n for n, _ in flags]
+    sets = [dict(zip(names, vals)) for vals in itertools.product(*(v for _, v in flags))]
+    # rank_grads is never launched with neither output
+    return [f for f in sets if f.get("NEED_G", True) or f.get("NEED_GB", True)]
+
+
+def _kernel_variants(op: str, full: bool) -> Iterator[Variant]:
+    """Each kind's configs x host block sizes x flag sets x dtype modes x weight layouts.
+
+    ``full``: the whole product. Otherwise a covering set: variant i takes entry i (cyclically) of every
+    dimension, so each config, host block size, flag set, dtype mode and layout is compiled at least once
+    per kind, and the number of variants is the longest of the dimensions.
+    """
+    spec, module = _SPECS[op], _MODULES[op]
+    for kind, configs in module.CONFIGS.items():
+        fp32 = kind.endswith("-fp32")
+        dims = [
+            list(configs),
+            module.HOST_CHOICES[kind],
+            _flag_sets(spec["flags"]),
+            [m for m in _DTYPE_MODES if (m[1] == torch.float32) == fp32],
+            list(spec["layouts"]),
+        ]
+        rows = itertools.product(*dims) if full else (
+            [d[i % len(d)] for d in dims] for i in range(max(len(d) for d in dims)))
+        for config, host, flags, (mode, dtype, precision), layout in rows:
+            none = [p for p, (flag, value) in spec["none_if"].items() if flags[flag] == value]
+            constexprs = dict(config.kwargs, **host, **flags)
+            name = f"{op}[{kind}]/{mode}/{layout}/{constexprs}/w{config.num_warps}s{config.num_stages}"
+            yield Variant(name, module.TUNERS[kind], dtype, precision, constexprs, spec["io"], none,
+                          spec["layouts"][layout], config.num_warps, config.num_stages)
+
+
+def variants(full: bool = False) -> List[Variant]:
+    """Every kernel variant to compile (a covering set; the whole product with ``full``)."""
+    return [v for op in _SPECS for v in _kernel_variants(op, full)]
+
+
+# shared memory a block may use (bytes): A100 / H100-H200
+SHARED_LIMIT = {80: 166912, 90: 232448}
+
+
+def compile_variant(variant: Variant, arch: int):
+    """Compile one variant for ``sm_<arch>`` through ptxas; returns the compiled kernel."""
+    from triton.backends.compiler import GPUTarget
+
+    return triton.compile(variant.source(), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--shard", default="0/1", help="i/n: compile every n-th variant starting at i")
+    parser.add_argument("--full", action="store_true", help="the whole product of configs and block sizes")
+    parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    args = parser.parse_args(argv)
+    i, n = (int(v) for v in args.shard.split("/"))
+    todo = [(v, a) for v in variants(args.full) for a in args.arch][i::n]
+    if args.list:
+        for v, a in todo:
+            print(f"sm_{a} {v.name}")
+        return 0
+    failures = 0
+    t0 = time.time()
+    for v, a in todo:
+        try:
+            compiled = compile_variant(v, a)
+            if not compiled.asm.get("cubin"):
+                raise RuntimeError("no cubin produced")
+            if compiled.metadata.shared > SHARED_LIMIT[a]:
+                raise RuntimeError(f"needs {compiled.metadata.shared} bytes of shared memory, sm_{a} has "
+                                   f"{SHARED_LIMIT[a]}: the launch would fail")
+        except Exception as e:  # report every failure, keep going
+            failures += 1
+            print(json.dumps({"variant": v.name, "arch": a, "error": f"{type(e).__name__}: {e}"[:4000]}))
+    print(json.dumps({"compiled": len(todo) - failures, "failed": failures, "seconds": round(time.time() - t0, 1)}))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
