@@ -161,10 +161,11 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--shard", default="0/1", help="i/n: compile every n-th variant starting at i")
     parser.add_argument("--full", action="store_true", help="the whole product of configs and block sizes")
+    parser.add_argument("--match", default="", help="only variants whose name contains this text")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
     args = parser.parse_args(argv)
     i, n = (int(v) for v in args.shard.split("/"))
-    todo = [(v, a) for v in variants(args.full) for a in args.arch][i::n]
+    todo = [(v, a) for v in variants(args.full) if args.match in v.name for a in args.arch][i::n]
     if args.list:
         for v, a in todo:
             print(f"sm_{a} {v.name}")
