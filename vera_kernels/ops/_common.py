@@ -197,6 +197,25 @@ def rank_expand(acc, v_ptr, stride_vm, stride_vj, lam_ptr, offs_m, M, R, offs_o,
 
 
 @triton.jit
+def rank_tile_program(M, R, L, SPAN, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Layout of the rank-r kernels (shrink, rank_grads): program ``(pid, split)`` owns rows
+    ``offs_m`` x ranks ``offs_j`` of the output and the reduction range ``[lo, hi)`` of length ``L``.
+
+    Rank blocks of one row block are neighbouring program ids (they read the same rows while in L2).
+    Returns ``(pid, split, offs_m, j_start, offs_j, lo, hi)`` with int64 offsets.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    num_r = tl.cdiv(R, BLOCK_R)
+    offs_m = (pid // num_r) * BLOCK_M + tl.arange(0, BLOCK_M)
+    j_start = (pid % num_r) * BLOCK_R
+    offs_j = j_start + tl.arange(0, BLOCK_R)
+    lo = split * SPAN
+    hi = tl.minimum(L, lo + SPAN)
+    return pid, split, offs_m, j_start, offs_j, lo, hi
+
+
+@triton.jit
 def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Map a linear program id to ``(pid_m, pid_n)`` in groups of ``GROUP_M`` row blocks (L2 reuse)."""
     group = GROUP_M * num_n
@@ -331,6 +350,16 @@ def pick_configs(gpu_configs: List[triton.Config], interpreter_config: triton.Co
     return gpu_configs
 
 
+# The two GEMMs with a rank-r epilogue (fused_forward, grad_input) run a "prefill" kernel (autotuned
+# tiles, tuned per M: a training run sees few distinct token counts) or, for M <= DECODE_MAX_M, a
+# "decode" kernel with one row block whose BLOCK_M the host picks (tuned per BLOCK_M).
+DECODE_MAX_M = 64
+GEMM_HOST_CHOICES = {"prefill": [{}], "prefill-fp32": [{}],
+                     "decode": [dict(BLOCK_M=b) for b in (16, 32, DECODE_MAX_M)],
+                     "decode-fp32": [dict(BLOCK_M=b) for b in (16, 32, DECODE_MAX_M)]}
+GEMM_KEYS = {"prefill": ["N", "K", "R", "M"], "decode": ["N", "K", "R", "BLOCK_M"]}
+
+
 def build_tuners(fn, configs: Dict[str, List[triton.Config]], interpreter: Dict[str, triton.Config],
                  keys: Dict[str, List[str]]) -> dict:
     """One autotuner of ``fn`` per kind (``"prefill"``, ``"decode-fp32"``, ...).
@@ -348,6 +377,17 @@ def build_tuners(fn, configs: Dict[str, List[triton.Config]], interpreter: Dict[
 def kind_of(base: str, dtype: torch.dtype) -> str:
     """The tuner kind for ``base`` (e.g. ``"prefill"``) and inputs of ``dtype``."""
     return base + "-fp32" if dtype == torch.float32 else base
+
+
+def split_reduction(length: int, programs: int, device, split, align: int) -> Tuple[int, int]:
+    """``(splits, span)``: how many ranges of ``span`` (a multiple of ``align``) cover ``length``.
+
+    With ``split=None``, enough ranges to give every SM a program when ``programs`` alone do not.
+    """
+    if split is None:
+        split = max(1, min(triton.cdiv(sm_count(device), programs), triton.cdiv(length, align)))
+    span = triton.cdiv(triton.cdiv(length, split), align) * align
+    return triton.cdiv(length, span), span
 
 
 def next_pow2(n: int, lo: int = 16) -> int:

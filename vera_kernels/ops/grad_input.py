@@ -13,11 +13,10 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    build_tuners, dot_args, dropout_args, dropout_keep_tile, grouped_tile, kind_of, mma, next_pow2,
-    projection_args, rank_expand,
+    DECODE_MAX_M, GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, dropout_args, dropout_keep_tile,
+    grouped_tile, kind_of, mma, next_pow2, projection_args, rank_expand,
 )
 
-DECODE_MAX_M = 64
 
 _C = triton.Config
 # GPU autotune lists per kind; the first config of each is the one used when autotuning is off.
@@ -43,10 +42,7 @@ _INTERPRETER = {
     "prefill": _C({"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 2}, num_warps=4, num_stages=1),
     "decode": _C({"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
 }
-# BLOCK_M of the decode kernels is chosen on the host (one row block of up to DECODE_MAX_M rows)
-HOST_CHOICES = {"prefill": [{}], "prefill-fp32": [{}],
-                "decode": [dict(BLOCK_M=b) for b in (16, 32, 64)], "decode-fp32": [dict(BLOCK_M=b) for b in (16, 32, 64)]}
-_KEYS = {"prefill": ["N", "K", "R", "M"], "decode": ["N", "K", "R", "BLOCK_M"]}
+HOST_CHOICES, _KEYS = GEMM_HOST_CHOICES, GEMM_KEYS
 
 
 @triton.jit(do_not_specialize=["M", "key0", "key1", "drop_key0", "drop_key1", "drop_threshold"])

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ._common import (
     build_tuners, dot_args, interpreting, kind_of, mma_exact_left, next_pow2, projection_args,
-    rank_factor_tile, sm_count,
+    rank_factor_tile, rank_tile_program, split_reduction,
 )
 
 N_SPLIT_ALIGN = 256
@@ -48,18 +48,9 @@ def _rank_grads_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    pid_split = tl.program_id(1).to(tl.int64)
-    num_r = tl.cdiv(R, BLOCK_R)
-    pid_m = pid // num_r
-    pid_r = pid % num_r
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    j_start = pid_r * BLOCK_R
-    offs_j = j_start + tl.arange(0, BLOCK_R)
+    pid, pid_split, offs_m, j_start, offs_j, n_lo, n_hi = rank_tile_program(M, R, N, N_PER_SPLIT, BLOCK_M, BLOCK_R)
     mask_m = offs_m < M
     mask_j = offs_j < R
-    n_lo = pid_split * N_PER_SPLIT
-    n_hi = tl.minimum(N, n_lo + N_PER_SPLIT)
 
     if NEED_GB:
         s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_j[None, :] * stride_sr,
@@ -102,11 +93,8 @@ def rank_grads_launch_params(M: int, N: int, R: int, device, dtype=torch.bfloat1
     fp32 = dtype == torch.float32
     block_m = next_pow2(M) if M <= 64 else (64 if fp32 else 128)
     block_r = 16 if interpreting() else (64 if R > 32 and not fp32 else 32)
-    if split_n is None:
-        programs = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
-        split_n = max(1, min(triton.cdiv(sm_count(device), programs), triton.cdiv(N, N_SPLIT_ALIGN)))
-    n_per_split = triton.cdiv(triton.cdiv(N, split_n), N_SPLIT_ALIGN) * N_SPLIT_ALIGN
-    split_n = triton.cdiv(N, n_per_split)
+    programs = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
+    split_n, n_per_split = split_reduction(N, programs, device, split_n, N_SPLIT_ALIGN)
     return block_m, block_r, split_n, n_per_split
 
 

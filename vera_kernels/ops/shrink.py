@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ._common import (
     build_tuners, dot_args, dropout_args, dropout_keep_tile, kind_of, mma_exact_left, next_pow2, projection_args,
-    rank_factor_tile, sm_count,
+    rank_factor_tile, rank_tile_program, split_reduction,
 )
 
 # K ranges of split programs are multiples of this (every BLOCK_K divides it; keeps tiles 4-aligned).
@@ -49,17 +49,8 @@ def _shrink_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    pid_split = tl.program_id(1).to(tl.int64)
-    num_r = tl.cdiv(R, BLOCK_R)
-    pid_m = pid // num_r
-    pid_r = pid % num_r
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    j_start = pid_r * BLOCK_R
-    offs_j = j_start + tl.arange(0, BLOCK_R)
+    _, pid_split, offs_m, j_start, offs_j, k_lo, k_hi = rank_tile_program(M, R, K, K_PER_SPLIT, BLOCK_M, BLOCK_R)
     mask_m = offs_m < M
-    k_lo = pid_split * K_PER_SPLIT
-    k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k_start in range(k_lo, k_hi, BLOCK_K):
@@ -98,11 +89,8 @@ def _block_m(M: int, dtype: torch.dtype) -> int:
 def shrink_launch_params(M: int, K: int, R: int, device, dtype=torch.bfloat16, split_k: Optional[int] = None):
     """``(BLOCK_M, split_k, K_PER_SPLIT)`` the launcher uses for an ``[M, K]`` input and rank ``R``."""
     block_m = _block_m(M, dtype)
-    if split_k is None:
-        programs = triton.cdiv(M, block_m) * triton.cdiv(R, 64)
-        split_k = max(1, min(triton.cdiv(sm_count(device), programs), triton.cdiv(K, K_SPLIT_ALIGN)))
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), K_SPLIT_ALIGN) * K_SPLIT_ALIGN
-    split_k = triton.cdiv(K, k_per_split)
+    programs = triton.cdiv(M, block_m) * triton.cdiv(R, 64)
+    split_k, k_per_split = split_reduction(K, programs, device, split_k, K_SPLIT_ALIGN)
     return block_m, split_k, k_per_split
 
 
