@@ -25,7 +25,9 @@ import json
 import os
 import sys
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
+
+from benchmarks import storage
 
 __all__ = ["load_pytest_benchmark", "load_results_file", "render_markdown", "write_plot", "main"]
 
@@ -187,6 +189,14 @@ def render_markdown(sections: List[Section], plot_link: Optional[str] = None) ->
             ] + mem + [""]
     if plot_link:
         out += [f"![ratios to the base layer]({plot_link})", ""]
+    out += [
+        "## Storage of the trained adapter (`python -m benchmarks.storage`)",
+        "",
+        "From the models' published shapes; see `benchmarks/storage.py` for how the VeRA paper counts.",
+        "",
+        storage.render_markdown(),
+        "",
+    ]
     return "\n".join(out)
 
 
