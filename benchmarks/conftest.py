@@ -5,10 +5,16 @@
 * ``--vera-full``: the issue's whole grid on CPU (adds M = 2048).
 * ``-m smoke``: one workload per pass (M = 16, K = N = 1024, r = 256) with every implementation, for CI.
 * ``--vera-device cpu|cuda``: the device (default: cuda when available).
+* ``--vera-threads N``: ``torch.set_num_threads(N)`` for the run (default: torch's default).
+
+The 1-minute load average at the start and the end goes into the JSON's machine_info (and the report):
+on a shared machine, a load above the core count means other processes took cores during the run.
 
 Each test is one (workload, implementation) pair; the workload is the pytest-benchmark group, so the
 implementations of one workload are printed, and compared, together.
 """
+
+import os
 
 import pytest
 import torch
@@ -23,10 +29,19 @@ def pytest_addoption(parser):
         "--vera-device", default=None, choices=("cpu", "cuda"),
         help="device to benchmark on (default: cuda if available, else cpu)",
     )
+    group.addoption("--vera-threads", type=int, default=None, help="torch.set_num_threads for the run")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: the fast subset CI runs (one workload per pass)")
+    threads = config.getoption("--vera-threads")
+    if threads:
+        torch.set_num_threads(threads)
+    config._vera_load_start = _load_average()
+
+
+def _load_average():
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _device(config) -> torch.device:
@@ -65,5 +80,6 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["vera_kernels_version"] = vk.__version__
     machine_info["vera_kernels_backends"] = {k: v or "available" for k, v in vk.backends().items()}
     machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["load_average_1min"] = {"start": getattr(config, "_vera_load_start", None), "end": _load_average()}
     machine_info["bench_device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     machine_info["bench_dtype"] = str(bench_dtype(device)).replace("torch.", "")

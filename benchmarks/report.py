@@ -75,13 +75,15 @@ def load_pytest_benchmark(path: str) -> Section:
     mi = data.get("machine_info", {})
     ci = data.get("commit_info", {})
     device = mi.get("bench_device", "?")
+    load = mi.get("load_average_1min") or {}
     cpu = mi.get("cpu", {}).get("brand_raw") or mi.get("processor") or "?"
     meta = [
         f"source: `{os.path.basename(path)}` (pytest-benchmark {data.get('version', '?')}), "
         f"run {data.get('datetime', '?')}",
         f"machine: {cpu}, {mi.get('cpu', {}).get('count', '?')} logical cores "
         f"(torch threads {mi.get('torch_threads', '?')}), {mi.get('system', '?')} {mi.get('release', '')}".rstrip(),
-        f"device: {device}, dtype {mi.get('bench_dtype', '?')}",
+        f"device: {device}, dtype {mi.get('bench_dtype', '?')}; 1-minute load average at start / end: "
+        f"{load.get('start', '?')} / {load.get('end', '?')}" + _contended(load, mi.get("cpu", {}).get("count")),
         f"versions: Python {mi.get('python_version', '?')}, torch {mi.get('torch_version', '?')}, "
         f"vera_kernels {mi.get('vera_kernels_version', '?')}",
         "backends: " + ", ".join(f"{k}: {v}" for k, v in mi.get("vera_kernels_backends", {}).items()),
@@ -89,6 +91,13 @@ def load_pytest_benchmark(path: str) -> Section:
     ]
     title = "CPU" if device == "cpu" else f"GPU ({device})"
     return Section(f"{title}, from pytest-benchmark", rows, meta)
+
+
+def _contended(load: dict, cores) -> str:
+    peak = max((v for v in load.values() if isinstance(v, (int, float))), default=0)
+    if cores and peak > cores:
+        return f" (above the {cores} cores: other processes shared the CPU, times are inflated and noisy)"
+    return ""
 
 
 def load_results_file(path: str) -> Section:
