@@ -11,7 +11,9 @@ GPU rows: every ``benchmarks/results/*.json`` (or ``--results-dir``) is added as
 file is a list of rows ``{"pass": "fwd"|"fwd+bwd", "M", "K", "N", "r", "impl": "base"|"vera_fused"|
 "vera_naive"|"lora", "median_ms", "ratio_to_base"}`` (or an object with that list under ``"rows"`` and
 anything else as metadata, printed as is). A ``lora`` row with a ``lora_rank``/``lora_r`` key is shown as
-``lora_r<rank>``; other extra keys are ignored.
+``lora_r<rank>``, a ``vera_fused`` row with a ``backend`` key as ``vera_fused[<backend>]``; rows with
+``saved_bytes``/``peak_bytes`` fill the memory table; other keys are ignored.
+``--export-results PATH`` writes a pytest-benchmark run in that schema (for the GPU command).
 
 The plot needs matplotlib (``pip install -e .[bench]``); without it the report says so and still writes
 the table.
@@ -114,8 +116,30 @@ def load_results_file(path: str) -> Section:
         rank = r.get("lora_rank", r.get("lora_r"))
         if r.get("impl") == "lora" and rank is not None:
             row["impl"] = f"lora_r{rank}"
+        elif r.get("impl") == "vera_fused" and r.get("backend"):
+            row["impl"] = f"vera_fused[{r['backend']}]"
         rows.append(row)
     return Section(f"GPU, from `{os.path.basename(path)}`", rows, meta)
+
+
+def to_results_rows(section: Section) -> List[dict]:
+    """``section``'s rows in the ``benchmarks/results/*.json`` schema.
+
+    ``vera_<backend>`` becomes ``impl: "vera_fused"`` with a ``backend`` key, except the PyTorch backend
+    (not fused), kept as ``"vera_torch"``; ``lora_r<n>`` becomes ``"lora"`` with ``lora_rank: n``;
+    ``saved_bytes``, ``peak_bytes``, ``device`` and ``dtype`` ride along.
+    """
+    out = []
+    for r in section.rows:
+        row = {k: r[k] for k in ("pass", "M", "K", "N", "r", "impl", "median_ms", "ratio_to_base")}
+        row.update({k: r[k] for k in ("saved_bytes", "peak_bytes", "device", "dtype") if k in r})
+        impl = r["impl"]
+        if impl.startswith("lora_r"):
+            row.update(impl="lora", lora_rank=int(impl[len("lora_r"):]))
+        elif impl.startswith("vera_") and impl not in ("vera_naive", "vera_torch"):
+            row.update(impl="vera_fused", backend=impl[len("vera_"):])
+        out.append(row)
+    return out
 
 
 def _ratio(row: Optional[dict]) -> str:
@@ -247,8 +271,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="GPU results (*.json) to add")
     parser.add_argument("--markdown", help="also write the Markdown here")
     parser.add_argument("--plot", help="write the PNG plot here (default: next to --markdown)")
+    parser.add_argument(
+        "--export-results", metavar="PATH",
+        help="also write the given pytest-benchmark runs as rows of the benchmarks/results/*.json schema",
+    )
     args = parser.parse_args(argv)
     sections = [load_pytest_benchmark(p) for p in args.json]
+    if args.export_results:
+        with open(args.export_results, "w") as f:
+            json.dump([row for s in sections for row in to_results_rows(s)], f, indent=1)
     sections += [load_results_file(p) for p in sorted(glob.glob(os.path.join(args.results_dir, "*.json")))]
     if not sections:
         parser.error("no pytest-benchmark JSON given and no results files found")

@@ -59,6 +59,29 @@ def test_report_ratios_memory_gpu_rows_and_plot(tmp_path):
         assert "![ratios to the base layer](RESULTS.png)" in text
 
 
+def test_export_results_round_trips(tmp_path):
+    run = {"machine_info": {"bench_device": "NVIDIA H200"}, "benchmarks": [
+        _bench_row("base", 0.001, saved_bytes=0, peak_bytes=10),
+        _bench_row("vera_triton", 0.0011, peak_bytes=20),
+        _bench_row("vera_torch", 0.002),
+        _bench_row("lora_r64", 0.0013),
+    ]}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    results = tmp_path / "results"
+    results.mkdir()
+    out = results / "gpu.json"
+    report.main([str(tmp_path / "run.json"), "--export-results", str(out), "--results-dir", str(tmp_path)])
+    rows = {(r["impl"], r.get("backend"), r.get("lora_rank")): r for r in json.loads(out.read_text())}
+    assert set(rows) == {("base", None, None), ("vera_fused", "triton", None), ("vera_torch", None, None),
+                         ("lora", None, 64)}
+    assert rows[("vera_fused", "triton", None)]["ratio_to_base"] == pytest.approx(1.1)
+    assert all(r["pass"] == "fwd" and r["M"] == 16 and r["median_ms"] > 0 for r in rows.values())
+    section = report.load_results_file(str(out))
+    assert section.impls() == ["base", "vera_fused[triton]", "vera_torch", "lora_r64"]
+    text = report.render_markdown([section])
+    assert "| 16 | 1024 | 256 | 1 | 1.10× | 2.00× | 1.30× |" in text and "10 B" in text
+
+
 def test_report_without_matplotlib_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     results = tmp_path / "results"
