@@ -79,6 +79,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch_version"] = torch.__version__
     machine_info["vera_kernels_version"] = vk.__version__
     machine_info["vera_kernels_backends"] = {k: v or "available" for k, v in vk.backends().items()}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    machine_info["pytest_args"] = " ".join(a.replace(root, "") for a in config.invocation_params.args)
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["load_average_1min"] = {"start": getattr(config, "_vera_load_start", None), "end": _load_average()}
     machine_info["bench_device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

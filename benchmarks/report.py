@@ -91,6 +91,8 @@ def load_pytest_benchmark(path: str) -> Section:
         "backends: " + ", ".join(f"{k}: {v}" for k, v in mi.get("vera_kernels_backends", {}).items()),
         f"commit: {ci.get('id', '?')[:12]}{' (dirty)' if ci.get('dirty') else ''} on {ci.get('branch', '?')}",
     ]
+    if mi.get("pytest_args"):
+        meta.append(f"command: `pytest {mi['pytest_args']}`")
     title = "CPU" if device == "cpu" else f"GPU ({device})"
     return Section(f"{title}, from pytest-benchmark", rows, meta)
 
@@ -251,12 +253,13 @@ def write_plot(sections: List[Section], path: str) -> Optional[str]:
         ws = s.workloads(pass_)
         width = 0.8 / max(len(impls), 1)
         for j, impl in enumerate(impls):
-            ys = [(s.cell(pass_, w, impl) or {}).get("ratio_to_base") or 0.0 for w in ws]
+            ys = [(s.cell(pass_, w, impl) or {}).get("ratio_to_base") or float("nan") for w in ws]
             ax.bar([i + j * width for i in range(len(ws))], ys, width, label=impl)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ws))])
         ax.set_xticklabels([f"M={w[0]}\nK=N={w[1]}\nr={w[3]}" for w in ws], fontsize=7)
-        ax.set_ylabel("time / base")
+        ax.set_yscale("log")
+        ax.set_ylabel("time / base (log)")
         ax.set_title(f"{s.title}: {PASS_TITLES[pass_]}", fontsize=9)
         ax.legend(fontsize=7, ncol=len(impls))
     fig.tight_layout()
