@@ -24,6 +24,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2"],
+        "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
