@@ -64,7 +64,7 @@ def native_extensions():
         nvcc = ["-O3", *cuda_gencode_flags()]
         ext = cpp_extension.CUDAExtension(
             "vera_kernels._C", CPU_SOURCES + CUDA_SOURCES,
-            extra_compile_args={"cxx": cxx + ["-DVERA_WITH_CUDA"], "nvcc": nvcc}, extra_link_args=link,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
         )
     else:
         ext = cpp_extension.CppExtension(

@@ -122,8 +122,10 @@ def projection_args(projection: Projection, matrix: int, device) -> ProjectionAr
     if projection.is_seeded:
         k0, k1 = projection.key
         return ProjectionArgs(None, k0, k1, projection.bound_a if matrix == 0 else projection.bound_b)
-    stored = projection.tensors_on(device)[matrix]
-    return ProjectionArgs(stored, 0, 0, 0.0)
+    stored = projection.stored  # fp32, contiguous; read directly (no cache side effect under torch.compile)
+    if stored[matrix].device != torch.device(device):
+        stored = projection.tensors_on(device)
+    return ProjectionArgs(stored[matrix], 0, 0, 0.0)
 
 
 def dropout_args(dropout: Optional[Dropout]) -> Tuple[int, int, int, float]:
@@ -134,6 +136,22 @@ def dropout_args(dropout: Optional[Dropout]) -> Tuple[int, int, int, float]:
     return k0, k1, dropout.threshold, dropout.scale
 
 
+_availability: dict = {}
+
+
+@torch.compiler.assume_constant_result  # evaluated once while tracing, never a graph break
+def availability(device_type: str) -> Optional[str]:
+    """Why the native ops cannot run on ``device_type`` tensors here, or ``None`` (cached)."""
+    if device_type not in _availability:
+        why = load_error()
+        if why is None and not has_kernel(device_type):
+            why = f"{MODULE} was built without {device_type.upper()} kernels"
+        if why is None and device_type == "cuda" and not torch.cuda.is_available():
+            why = "no CUDA device is available"
+        _availability[device_type] = why
+    return _availability[device_type]
+
+
 class NativeBackend(Backend):
     """The ops of ``vera_kernels._C`` on one device type ("cpu" or "cuda")."""
 
@@ -142,15 +160,7 @@ class NativeBackend(Backend):
         self.device_types = (device_type,)
 
     def unavailable_reason(self) -> Optional[str]:
-        why = load_error()
-        if why is not None:
-            return why
-        dev = self.device_types[0]
-        if not has_kernel(dev):
-            return f"{MODULE} was built without {dev.upper()} kernels"
-        if dev == "cuda" and not torch.cuda.is_available():
-            return "no CUDA device is available"
-        return None
+        return availability(self.device_types[0])
 
     def forward(self, problem: Problem):
         a = projection_args(problem.projection, 0, problem.device)
