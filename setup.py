@@ -74,19 +74,20 @@ def native_extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = native_extensions()
+if __name__ == "__main__":  # importable (tests read cuda_gencode_flags) without running setup()
+    ext_modules, cmdclass = native_extensions()
 
-setup(
-    name="vera_kernels",
-    version="0.1.0",
-    description="Fused GPU kernels for VeRA (Vector-based Random Matrix Adaptation)",
-    packages=find_packages(include=["vera_kernels", "vera_kernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    extras_require={
-        "triton": ["triton>=3.2"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+    setup(
+        name="vera_kernels",
+        version="0.1.0",
+        description="Fused GPU kernels for VeRA (Vector-based Random Matrix Adaptation)",
+        packages=find_packages(include=["vera_kernels", "vera_kernels.*"]),
+        python_requires=">=3.9",
+        install_requires=["torch>=2.4"],
+        extras_require={
+            "triton": ["triton>=3.2"],
+            "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2"],
+        },
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
