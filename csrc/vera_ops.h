@@ -128,4 +128,15 @@ inline void check_grad_input(const at::Tensor& grad_y, const at::Tensor& weight,
   check_vector(lambda_d, "lambda_d", g.size(1), grad_y);
 }
 
+// projection_tile(out, stream, row0, col0, key0, key1, bound): out contiguous float32 [rows, cols].
+inline ProjectionSource check_projection_tile(const at::Tensor& out, int64_t stream, int64_t row0, int64_t col0,
+                                              int64_t key0, int64_t key1, double bound) {
+  TORCH_CHECK(stream == kMatrixA || stream == kMatrixB, "vera_kernels: stream must be 0 (A) or 1 (B), got ", stream);
+  TORCH_CHECK(row0 >= 0 && col0 >= 0, "vera_kernels: row0 and col0 must be non-negative");
+  check_fp32(out, "out", 2, out);
+  TORCH_CHECK(out.is_contiguous(), "vera_kernels: out must be contiguous");
+  return ProjectionSource{static_cast<uint32_t>(stream), make_key(key0, key1, "projection key"),
+                          static_cast<float>(bound), nullptr, 0, 0};
+}
+
 }  // namespace vera

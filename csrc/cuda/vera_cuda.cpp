@@ -113,13 +113,8 @@ at::Tensor grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& weight, c
 
 void projection_tile_cuda(at::Tensor& out, int64_t stream, int64_t row0, int64_t col0, int64_t key0, int64_t key1,
                           double bound) {
-  TORCH_CHECK(stream == kMatrixA || stream == kMatrixB, "vera_kernels: stream must be 0 (A) or 1 (B), got ", stream);
-  TORCH_CHECK(row0 >= 0 && col0 >= 0, "vera_kernels: row0 and col0 must be non-negative");
-  check_fp32(out, "out", 2, out);
-  TORCH_CHECK(out.is_contiguous(), "vera_kernels: out must be contiguous");
   const c10::cuda::CUDAGuard guard(out.device());
-  const ProjectionSource src{static_cast<uint32_t>(stream), make_key(key0, key1, "projection key"),
-                             static_cast<float>(bound), nullptr, 0, 0};
+  const ProjectionSource src = check_projection_tile(out, stream, row0, col0, key0, key1, bound);
   check_launch(cuda::launch_projection_tile(out.mutable_data_ptr<float>(), out.size(0), out.size(1), src, row0, col0,
                                             stream_of(out)));
 }
