@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["philox4x32", "Projection", "projection_values", "uint_to_unit_float"]
+__all__ = ["philox4x32", "Projection", "philox_block", "projection_block", "dropout_keep_mask"]
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0 = 0xD2511F53
@@ -117,33 +117,33 @@ def split_key(seed: int) -> Tuple[int, int]:
     return seed & _MASK32, seed >> 32
 
 
-def philox_words(seed: int, stream: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """The uint32 word (in int64) for element ``(row, col)`` of ``stream`` (0 = A, 1 = B, 2 = dropout).
+def philox_block(seed: int, stream: int, rows: range, cols: range, device=None) -> torch.Tensor:
+    """uint32 words (in int64) for the block ``rows x cols`` of ``stream`` (0 = A, 1 = B, 2 = dropout).
 
-    One Philox call at counter ``(col >> 2, row, stream, 0)`` gives four neighbours in a row; lane
-    ``col & 3`` picks the word.
+    Element ``(row, col)`` is word ``col & 3`` of the Philox call at counter ``(col >> 2, row, stream, 0)``;
+    one call serves four neighbours in a row, so the block costs one call per group of four columns.
+    ``rows`` and ``cols`` are step-1 ranges.
     """
-    rows, cols = torch.broadcast_tensors(rows.to(torch.int64), cols.to(torch.int64))
-    words = philox4x32((cols >> 2, rows, stream, 0), split_key(seed))
-    lane = cols & 3
-    w = torch.where(lane == 0, words[0], words[1])
-    w = torch.where(lane == 2, words[2], w)
-    return torch.where(lane == 3, words[3], w)
+    nr, nc = len(rows), len(cols)
+    if nr == 0 or nc == 0:
+        return torch.empty(nr, nc, dtype=torch.int64, device=device)
+    g0, g1 = cols.start >> 2, ((cols.stop - 1) >> 2) + 1
+    r = torch.arange(rows.start, rows.stop, dtype=torch.int64, device=device)[:, None]
+    g = torch.arange(g0, g1, dtype=torch.int64, device=device)[None, :]
+    words = philox4x32((g, r, stream, 0), split_key(seed))
+    w = torch.stack(words, dim=-1).reshape(nr, (g1 - g0) * 4)
+    return w[:, cols.start - 4 * g0 : cols.stop - 4 * g0]
 
 
-def projection_values(
-    seed: int, matrix: int, rows: torch.Tensor, cols: torch.Tensor, bound: float
-) -> torch.Tensor:
-    """Float32 values of ``matrix`` (0 = A, 1 = B) at broadcastable integer index grids ``rows``, ``cols``."""
-    unit = uint_to_unit_float(philox_words(seed, matrix, rows, cols))
-    return unit * torch.tensor(bound, dtype=torch.float32)
+def projection_block(seed: int, matrix: int, rows: range, cols: range, bound: float, device=None) -> torch.Tensor:
+    """Float32 values of the block ``rows x cols`` of ``matrix`` (0 = A, 1 = B): ``unit * bound``."""
+    unit = uint_to_unit_float(philox_block(seed, matrix, rows, cols, device))
+    return unit * torch.tensor(bound, dtype=torch.float32, device=device)
 
 
 def dropout_keep_mask(seed: int, threshold: int, rows: int, cols: int, device=None) -> torch.Tensor:
     """Boolean keep-mask of the adapter dropout for a flattened ``[rows, cols]`` input (DESIGN §2)."""
-    r = torch.arange(rows, dtype=torch.int64, device=device)[:, None]
-    c = torch.arange(cols, dtype=torch.int64, device=device)[None, :]
-    return (philox_words(seed, STREAM_DROPOUT, r, c) >> 8) >= threshold
+    return (philox_block(seed, STREAM_DROPOUT, range(rows), range(cols), device) >> 8) >= threshold
 
 
 class Projection:
@@ -241,22 +241,19 @@ class Projection:
             self._cache[ck] = (A, B)
         return A, B
 
-    def _grid(self, rows: slice, cols: slice, nrows: int, ncols: int, device):
-        r0, r1, rs = rows.indices(nrows)
-        c0, c1, cs = cols.indices(ncols)
-        r = torch.arange(r0, r1, rs, dtype=torch.int64, device=device)[:, None]
-        c = torch.arange(c0, c1, cs, dtype=torch.int64, device=device)[None, :]
-        return r, c
+    def _block(self, matrix: int, rows: slice, cols: slice, shape, bound: float, device):
+        rr, cr = range(*rows.indices(shape[0])), range(*cols.indices(shape[1]))
+        if rr.step != 1 or cr.step != 1:
+            raise ValueError("tiles are contiguous: slices with step 1 only")
+        return projection_block(self.seed, matrix, rr, cr, bound, device)
 
     def generate_a(self, rows: slice = slice(None), cols: slice = slice(None), device="cpu"):
         """A float32 tile ``A[rows, cols]`` regenerated from the seed alone."""
-        r, c = self._grid(rows, cols, self.rank, self.max_in_features, device)
-        return projection_values(self.seed, MATRIX_A, r, c, self.bound_a)
+        return self._block(MATRIX_A, rows, cols, (self.rank, self.max_in_features), self.bound_a, device)
 
     def generate_b(self, rows: slice = slice(None), cols: slice = slice(None), device="cpu"):
         """A float32 tile ``B[rows, cols]`` regenerated from the seed alone."""
-        r, c = self._grid(rows, cols, self.max_out_features, self.rank, device)
-        return projection_values(self.seed, MATRIX_B, r, c, self.bound_b)
+        return self._block(MATRIX_B, rows, cols, (self.max_out_features, self.rank), self.bound_b, device)
 
     # --- serialisation (used by VeRALinear's state dict) -------------------------------------
     def state(self) -> dict:
