@@ -19,12 +19,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import vera_kernels as vk
+try:
+    import vera_kernels as vk
+except ModuleNotFoundError:  # run from a checkout that is not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import vera_kernels as vk
 
 
 def median_times(fns: dict, repeats: int) -> dict:

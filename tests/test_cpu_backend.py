@@ -127,9 +127,16 @@ def test_partial_gradients(need):
     compare(*make(5, 12, 9, 3), need=need)
 
 
-def test_several_tiles_and_chunks():
-    """Large enough for several generated column tiles (r = 256: 1024 columns per tile) and row chunks."""
-    compare(*make(1030, 1030, 1029, 256, max_in=1100, max_out=1050, lead=()), p=0.1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stored", [False, True])
+def test_several_tiles_and_chunks(monkeypatch, dtype, stored):
+    """Tiny scratch sizes force several column tiles (64 columns each, the last one partial) and row chunks."""
+    monkeypatch.setenv("VERA_KERNELS_CPU_TILE_FLOATS", str(8 * 64))  # r = 8: 64 columns per tile
+    monkeypatch.setenv("VERA_KERNELS_CPU_CHUNK_FLOATS", str(64 * 24))  # 24 rows per chunk
+    x, weight, b, ld, lb, proj = make(130, 200, 150, 8, dtype=dtype, max_in=210, max_out=160)
+    if stored:
+        proj = vk.Projection.from_tensors(*proj.materialize())
+    compare(x, weight, b, ld, lb, proj, p=0.2)
 
 
 def test_seeds_above_2_63_differ_from_low_words():

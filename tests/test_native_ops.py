@@ -122,6 +122,23 @@ def test_torch_compile_inductor():
     assert model[0].lambda_d.grad is not None and not torch.isnan(x.grad).any()
 
 
+def test_torch_compile_first_call_in_a_fresh_process():
+    """The very first call happens while dynamo traces: backend import and extension load run eagerly."""
+    code = (
+        "import torch, vera_kernels as vk\n"
+        "p = vk.Projection(2**63 + 1, 4, 16, 16)\n"
+        "m = torch.nn.Sequential(vk.VeRALinear(16, 16, projection=p), vk.VeRALinear(16, 8, projection=p))\n"
+        "x = torch.randn(3, 16, requires_grad=True)\n"
+        "y = torch.compile(m, fullgraph=True, backend='aot_eager')(x)\n"
+        "y.sum().backward()\n"
+        "torch.testing.assert_close(y, m(x))\n"
+        "assert vk.backends()['cpu'] is None\n"
+        "print('ok')\n"
+    )
+    r = _python(code)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
 def _python(code, **env):
     e = dict(os.environ, **env)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=300)
