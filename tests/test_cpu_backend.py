@@ -151,11 +151,12 @@ def test_seeds_above_2_63_differ_from_low_words():
     assert not torch.equal(ys[0], ys[1])
 
 
-def test_cpu_is_the_default_cpu_backend():
+def test_cpu_backend_is_listed_and_selectable():
     x, weight, b, ld, lb, proj = make(2, 4, 4, 2)
     from vera_kernels._helpers import make_problem
-    from vera_kernels.backends import select
-    assert select(make_problem(x, weight, b, ld, lb, proj, None)).name == "cpu"
+    from vera_kernels.backends import PRIORITY, select
+    assert "cpu" in PRIORITY["cpu"]
+    assert select(make_problem(x, weight, b, ld, lb, proj, None), "cpu").name == "cpu"
 
 
 def test_float64_falls_back_to_torch():

@@ -73,9 +73,15 @@ def _model(proj):
     return torch.nn.Sequential(*layers)
 
 
+@pytest.fixture
+def cpu_backend_forced(monkeypatch):
+    """Run VeRALinear on the "cpu" backend whatever the default priority is."""
+    monkeypatch.setenv("VERA_KERNELS_BACKEND", "cpu")
+
+
 @pytest.mark.parametrize("stored", [False, True])
 @pytest.mark.parametrize("train", [True, False])
-def test_torch_compile_fullgraph(stored, train):
+def test_torch_compile_fullgraph(stored, train, cpu_backend_forced):
     """torch.compile(fullgraph=True) over VeRALinear layers: one graph, the native ops inside, same results."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -109,7 +115,7 @@ def test_torch_compile_fullgraph(stored, train):
         assert f"vera_kernels.{op}.default" in targets, (op, sorted(set(targets)))
 
 
-def test_torch_compile_inductor():
+def test_torch_compile_inductor(cpu_backend_forced):
     """The same model through inductor (the default backend), forward and backward."""
     proj = vk.Projection(seed=5, rank=4, max_in_features=24, max_out_features=24)
     model = _model(proj)
@@ -135,7 +141,7 @@ def test_torch_compile_first_call_in_a_fresh_process():
         "assert vk.backends()['cpu'] is None\n"
         "print('ok')\n"
     )
-    r = _python(code)
+    r = _python(code, VERA_KERNELS_BACKEND="cpu")
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr[-3000:]
 
 
