@@ -1,30 +1,94 @@
 """Build and install vera_kernels.
 
 The pure-Python package (projection, reference, "torch" backend, Triton kernels) needs no compiler.
-The native C++/CPU and CUDA extension is declared in ``native_extensions()`` below.
+``native_extensions()`` below declares the native extension ``vera_kernels._C`` (csrc/): its CPU ops are
+always built (C++, OpenMP, ninja); its CUDA ops too when torch has CUDA and nvcc is found.
+
+Environment variables (read at build time):
+
+- ``VERA_KERNELS_NO_NATIVE=1``: build nothing native; the package runs on the "torch" (and Triton) backends.
+- ``VERA_KERNELS_CUDA=1``: build the CUDA ops even if auto-detection says no (fails if torch lacks CUDA);
+  ``VERA_KERNELS_CUDA=0``: never build them. Unset: build them iff ``torch.version.cuda`` and nvcc exist.
+- ``VERA_KERNELS_CUDA_ARCHS``: compute capabilities to compile for, default ``"80;90"`` (e.g. ``"80;86;90"``).
+- ``MAX_JOBS``: parallel compile jobs (torch's ninja build).
+
+Install with ``pip install --no-build-isolation -e .`` (the build imports the installed torch).
 """
+
+import os
 
 from setuptools import find_packages, setup
 
+CPU_SOURCES = ["csrc/vera_ops.cpp", "csrc/vera_cpu.cpp"]
+CUDA_SOURCES = ["csrc/cuda/vera_cuda.cpp", "csrc/cuda/vera_cuda_kernels.cu"]
+DEFAULT_CUDA_ARCHS = "80;90"
+
+
+def _flag(name):
+    """Tri-state environment flag: True, False, or None when unset."""
+    v = os.environ.get(name, "").strip().lower()
+    if v == "":
+        return None
+    return v not in ("0", "false", "no", "off")
+
+
+def cuda_gencode_flags(archs=None):
+    """nvcc ``-gencode`` flags for ``archs`` (``"80;90"``-style; default from ``VERA_KERNELS_CUDA_ARCHS``)."""
+    archs = archs or os.environ.get("VERA_KERNELS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+    flags = []
+    for a in archs.replace(",", ";").split(";"):
+        a = a.strip().replace(".", "")
+        if a:
+            flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
+    return flags
+
 
 def native_extensions():
-    """The C++/CUDA extension modules and the build command class (filled in by the csrc/ backend)."""
-    return [], {}
+    """The extension ``vera_kernels._C`` and torch's ninja build command, or nothing when skipped."""
+    if _flag("VERA_KERNELS_NO_NATIVE"):
+        print("vera_kernels: VERA_KERNELS_NO_NATIVE is set, building no native extension")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("vera_kernels: torch is not importable at build time (use --no-build-isolation); "
+              "building no native extension")
+        return [], {}
+    want_cuda = _flag("VERA_KERNELS_CUDA")
+    if want_cuda is None:
+        want_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    cxx = ["-O3", "-g0", "-fopenmp"]  # -g0: no debug info (halves compile and link time)
+    link = ["-fopenmp"]
+    if want_cuda:
+        nvcc = ["-O3", *cuda_gencode_flags()]
+        ext = cpp_extension.CUDAExtension(
+            "vera_kernels._C", CPU_SOURCES + CUDA_SOURCES,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "vera_kernels._C", CPU_SOURCES, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
+    print(f"vera_kernels: building vera_kernels._C ({'CPU + CUDA' if want_cuda else 'CPU'} ops)")
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = native_extensions()
+if __name__ == "__main__":  # importable (tests read cuda_gencode_flags) without running setup()
+    ext_modules, cmdclass = native_extensions()
 
-setup(
-    name="vera_kernels",
-    version="0.1.0",
-    description="Fused GPU kernels for VeRA (Vector-based Random Matrix Adaptation)",
-    packages=find_packages(include=["vera_kernels", "vera_kernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    extras_require={
-        "triton": ["triton>=3.2"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+    setup(
+        name="vera_kernels",
+        version="0.1.0",
+        description="Fused GPU kernels for VeRA (Vector-based Random Matrix Adaptation)",
+        packages=find_packages(include=["vera_kernels", "vera_kernels.*"]),
+        python_requires=">=3.9",
+        install_requires=["torch>=2.4"],
+        extras_require={
+            "triton": ["triton>=3.2"],
+            "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2"],
+            "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5"],
+        },
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

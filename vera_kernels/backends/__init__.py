@@ -11,6 +11,8 @@ import importlib
 import os
 from typing import Dict, Optional
 
+import torch
+
 from .._helpers import Problem
 from .base import Backend
 
@@ -29,7 +31,7 @@ _MODULES = {
 # device type -> backends tried in order
 PRIORITY = {
     "cuda": ("triton", "cuda", "torch"),
-    "cpu": ("cpu", "torch"),
+    "cpu": ("torch", "cpu"),  # measured: torch (cached A/B) wins at decode, ties at M >= 128 (benchmarks/NOTES-cpu.md)
 }
 
 _loaded: Dict[str, Backend] = {}
@@ -40,11 +42,13 @@ class BackendUnavailableError(RuntimeError):
     """Raised when a requested backend cannot run, or no backend fits a problem."""
 
 
-def _load(name: str) -> Optional[Backend]:
+@torch.compiler.assume_constant_result  # run eagerly even while torch.compile traces: imports cannot be traced
+def _import_backend(name: str) -> Optional[str]:
+    """Import backend ``name`` into ``_loaded`` (once); return ``None``, or why it cannot be imported."""
     if name in _loaded:
-        return _loaded[name]
-    if name in _load_errors:
         return None
+    if name in _load_errors:
+        return _load_errors[name]
     module_name = _MODULES[name]
     try:
         module = importlib.import_module(module_name)
@@ -53,12 +57,18 @@ def _load(name: str) -> Optional[Backend]:
             _load_errors[name] = "not part of this build of vera_kernels"
         else:
             _load_errors[name] = f"import failed: {e}"
-        return None
+        return _load_errors[name]
     except Exception as e:  # a broken backend must not break the package
         _load_errors[name] = f"import failed: {type(e).__name__}: {e}"
-        return None
+        return _load_errors[name]
     _loaded[name] = module.BACKEND
-    return module.BACKEND
+    return None
+
+
+def _load(name: str) -> Optional[Backend]:
+    if _import_backend(name) is not None:
+        return None
+    return _loaded[name]
 
 
 def _check_name(name: str) -> None:

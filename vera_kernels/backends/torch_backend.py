@@ -42,8 +42,12 @@ class TorchBackend(Backend):
         gy = grad_y2d.to(cd)
         g = (gy * lambda_b) @ B_N  # [M, r]
         grad_d = (s * g).sum(0) if need_d else None
-        # rowsum(B_N * (gy^T (lambda_d * s))): an [N, r] intermediate instead of [M, N]
-        grad_b = (B_N * (gy.t() @ (lambda_d * s))).sum(1) if need_b else None
+        grad_b = None
+        if need_b:  # two equal forms (DESIGN §1); take the one with the smaller transient
+            if problem.M <= s.shape[1]:  # [M, N] intermediate
+                grad_b = (gy * ((lambda_d * s) @ B_N.t())).sum(0)
+            else:  # rowsum(B_N * (gy^T (lambda_d * s))): [N, r] intermediate
+                grad_b = (B_N * (gy.t() @ (lambda_d * s))).sum(1)
         grad_x = None
         if need_x:
             adapter = (g * lambda_d) @ A_K  # [M, K]

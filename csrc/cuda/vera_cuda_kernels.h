@@ -1,0 +1,51 @@
+// Host launchers of the CUDA kernels (vera_cuda_kernels.cu), called by the ATen binding (vera_cuda.cpp).
+//
+// Plain C++: raw pointers, strides in elements, the stream as void* (a cudaStream_t), so neither side
+// needs the other's headers -- the .cu file compiles with nvcc and the CUDA runtime headers alone.
+// Every launcher returns nullptr on success or the CUDA error string. Output buffers are written
+// in full ("store" launchers) or updated in place ("add" launchers: they hold the base product).
+#pragma once
+
+#include <stdint.h>
+
+#include "../vera_philox.h"
+
+namespace vera {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// A 2-D activation in x's dtype: element (i, j) at data[i * stride0 + j * stride1].
+struct Activation {
+  const void* data;
+  DType dtype;
+  int64_t stride0;
+  int64_t stride1;
+};
+
+// s [M, rank] (contiguous float32) = (x * mask * scale) A_K^T, x = [M, K].
+const char* launch_shrink(Activation x, int64_t M, int64_t K, ProjectionSource A, int64_t rank, DropoutSpec drop,
+                          float* s, void* stream);
+
+// y [M, N] (holding x W^T + bias, y's dtype, strides sy0/sy1) += lambda_b * ((lambda_d * s) B_N^T).
+const char* launch_expand_add(void* y, DType dtype, int64_t sy0, int64_t sy1, int64_t M, int64_t N, const float* s,
+                              int64_t rank, const float* lambda_d, const float* lambda_b, ProjectionSource B,
+                              void* stream);
+
+// g [M, rank] = (grad_y * lambda_b) B_N; when grad_lambda_b is not null (zero-filled, [N]) it also
+// receives rowsum(B_N * (grad_y^T (lambda_d * s))).
+const char* launch_adapter_backward(Activation grad_y, int64_t M, int64_t N, const float* s, int64_t rank,
+                                    const float* lambda_d, const float* lambda_b, ProjectionSource B, float* g,
+                                    float* grad_lambda_b, void* stream);
+
+// grad_x [M, K] (holding grad_y W) += mask * scale * ((g * lambda_d) A_K).
+const char* launch_grad_input_add(void* grad_x, DType dtype, int64_t sx0, int64_t sx1, int64_t M, int64_t K,
+                                  const float* g, int64_t rank, const float* lambda_d, ProjectionSource A,
+                                  DropoutSpec drop, void* stream);
+
+// out [rows, cols] (contiguous float32) = rows [row0, ..) x cols [col0, ..) of a generated projection.
+const char* launch_projection_tile(float* out, int64_t rows, int64_t cols, ProjectionSource src, int64_t row0,
+                                   int64_t col0, void* stream);
+
+}  // namespace cuda
+}  // namespace vera

@@ -1,0 +1,142 @@
+// Argument handling shared by the CPU and CUDA implementations of the vera_kernels ops.
+//
+// The op schemas (csrc/vera_ops.cpp) pass the projection as (stored tensor or None, key0, key1,
+// bound) and the dropout as (key0, key1, threshold, scale); these helpers validate them once and
+// turn them into the plain structs of vera_philox.h that the kernels take.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "vera_philox.h"
+
+namespace vera {
+
+inline uint32_t check_word(int64_t w, const char* name) {
+  TORCH_CHECK(w >= 0 && w <= 0xFFFFFFFFll, "vera_kernels: ", name, " must be a uint32 word, got ", w);
+  return static_cast<uint32_t>(w);
+}
+
+inline Key make_key(int64_t k0, int64_t k1, const char* name) {
+  return Key{check_word(k0, name), check_word(k1, name)};
+}
+
+inline void check_float_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "vera_kernels: ", name, " must be 2-D, got ", t.dim(), "-D");
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "vera_kernels: ", name,
+              " must be float32, float16 or bfloat16, got ", st);
+}
+
+inline void check_fp32(const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "vera_kernels: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, "vera_kernels: ", name, " must be ", dim, "-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.device() == like.device(), "vera_kernels: ", name, " is on ", t.device(), ", expected ",
+              like.device());
+}
+
+inline void check_vector(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& like) {
+  check_fp32(t, name, 1, like);
+  TORCH_CHECK(t.size(0) == n, "vera_kernels: ", name, " must have ", n, " elements, got ", t.size(0));
+}
+
+// The projection matrix `stream` (kMatrixA: [rank, >= extent]; kMatrixB: [>= extent, rank]),
+// generated from (key0, key1, bound) or, when `stored` is given, loaded from that float32 matrix.
+inline ProjectionSource make_source(uint32_t stream, const std::optional<at::Tensor>& stored, int64_t key0,
+                                    int64_t key1, double bound, int64_t rank, int64_t extent,
+                                    const at::Tensor& like) {
+  TORCH_CHECK(rank > 0, "vera_kernels: rank must be positive, got ", rank);
+  ProjectionSource src{stream, Key{0u, 0u}, static_cast<float>(bound), nullptr, 0, 0};
+  if (!stored.has_value()) {
+    src.key = make_key(key0, key1, "projection key");
+    return src;
+  }
+  const at::Tensor& m = *stored;
+  const char* name = stream == kMatrixA ? "stored A" : "stored B";
+  check_fp32(m, name, 2, like);
+  const int64_t rows = stream == kMatrixA ? rank : extent;
+  const int64_t r_dim = stream == kMatrixA ? 0 : 1;
+  TORCH_CHECK(m.size(r_dim) == rank && m.size(1 - r_dim) >= extent, "vera_kernels: ", name, " has shape ",
+              m.sizes(), ", which does not cover ", rows, " x ", (stream == kMatrixA ? extent : rank));
+  src.data = m.data_ptr<float>();
+  src.stride_row = m.stride(0);
+  src.stride_col = m.stride(1);
+  return src;
+}
+
+inline DropoutSpec no_dropout() { return DropoutSpec{Key{0u, 0u}, 0u, 1.0f}; }
+
+inline DropoutSpec make_dropout(int64_t key0, int64_t key1, int64_t threshold, double scale) {
+  TORCH_CHECK(threshold >= 0 && threshold <= (1ll << 24), "vera_kernels: dropout threshold must be in [0, 2**24], got ",
+              threshold);
+  if (threshold == 0) return no_dropout();
+  return DropoutSpec{make_key(key0, key1, "dropout key"), static_cast<uint32_t>(threshold),
+                     static_cast<float>(scale)};
+}
+
+// ---- per-op shape checks (one set for the CPU and the CUDA implementations) -------------------
+
+// x [M, K]; returns K.
+inline int64_t check_shrink(const at::Tensor& x) {
+  check_float_matrix(x, "x");
+  return x.size(1);
+}
+
+// x [M, K], weight [N, K], bias [N], s [M, r], lambda_d [r], lambda_b [N] (all on x's device).
+inline void check_expand(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b) {
+  check_float_matrix(x, "x");
+  check_float_matrix(weight, "weight");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.size(1) == x.size(1) && weight.device() == x.device(),
+              "vera_kernels: weight must be [N, K] like x [M, K] (same dtype and device), got ", weight.sizes(), " ",
+              weight.scalar_type(), " for x ", x.sizes(), " ", x.scalar_type());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == x.scalar_type() &&
+                    bias->device() == x.device(),
+                "vera_kernels: bias must be [N] in x's dtype, got ", bias->sizes(), " ", bias->scalar_type());
+  }
+  check_fp32(s, "s", 2, x);
+  TORCH_CHECK(s.size(0) == x.size(0), "vera_kernels: s must have x's ", x.size(0), " rows, got ", s.size(0));
+  check_vector(lambda_d, "lambda_d", s.size(1), x);
+  check_vector(lambda_b, "lambda_b", weight.size(0), x);
+}
+
+// grad_y [M, N], s [M, r], lambda_d [r], lambda_b [N].
+inline void check_adapter_backward(const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& lambda_d,
+                                   const at::Tensor& lambda_b) {
+  check_float_matrix(grad_y, "grad_y");
+  check_fp32(s, "s", 2, grad_y);
+  TORCH_CHECK(s.size(0) == grad_y.size(0), "vera_kernels: s must have grad_y's ", grad_y.size(0), " rows, got ",
+              s.size(0));
+  check_vector(lambda_d, "lambda_d", s.size(1), grad_y);
+  check_vector(lambda_b, "lambda_b", grad_y.size(1), grad_y);
+}
+
+// grad_y [M, N], weight [N, K], g [M, r], lambda_d [r].
+inline void check_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& g,
+                             const at::Tensor& lambda_d) {
+  check_float_matrix(grad_y, "grad_y");
+  check_float_matrix(weight, "weight");
+  TORCH_CHECK(weight.scalar_type() == grad_y.scalar_type() && weight.size(0) == grad_y.size(1) &&
+                  weight.device() == grad_y.device(),
+              "vera_kernels: weight must be [N, K] with grad_y [M, N] (same dtype and device), got ", weight.sizes(),
+              " for grad_y ", grad_y.sizes());
+  check_fp32(g, "g", 2, grad_y);
+  TORCH_CHECK(g.size(0) == grad_y.size(0), "vera_kernels: g must have grad_y's rows");
+  check_vector(lambda_d, "lambda_d", g.size(1), grad_y);
+}
+
+// projection_tile(out, stream, row0, col0, key0, key1, bound): out contiguous float32 [rows, cols].
+inline ProjectionSource check_projection_tile(const at::Tensor& out, int64_t stream, int64_t row0, int64_t col0,
+                                              int64_t key0, int64_t key1, double bound) {
+  TORCH_CHECK(stream == kMatrixA || stream == kMatrixB, "vera_kernels: stream must be 0 (A) or 1 (B), got ", stream);
+  TORCH_CHECK(row0 >= 0 && col0 >= 0, "vera_kernels: row0 and col0 must be non-negative");
+  check_fp32(out, "out", 2, out);
+  TORCH_CHECK(out.is_contiguous(), "vera_kernels: out must be contiguous");
+  return ProjectionSource{static_cast<uint32_t>(stream), make_key(key0, key1, "projection key"),
+                          static_cast<float>(bound), nullptr, 0, 0};
+}
+
+}  // namespace vera

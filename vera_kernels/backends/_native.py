@@ -1,0 +1,186 @@
+"""The native extension ``vera_kernels._C``: loading it, fake kernels of its ops, and the backend on them.
+
+``vera_kernels._C`` (built by ``setup.py`` from ``csrc/``) registers the ``torch.ops.vera_kernels`` ops
+with CPU and, when built with CUDA, CUDA implementations:
+
+- ``shrink``: ``s = (x * mask * scale) A_K^T`` (float32 ``[M, r]``)
+- ``expand_add``: ``y = x W^T + bias + lambda_b * ((lambda_d * s) B_N^T)``
+- ``adapter_backward``: ``(g, grad_lambda_d, grad_lambda_b)`` with ``g = (grad_y * lambda_b) B_N``
+- ``grad_input``: ``grad_x = grad_y W + mask * scale * ((g * lambda_d) A_K)``
+- ``projection_tile``: a generated tile of ``A``/``B`` (tests only)
+
+The extension is loaded at first use (never at ``import vera_kernels``). When it is missing or broken,
+that is reported once, as a warning, and ``vk.backends()`` gives the reason; calls then fall back to the
+"torch" backend. ``VERA_KERNELS_NO_NATIVE=1`` turns the native backends off (also at build time).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from .._helpers import Dropout, Problem, warn_once
+from ..projection import Projection, split_key
+from .base import Backend
+
+ENV_NO_NATIVE = "VERA_KERNELS_NO_NATIVE"
+MODULE = "vera_kernels._C"
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler and ninja)"
+
+_load_error: Optional[str] = None
+_loaded = False
+_fakes_registered = False
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def load_error() -> Optional[str]:
+    """``None`` when the native ops are usable, else why not; the first failure is also warned about once."""
+    global _loaded, _load_error
+    if _loaded:
+        return _load_error
+    _loaded = True
+    if _env_flag(ENV_NO_NATIVE):
+        _load_error = f"native backends disabled by {ENV_NO_NATIVE}=1"
+        return _load_error
+    try:
+        importlib.import_module(MODULE)
+        register_fakes()
+    except ModuleNotFoundError as e:
+        if e.name != MODULE:
+            raise
+        _load_error = f"the native extension {MODULE} is not built; {BUILD_HINT}"
+    except Exception as e:  # a broken build (ABI mismatch, missing symbol) must not break the package
+        _load_error = f"the native extension {MODULE} failed to load ({type(e).__name__}: {e}); rebuild it: {BUILD_HINT}"
+    if _load_error is not None:
+        warn_once("native-load", f"vera_kernels: {_load_error}. The 'cpu' and 'cuda' backends are unavailable; "
+                  "calls use the 'torch' backend.")
+    return _load_error
+
+
+def ops():
+    """``torch.ops.vera_kernels`` (call ``load_error()`` first)."""
+    return torch.ops.vera_kernels
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the loaded extension implements the ops for ``device_type`` ("cpu" or "cuda")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("vera_kernels::shrink", device_type.upper())
+
+
+# --- fake (meta) kernels: shapes and dtypes only, for torch.compile and FakeTensor -----------------
+
+def register_fakes() -> None:
+    """Register the fake kernels of the ops (idempotent; the ops must be defined)."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+    lib = "vera_kernels::"
+
+    @torch.library.register_fake(lib + "shrink")
+    def _shrink(x, A, rank, key0, key1, bound, drop_key0, drop_key1, drop_threshold, drop_scale):
+        return x.new_empty((x.shape[0], rank), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "expand_add")
+    def _expand_add(x, weight, bias, s, lambda_d, lambda_b, B, key0, key1, bound):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake(lib + "adapter_backward")
+    def _adapter_backward(grad_y, s, lambda_d, lambda_b, B, key0, key1, bound, need_lambda_b):
+        n = grad_y.shape[1] if need_lambda_b else 0
+        return s.new_empty(s.shape), s.new_empty((s.shape[1],)), s.new_empty((n,))
+
+    @torch.library.register_fake(lib + "grad_input")
+    def _grad_input(grad_y, weight, g, lambda_d, A, key0, key1, bound, drop_key0, drop_key1, drop_threshold,
+                    drop_scale):
+        return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
+
+
+if hasattr(torch.ops.vera_kernels, "shrink"):  # imported by torch for a library loaded some other way
+    register_fakes()
+
+
+# --- the backend -----------------------------------------------------------------------------------
+
+class ProjectionArgs(NamedTuple):
+    """One projection matrix as the ops take it: stored float32 tensor (or None), key words, bound."""
+
+    stored: Optional[torch.Tensor]
+    key0: int
+    key1: int
+    bound: float
+
+
+def projection_args(projection: Projection, matrix: int, device) -> ProjectionArgs:
+    """The op arguments for ``A`` (``matrix = 0``) or ``B`` (``matrix = 1``) of ``projection``."""
+    if projection.is_seeded:
+        k0, k1 = projection.key
+        return ProjectionArgs(None, k0, k1, projection.bound_a if matrix == 0 else projection.bound_b)
+    stored = projection.stored  # fp32, contiguous; read directly (no cache side effect under torch.compile)
+    if stored[matrix].device != torch.device(device):
+        stored = projection.tensors_on(device)
+    return ProjectionArgs(stored[matrix], 0, 0, 0.0)
+
+
+def dropout_args(dropout: Optional[Dropout]) -> Tuple[int, int, int, float]:
+    """``(key0, key1, threshold, scale)`` of a call's dropout; threshold 0 means none."""
+    if dropout is None:
+        return 0, 0, 0, 1.0
+    k0, k1 = split_key(dropout.seed & 0xFFFFFFFFFFFFFFFF)
+    return k0, k1, dropout.threshold, dropout.scale
+
+
+_availability: dict = {}
+
+
+@torch.compiler.assume_constant_result  # evaluated once while tracing, never a graph break
+def availability(device_type: str) -> Optional[str]:
+    """Why the native ops cannot run on ``device_type`` tensors here, or ``None`` (cached)."""
+    if device_type not in _availability:
+        why = load_error()
+        if why is None and not has_kernel(device_type):
+            why = f"{MODULE} was built without {device_type.upper()} kernels"
+        if why is None and device_type == "cuda" and not torch.cuda.is_available():
+            why = "no CUDA device is available"
+        _availability[device_type] = why
+    return _availability[device_type]
+
+
+class NativeBackend(Backend):
+    """The ops of ``vera_kernels._C`` on one device type ("cpu" or "cuda")."""
+
+    def __init__(self, name: str, device_type: str):
+        self.name = name
+        self.device_types = (device_type,)
+
+    def unavailable_reason(self) -> Optional[str]:
+        return availability(self.device_types[0])
+
+    def forward(self, problem: Problem):
+        a = projection_args(problem.projection, 0, problem.device)
+        b = projection_args(problem.projection, 1, problem.device)
+        x2d = problem.x2d
+        s = ops().shrink(x2d, a.stored, problem.projection.rank, a.key0, a.key1, a.bound,
+                         *dropout_args(problem.dropout))
+        y = ops().expand_add(x2d, problem.weight, problem.bias, s, problem.lambda_d, problem.lambda_b,
+                             b.stored, b.key0, b.key1, b.bound)
+        return y, s
+
+    def backward(self, problem: Problem, grad_y2d, s, needs_input_grad):
+        need_x, need_d, need_b = needs_input_grad
+        b = projection_args(problem.projection, 1, problem.device)
+        g, grad_d, grad_b = ops().adapter_backward(
+            grad_y2d, s, problem.lambda_d, problem.lambda_b, b.stored, b.key0, b.key1, b.bound, need_b
+        )
+        grad_x = None
+        if need_x:
+            a = projection_args(problem.projection, 0, problem.device)
+            grad_x = ops().grad_input(grad_y2d, problem.weight, g, problem.lambda_d, a.stored, a.key0, a.key1,
+                                      a.bound, *dropout_args(problem.dropout))
+        return grad_x, (grad_d if need_d else None), (grad_b if need_b else None)
