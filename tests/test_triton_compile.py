@@ -37,7 +37,7 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
     extra = ["--full"] if os.environ.get("VERA_KERNELS_AOT") == "full" else []
-    shards = 2
+    shards = max(2, min(8, os.cpu_count() or 2))
     procs = [
         subprocess.Popen([sys.executable, "-W", "ignore", "-m", "vera_kernels.ops.aot", "--arch", "80", "90",
                           "--shard", f"{i}/{shards}", *extra],
