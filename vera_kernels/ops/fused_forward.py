@@ -74,7 +74,7 @@ def _fused_forward_kernel(
     mask_n = offs_n < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
+    for k_start in range(pid_m * 0, K, BLOCK_K):  # int64 induction: k * stride may pass 2**31
         offs_k = k_start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,

@@ -68,7 +68,7 @@ def _grad_input_kernel(
     mask_k = offs_k < K
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n_start in range(0, N, BLOCK_N):
+    for n_start in range(pid_m * 0, N, BLOCK_N):  # int64 induction: n * stride may pass 2**31
         offs_n = n_start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         gy = tl.load(gy_ptr + offs_m[:, None] * stride_gym + offs_n[None, :] * stride_gyn,
