@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vera_kernels as vk
 from conftest import DEVICE, backend_skip_reason
-from vera_kernels.backends import get_backend, select
+from vera_kernels.backends import select
 from vera_kernels._helpers import make_problem
 
 needs_triton = pytest.mark.skipif(backend_skip_reason("triton") is not None,

@@ -21,11 +21,10 @@ import itertools
 import json
 import sys
 import time
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List
 
 import torch
 import triton
-import triton.language as tl
 
 from ._common import dot_args
 
