@@ -86,7 +86,7 @@ if __name__ == "__main__":  # importable (tests read cuda_gencode_flags) without
         install_requires=["torch>=2.4"],
         extras_require={
             "triton": ["triton>=3.2"],
-            "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2"],
+            "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2", "numpy"],  # numpy: Triton's interpreter
             "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5"],
         },
         ext_modules=ext_modules,
