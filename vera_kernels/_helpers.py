@@ -82,6 +82,18 @@ class Problem:
     M: int
     K: int
     N: int
+    # Many adapters in one batch: int64 [M] adapter id per row (-1 = base layer only); lambda_d is then a
+    # bank [n, r] and lambda_b a bank [n, N]. None: one adapter, lambda_d [r], lambda_b [N].
+    adapter_ids: Optional[torch.Tensor] = None
+    # Tensor-parallel shards: this layer uses A[:, in_offset : in_offset + K] and
+    # B[out_offset : out_offset + N, :] of the global projection (global counters, DESIGN §2).
+    in_offset: int = 0
+    out_offset: int = 0
+
+    @property
+    def num_adapters(self) -> int:
+        """Bank size n when ``adapter_ids`` is given, else 1."""
+        return 1 if self.adapter_ids is None else int(self.lambda_d.shape[0])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -104,7 +116,45 @@ def _is_tensor(t, name):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def validate(x, weight, bias, lambda_d, lambda_b, projection) -> None:
+def _check_offset(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative int, got {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return int(v)
+
+
+def flatten_adapter_ids(adapter_ids, x: torch.Tensor, num_adapters: int) -> torch.Tensor:
+    """Check per-row (``x.shape[:-1]``) or per-sequence (``x.shape[:1]``) adapter ids; return int64 ``[M]``.
+
+    Ids are in ``[-1, num_adapters)``; -1 means "base layer only" for that row.
+    """
+    _is_tensor(adapter_ids, "adapter_ids")
+    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
+        raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+    if adapter_ids.device != x.device:
+        raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}")
+    lead = tuple(x.shape[:-1])
+    if tuple(adapter_ids.shape) == lead:
+        ids = adapter_ids
+    elif len(lead) >= 1 and tuple(adapter_ids.shape) == lead[:1]:
+        ids = adapter_ids.reshape(lead[:1] + (1,) * (len(lead) - 1)).expand(lead)
+    else:
+        raise ValueError(
+            f"adapter_ids must have shape {lead} (one id per row) or {lead[:1]} (one per sequence), "
+            f"got {tuple(adapter_ids.shape)}"
+        )
+    ids = ids.reshape(-1).to(torch.int64)
+    if ids.numel() and ids.device.type != "meta":
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < -1 or hi >= num_adapters:
+            raise ValueError(f"adapter_ids must be in [-1, {num_adapters}) (-1 = no adapter), got values in "
+                             f"[{lo}, {hi}]")
+    return ids
+
+
+def validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids=None, in_offset=0,
+             out_offset=0) -> None:
     """Raise a clear ``TypeError``/``ValueError`` for any input a backend must not see."""
     if not isinstance(projection, Projection):
         raise TypeError(f"projection must be a vera_kernels.Projection, got {type(projection).__name__}")
@@ -133,19 +183,32 @@ def validate(x, weight, bias, lambda_d, lambda_b, projection) -> None:
         if bias.dtype != x.dtype:
             raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
     r = projection.rank
-    if lambda_d.shape != (r,):
-        raise ValueError(f"lambda_d must have shape ({r},) (the projection's rank), got {tuple(lambda_d.shape)}")
-    if lambda_b.shape != (N,):
-        raise ValueError(f"lambda_b must have shape ({N},) (out_features), got {tuple(lambda_b.shape)}")
+    if adapter_ids is None:
+        if lambda_d.shape != (r,):
+            raise ValueError(
+                f"lambda_d must have shape ({r},) (the projection's rank), got {tuple(lambda_d.shape)}"
+                + (" (a bank [n, r] needs adapter_ids)" if lambda_d.dim() == 2 else "")
+            )
+        if lambda_b.shape != (N,):
+            raise ValueError(f"lambda_b must have shape ({N},) (out_features), got {tuple(lambda_b.shape)}")
+    else:
+        if lambda_d.dim() != 2 or lambda_d.shape[1] != r:
+            raise ValueError(f"with adapter_ids, lambda_d must be a bank [n, {r}], got {tuple(lambda_d.shape)}")
+        n = lambda_d.shape[0]
+        if lambda_b.shape != (n, N):
+            raise ValueError(f"with adapter_ids, lambda_b must be a bank [{n}, {N}] (n adapters, out_features), "
+                             f"got {tuple(lambda_b.shape)}")
+    in_offset = _check_offset(in_offset, "in_offset")
+    out_offset = _check_offset(out_offset, "out_offset")
     for name, t in (("lambda_d", lambda_d), ("lambda_b", lambda_b)):
         if t.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{name} must be float32 (VeRA keeps the trained vectors in float32), got {t.dtype}")
-    if K > projection.max_in_features:
-        raise ValueError(f"in_features K={K} exceeds the projection's max_in_features={projection.max_in_features}")
-    if N > projection.max_out_features:
-        raise ValueError(
-            f"out_features N={N} exceeds the projection's max_out_features={projection.max_out_features}"
-        )
+    if K + in_offset > projection.max_in_features:
+        raise ValueError(f"in_features K={K}" + (f" at in_offset={in_offset}" if in_offset else "")
+                         + f" exceeds the projection's max_in_features={projection.max_in_features}")
+    if N + out_offset > projection.max_out_features:
+        raise ValueError(f"out_features N={N}" + (f" at out_offset={out_offset}" if out_offset else "")
+                         + f" exceeds the projection's max_out_features={projection.max_out_features}")
     devices = {t.device for t in (x, weight, lambda_d, lambda_b, bias) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
@@ -156,7 +219,8 @@ def validate(x, weight, bias, lambda_d, lambda_b, projection) -> None:
         )
 
 
-def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout) -> Problem:
+def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, adapter_ids=None, in_offset=0,
+                 out_offset=0) -> Problem:
     K = weight.shape[1]
     x2d = x.reshape(-1, K)
     return Problem(
@@ -170,4 +234,7 @@ def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout) -> Pr
         M=x2d.shape[0],
         K=K,
         N=weight.shape[0],
+        adapter_ids=adapter_ids,
+        in_offset=in_offset,
+        out_offset=out_offset,
     )

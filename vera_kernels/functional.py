@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ._helpers import make_dropout, make_problem, validate
+from ._helpers import flatten_adapter_ids, make_dropout, make_problem, validate
 from .autograd import VeRAFunction
 from .backends import select
 from .projection import Projection
@@ -36,6 +36,10 @@ def vera_linear(
     dropout_p: float = 0.0,
     training: bool = False,
     backend: Optional[str] = None,
+    *,
+    adapter_ids: Optional[torch.Tensor] = None,
+    in_offset: int = 0,
+    out_offset: int = 0,
 ) -> torch.Tensor:
     """``y = x W^T + bias + lambda_b * ((lambda_d * (dropout(x) A_K^T)) B_N^T)`` (DESIGN §1).
 
@@ -50,6 +54,11 @@ def vera_linear(
         training: whether dropout is active.
         backend: force a backend by name ("triton", "cuda", "cpu", "torch"); default picks the fastest
             available for the device, overridable with ``$VERA_KERNELS_BACKEND``.
+        adapter_ids: many adapters in one batch: an integer tensor of ``x.shape[:-1]`` (one id per row)
+            or ``x.shape[:1]`` (one per sequence); ``lambda_d``/``lambda_b`` are then banks ``[n, r]`` and
+            ``[n, N]``; id -1 means the base layer only. Bank gradients go to the rows the batch used.
+        in_offset, out_offset: tensor-parallel shards: this call uses ``A[:, in_offset:in_offset + K]``
+            and ``B[out_offset:out_offset + N]`` of the global projection.
 
     Returns:
         ``[..., N]`` in ``x``'s dtype (the autocast dtype under ``torch.autocast``). Gradients flow to
@@ -59,10 +68,13 @@ def vera_linear(
         x, weight, bias, ac_device = _autocast_inputs(x, weight, bias)
     else:
         ac_device = None
-    validate(x, weight, bias, lambda_d, lambda_b, projection)
+    validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
+    ids = None if adapter_ids is None else flatten_adapter_ids(adapter_ids, x, lambda_d.shape[0])
     dropout = make_dropout(dropout_p, training)
-    chosen = select(make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout), backend)
+    problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, ids, in_offset, out_offset)
+    chosen = select(problem, backend)
+    args = (x, weight, bias, lambda_d, lambda_b, projection, dropout, chosen, ids, in_offset, out_offset)
     if ac_device is None:
-        return VeRAFunction.apply(x, weight, bias, lambda_d, lambda_b, projection, dropout, chosen)
+        return VeRAFunction.apply(*args)
     with torch.autocast(ac_device, enabled=False):
-        return VeRAFunction.apply(x, weight, bias, lambda_d, lambda_b, projection, dropout, chosen)
+        return VeRAFunction.apply(*args)

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._helpers import Dropout, make_dropout, validate
+from ._helpers import Dropout, flatten_adapter_ids, make_dropout, validate
 from .projection import Projection, dropout_keep_mask
 
 __all__ = ["vera_linear", "lora_linear", "vera_forward_math"]
@@ -30,6 +30,8 @@ def vera_forward_math(
     compute_dtype: torch.dtype = torch.float32,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """PEFT's formula on a flattened input: returns ``(y2d, s)``.
+
+    ``lambda_d``/``lambda_b`` are ``[r]``/``[N]``, or per row ``[M, r]``/``[M, N]`` (many adapters).
 
     ``y = base(x) + lambda_b * ((lambda_d * s) B_N^T)`` with ``s = dropout(x) A_K^T`` in ``compute_dtype``,
     the base product in ``x.dtype`` and the sum cast back to ``x.dtype``.
@@ -56,20 +58,33 @@ def vera_linear(
     training: bool = False,
     *,
     dropout_seed: Optional[int] = None,
+    adapter_ids: Optional[torch.Tensor] = None,
+    in_offset: int = 0,
+    out_offset: int = 0,
 ) -> torch.Tensor:
     """Naive VeRA forward with plain PyTorch autograd (the oracle).
 
     The dropout mask is the same Philox mask the kernels use; its seed is drawn from torch's default
     generator exactly as ``vera_kernels.vera_linear`` draws it (or given as ``dropout_seed``), so
     ``torch.manual_seed(s)`` before each call makes both use the same mask.
+
+    ``adapter_ids`` (banks ``lambda_d [n, r]``, ``lambda_b [n, N]``) gathers each row's vectors (zeros for
+    id -1) and lets autograd scatter the gradients back; ``in_offset``/``out_offset`` slice the global
+    ``A``/``B`` as a tensor-parallel shard does.
     """
-    validate(x, weight, bias, lambda_d, lambda_b, projection)
+    validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
     dropout = make_dropout(dropout_p, training, dropout_seed)
     compute_dtype = torch.float64 if torch.float64 in (x.dtype, lambda_d.dtype, lambda_b.dtype) else torch.float32
     A, B = projection.materialize(compute_dtype, x.device, cache=True)
     N, K = weight.shape
+    if adapter_ids is not None:
+        ids = flatten_adapter_ids(adapter_ids, x, lambda_d.shape[0])
+        used = (ids >= 0).to(lambda_d.dtype)[:, None]
+        lambda_d = lambda_d[ids.clamp_min(0)] * used  # [M, r]
+        lambda_b = lambda_b[ids.clamp_min(0)] * used  # [M, N]
     y2d, _ = vera_forward_math(
-        x.reshape(-1, K), weight, bias, lambda_d, lambda_b, A[:, :K], B[:N], dropout, compute_dtype
+        x.reshape(-1, K), weight, bias, lambda_d, lambda_b,
+        A[:, in_offset:in_offset + K], B[out_offset:out_offset + N], dropout, compute_dtype,
     )
     return y2d.reshape(*x.shape[:-1], N)
 

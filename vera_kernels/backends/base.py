@@ -21,6 +21,8 @@ class Backend:
     name: str = "?"
     device_types: Tuple[str, ...] = ()  # empty: any device
     dtypes: Tuple[torch.dtype, ...] = SUPPORTED_DTYPES
+    supports_adapter_ids: bool = False  # per-row adapter ids over banks lambda_d [n, r], lambda_b [n, N]
+    supports_offsets: bool = False  # tensor-parallel shard offsets into the global A/B
 
     def unavailable_reason(self) -> Optional[str]:
         return None
@@ -41,6 +43,10 @@ class Backend:
         for t, nm in ((problem.lambda_d, "lambda_d"), (problem.lambda_b, "lambda_b")):
             if t.dtype != torch.float32 and torch.float64 not in self.dtypes:
                 reasons.append(f"{nm} must be float32, got {t.dtype}")
+        if problem.adapter_ids is not None and not self.supports_adapter_ids:
+            reasons.append("does not support per-row adapter ids (many adapters in one batch)")
+        if (problem.in_offset or problem.out_offset) and not self.supports_offsets:
+            reasons.append("does not support tensor-parallel shard offsets into the projection")
         return reasons + self.extra_reasons(problem)
 
     def forward(self, problem: Problem) -> Tuple[torch.Tensor, torch.Tensor]:
