@@ -5,7 +5,7 @@ See DESIGN.md for the contract and README.md for usage.
 """
 
 from . import reference
-from .backends import BackendUnavailableError, backends
+from .backends import BackendUnavailableError, backends, use_backend
 from .functional import vera_linear
 from .layer import VeRALinear
 from .projection import Projection, philox4x32
@@ -16,6 +16,7 @@ __all__ = [
     "vera_linear",
     "VeRALinear",
     "backends",
+    "use_backend",
     "BackendUnavailableError",
     "reference",
 ]

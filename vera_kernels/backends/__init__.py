@@ -7,16 +7,18 @@ backend's reasons. ``backend=`` or the ``VERA_KERNELS_BACKEND`` environment vari
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from typing import Dict, Optional
+import threading
+from typing import Dict, Iterator, Optional
 
 import torch
 
 from .._helpers import Problem
 from .base import Backend
 
-__all__ = ["Backend", "backends", "get_backend", "select", "ENV_VAR", "PRIORITY"]
+__all__ = ["Backend", "backends", "get_backend", "select", "use_backend", "ENV_VAR", "PRIORITY"]
 
 ENV_VAR = "VERA_KERNELS_BACKEND"
 
@@ -97,10 +99,34 @@ def backends() -> Dict[str, Optional[str]]:
     return out
 
 
+_override = threading.local()
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Run every VeRA call inside the ``with`` block (e.g. a whole model's forward) on backend ``name``.
+
+    ``None`` restores automatic choice. An explicit ``backend=`` argument still wins; this wins over
+    ``$VERA_KERNELS_BACKEND``. The choice is per thread and nests::
+
+        with vk.use_backend("cpu"):
+            logits = model(input_ids)
+    """
+    if name is not None:
+        _check_name(name)
+    previous = getattr(_override, "name", None)
+    _override.name = name
+    try:
+        yield
+    finally:
+        _override.name = previous
+
+
 def select(problem: Problem, requested: Optional[str] = None) -> Backend:
-    """Pick the backend for ``problem``: ``requested``, else ``$VERA_KERNELS_BACKEND``, else by priority."""
+    """Pick the backend for ``problem``: ``requested``, else ``use_backend``'s, else ``$VERA_KERNELS_BACKEND``,
+    else the first of the device's priority list that can run it."""
     if requested is None:
-        requested = os.environ.get(ENV_VAR) or None
+        requested = getattr(_override, "name", None) or os.environ.get(ENV_VAR) or None
     if requested is not None:
         _check_name(requested)
         b = get_backend(requested)
