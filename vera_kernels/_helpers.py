@@ -64,7 +64,7 @@ def make_dropout(dropout_p: float, training: bool, seed: Optional[int] = None) -
     return Dropout(p=p, seed=int(seed), threshold=Dropout.threshold_for(p), scale=1.0 / (1.0 - p))
 
 
-@dataclass
+@dataclass(slots=True)
 class Problem:
     """Everything a backend needs for one call, already validated.
 
@@ -222,7 +222,7 @@ def validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids=None, 
 def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, adapter_ids=None, in_offset=0,
                  out_offset=0) -> Problem:
     K = weight.shape[1]
-    x2d = x.reshape(-1, K)
+    x2d = x if x.dim() == 2 else x.reshape(-1, K)
     return Problem(
         x2d=x2d,
         weight=weight,

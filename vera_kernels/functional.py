@@ -2,16 +2,61 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 from ._helpers import flatten_adapter_ids, make_dropout, make_problem, validate
 from .autograd import VeRAFunction
-from .backends import select
+from .backends import ENV_VAR, Backend, current_override, select
 from .projection import Projection
 
 __all__ = ["vera_linear"]
+
+
+# A call's validity and backend depend only on metadata (shapes, dtypes, devices, flags), so both are
+# memoised on it: a model calls each layer with the same few signatures, and re-validating and re-walking
+# the priority list cost more than PEFT's whole formula at decode sizes. Anything not in the key (values,
+# strides) is either checked per call or handled by every backend.
+_PLAN_CACHE: dict = {}
+_PLAN_CACHE_MAX = 4096
+
+
+def _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset):
+    """The metadata that decides validation and dispatch; raises AttributeError for non-tensors."""
+    return (
+        type(x), x.shape, x.dtype, x.device,
+        type(weight), weight.shape, weight.dtype, weight.device, weight.requires_grad,
+        None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device, bias.requires_grad),
+        type(lambda_d), lambda_d.shape, lambda_d.dtype, lambda_d.device,
+        type(lambda_b), lambda_b.shape, lambda_b.dtype, lambda_b.device,
+        id(projection), backend, current_override(), os.environ.get(ENV_VAR), torch.is_grad_enabled(),
+        in_offset, out_offset,
+    )
+
+
+def _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset) -> Backend:
+    """Validate a single-adapter call and pick its backend, memoised on the call's metadata."""
+    if torch.compiler.is_compiling():  # dynamo traces the checks themselves (and guards on the metadata)
+        validate(x, weight, bias, lambda_d, lambda_b, projection, None, in_offset, out_offset)
+        return select(make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset,
+                                   out_offset), backend)
+    try:
+        key = _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset)
+        hit = _PLAN_CACHE.get(key)
+    except (AttributeError, TypeError):  # not tensors / unhashable arguments: validate() says what is wrong
+        key, hit = None, None
+    if hit is not None and hit[0] is projection:
+        return hit[1]
+    validate(x, weight, bias, lambda_d, lambda_b, projection, None, in_offset, out_offset)
+    chosen = select(make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset,
+                                 out_offset), backend)
+    if key is not None:
+        if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
+            _PLAN_CACHE.clear()
+        _PLAN_CACHE[key] = (projection, chosen)  # the projection is kept alive, so its id is not reused
+    return chosen
 
 
 def _autocast_inputs(x, weight, bias):
@@ -64,17 +109,28 @@ def vera_linear(
         ``[..., N]`` in ``x``'s dtype (the autocast dtype under ``torch.autocast``). Gradients flow to
         ``x``, ``lambda_d`` and ``lambda_b`` only.
     """
-    if isinstance(x, torch.Tensor):
+    ac_device = None
+    if torch._C._is_any_autocast_enabled() and isinstance(x, torch.Tensor):
         x, weight, bias, ac_device = _autocast_inputs(x, weight, bias)
-    else:
-        ac_device = None
-    validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
-    ids = None if adapter_ids is None else flatten_adapter_ids(adapter_ids, x, lambda_d.shape[0])
-    dropout = make_dropout(dropout_p, training)
+    if adapter_ids is None:
+        chosen = _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset)
+        ids = None
+    else:  # ids are values: checked on every call
+        validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
+        ids = flatten_adapter_ids(adapter_ids, x, lambda_d.shape[0])
+        chosen = None
+    dropout = None if (dropout_p == 0.0 and type(dropout_p) in (float, int)) else make_dropout(dropout_p, training)
     problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, ids, in_offset, out_offset)
-    chosen = select(problem, backend)
-    args = (x, weight, bias, lambda_d, lambda_b, projection, dropout, chosen, ids, in_offset, out_offset)
+    if chosen is None:
+        chosen = select(problem, backend)
     if ac_device is None:
-        return VeRAFunction.apply(*args)
-    with torch.autocast(ac_device, enabled=False):
-        return VeRAFunction.apply(*args)
+        return _run(x, lambda_d, lambda_b, problem, chosen)
+    with torch.autocast(ac_device, enabled=False):  # the inputs are cast; the backend's math is its own
+        return _run(x, lambda_d, lambda_b, problem, chosen)
+
+
+def _run(x, lambda_d, lambda_b, problem, backend):
+    if torch.is_grad_enabled() and (x.requires_grad or lambda_d.requires_grad or lambda_b.requires_grad):
+        return VeRAFunction.apply(x, lambda_d, lambda_b, problem, backend)
+    y2d, _ = backend.forward(problem)  # inference: nothing to save, no autograd node
+    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], problem.N)

@@ -122,11 +122,16 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _override.name = previous
 
 
+def current_override() -> Optional[str]:
+    """The backend named by the innermost active ``use_backend`` block of this thread, or None."""
+    return getattr(_override, "name", None)
+
+
 def select(problem: Problem, requested: Optional[str] = None) -> Backend:
     """Pick the backend for ``problem``: ``requested``, else ``use_backend``'s, else ``$VERA_KERNELS_BACKEND``,
     else the first of the device's priority list that can run it."""
     if requested is None:
-        requested = getattr(_override, "name", None) or os.environ.get(ENV_VAR) or None
+        requested = current_override() or os.environ.get(ENV_VAR) or None
     if requested is not None:
         _check_name(requested)
         b = get_backend(requested)
