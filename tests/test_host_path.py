@@ -1,0 +1,119 @@
+"""The per-call host path: memoised validation/dispatch must never hide an error or a change, inference
+skips the autograd node, and a compiled VeRALinear stack (the way to serve decode without Python
+overhead) gives the eager outputs."""
+
+import pytest
+import torch
+from torch import nn
+
+import vera_kernels as vk
+from vera_kernels import functional
+from vera_kernels.autograd import VeRAFunction
+
+
+def _args(K=12, N=10, r=4, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, K, generator=g).to(dtype)
+    W = torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype)
+    ld = torch.rand(r, generator=g) + 0.5
+    lb = torch.randn(N, generator=g)
+    return x, W, b, ld, lb, vk.Projection(3, r, 16, 16)
+
+
+def test_cached_signature_still_rejects_bad_input():
+    x, W, b, ld, lb, proj = _args()
+    vk.vera_linear(x, W, b, ld, lb, proj)  # fills the cache for this signature
+    with pytest.raises(ValueError, match="lambda_b"):
+        vk.vera_linear(x, W, b, ld, lb[:-1], proj)
+    with pytest.raises(TypeError, match="dtype"):
+        vk.vera_linear(x, W.double(), b, ld, lb, proj)
+    with pytest.raises(ValueError, match="max_in_features"):
+        vk.vera_linear(x, W, b, ld, lb, vk.Projection(3, 4, 8, 16))
+
+
+def test_in_place_metadata_changes_are_seen():
+    """A parameter whose .data changes dtype in place (module.half()) is the same object: re-validated."""
+    layer = vk.VeRALinear(12, 10, rank=4)
+    x = torch.randn(2, 12)
+    layer(x)
+    layer.half()
+    with pytest.raises(TypeError, match="dtype"):
+        layer(x)  # float32 x against a float16 weight: refused, not served from the cache
+    assert layer(x.half()).dtype == torch.float16
+
+
+def test_backend_choice_follows_the_environment_and_use_backend(monkeypatch):
+    x, W, b, ld, lb, proj = _args()
+    chosen = []
+    real = functional.select
+
+    def spy(problem, requested=None):
+        out = real(problem, requested)
+        chosen.append(out.name)
+        return out
+
+    monkeypatch.setattr(functional, "select", spy)
+    functional._PLAN_CACHE.clear()
+    vk.vera_linear(x, W, b, ld, lb, proj)
+    vk.vera_linear(x, W, b, ld, lb, proj)
+    assert len(chosen) == 1  # the second call came from the cache
+    monkeypatch.setenv("VERA_KERNELS_BACKEND", "torch")
+    vk.vera_linear(x, W, b, ld, lb, proj)
+    assert chosen[-1] == "torch" and len(chosen) == 2
+    monkeypatch.setenv("VERA_KERNELS_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="unknown vera_kernels backend"):
+        vk.vera_linear(x, W, b, ld, lb, proj)
+    monkeypatch.delenv("VERA_KERNELS_BACKEND")
+    with vk.use_backend("torch"):
+        vk.vera_linear(x, W, b, ld, lb, proj)
+    assert chosen[-1] == "torch"
+
+
+def test_inference_builds_no_autograd_node(monkeypatch):
+    x, W, b, ld, lb, proj = _args()
+    calls = []
+    real_apply = VeRAFunction.apply
+    monkeypatch.setattr(VeRAFunction, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    y = vk.vera_linear(x, W, b, ld, lb, proj)
+    assert y.grad_fn is None and not calls
+    ld.requires_grad_(True)
+    with torch.no_grad():
+        y = vk.vera_linear(x, W, b, ld, lb, proj)
+    assert y.grad_fn is None and not calls
+    y = vk.vera_linear(x, W, b, ld, lb, proj)
+    assert y.grad_fn is not None and calls
+    ref = vk.reference.vera_linear(x, W, b, ld.detach(), lb, proj)
+    torch.testing.assert_close(y.detach(), ref)
+
+
+def test_use_backend_rejects_unknown_names_and_nests():
+    with pytest.raises(ValueError, match="unknown"):
+        with vk.use_backend("gpu"):
+            pass
+    from vera_kernels.backends import current_override
+
+    with vk.use_backend("torch"):
+        with vk.use_backend(None):
+            assert current_override() is None
+        assert current_override() == "torch"
+    assert current_override() is None
+
+
+def test_compiled_stack_reduce_overhead_matches_eager():
+    """``torch.compile(mode="reduce-overhead")`` of a VeRALinear stack: same outputs as eager (on a GPU
+    the same call also captures CUDA graphs, removing the per-call host work at decode)."""
+    torch.manual_seed(0)
+    proj = vk.Projection(5, 8, 32, 32)
+    stack = nn.Sequential(*[vk.VeRALinear(32, 32, projection=proj) for _ in range(3)]).eval()
+    with torch.no_grad():
+        for layer in stack:
+            layer.lambda_b.normal_()
+    x = torch.randn(4, 32)
+    compiled = torch.compile(stack, mode="reduce-overhead")
+    with torch.no_grad():
+        y_c = compiled(x)
+        y_c2 = compiled(x)
+        y_e = stack(x)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_c2, y_e, rtol=1e-5, atol=1e-5)
