@@ -2,7 +2,7 @@
 
 * ``pytest benchmarks/ --benchmark-only``: the default grid for this machine's device (on CPU it stops
   at M = 512 to finish in a few minutes on two cores).
-* ``--vera-full``: the issue's whole grid on CPU (adds M = 2048).
+* ``--vera-full``: the whole CPU grid (adds M = 2048).
 * ``-m smoke``: one workload per pass (M = 16, K = N = 1024, r = 256) with every implementation, for CI.
 * ``--vera-device cpu|cuda``: the device (default: cuda when available).
 * ``--vera-threads N``: ``torch.set_num_threads(N)`` for the run (default: torch's default).

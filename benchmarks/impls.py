@@ -67,7 +67,7 @@ class Workload:
 def workloads(device_type: str, full: bool = False) -> List[Workload]:
     """The grid for ``device_type``: DESIGN §4's decode and prefill shapes, K = N, both ranks, both passes.
 
-    On CPU the default grid stops at M = 512; ``full=True`` adds M = 2048 (the issue's whole CPU grid).
+    On CPU the default grid stops at M = 512; ``full=True`` adds M = 2048 (the whole CPU grid).
     The smoke workload (M = 16, K = N = 1024, r = 256) is always part of the grid.
     """
     prefill = M_PREFILL.get(device_type, M_PREFILL["cpu"])
@@ -97,12 +97,15 @@ def impl_names() -> List[str]:
     return ["base"] + [f"vera_{b}" for b in backends] + ["vera_naive"] + [f"lora_r{r}" for r in LORA_RANKS]
 
 
-def skip_reason(impl: str, device: torch.device, inputs: "Inputs") -> Optional[str]:
-    """Why a ``vera_<backend>`` implementation cannot run this workload here (None when it can)."""
+def skip_reason(impl: str, device: torch.device, inputs: "Inputs", interpreter: bool = False) -> Optional[str]:
+    """Why a ``vera_<backend>`` implementation cannot run this workload here (None when it can).
+
+    The Triton backend on CPU tensors (its interpreter) is skipped unless ``interpreter`` is true.
+    """
     if not impl.startswith("vera_") or impl == "vera_naive":
         return None
     name = impl[len("vera_"):]
-    if name == "triton" and device.type != "cuda":
+    if name == "triton" and device.type != "cuda" and not interpreter:
         return "the Triton interpreter is a correctness tool, not a benchmark"
     try:
         backend = get_backend(name)
@@ -213,13 +216,14 @@ def make_impl(name: str, inputs: Inputs) -> Impl:
     return Impl(name, forward, trainable, persistent)
 
 
-def timed_step(impl: Impl, inputs: Inputs, pass_: str, device: torch.device) -> Callable[[], object]:
-    """The function the benchmark times: the full pass, synchronised on GPU.
+def timed_step(impl: Impl, inputs: Inputs, pass_: str, device: torch.device, sync: bool = True) -> Callable[[], object]:
+    """The function the benchmark times: the full pass, synchronised on GPU unless ``sync`` is false
+    (for timers that synchronise themselves or capture the step in a CUDA graph).
 
     ``fwd`` runs the forward under ``torch.no_grad()`` (inference); ``fwd+bwd`` runs the forward with
     autograd and ``torch.autograd.grad`` for every trainable tensor (so nothing accumulates between rounds).
     """
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if (sync and device.type == "cuda") else (lambda: None)
 
     if pass_ == "fwd":
         def step():

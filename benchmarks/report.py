@@ -36,8 +36,8 @@ from typing import Iterable, List, Optional, Tuple
 
 from benchmarks import storage
 
-__all__ = ["load_pytest_benchmark", "load_results_file", "render_markdown", "render_ratio_tables", "write_plot",
-           "main"]
+__all__ = ["load_pytest_benchmark", "load_results_file", "results_sections", "render_markdown",
+           "render_ratio_tables", "write_plot", "main"]
 
 PASS_TITLES = {"fwd": "forward (inference, no autograd)", "fwd+bwd": "forward + backward (training step)"}
 DEFAULT_RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -149,8 +149,14 @@ def load_results_file(path: str) -> List[Section]:
     if isinstance(data, dict):
         meta += [f"{k}: {v}" for k, v in data.items() if k != "rows"]
         data = data.get("rows", [])
+    return results_sections(data, f"GPU, from `{os.path.basename(path)}`", meta)
+
+
+def results_sections(rows: List[dict], title: str = "GPU", meta: Optional[List[str]] = None,
+                     device: str = "GPU") -> List[Section]:
+    """Rows of the results schema as sections, one per timing mode."""
     by_timing: "OrderedDict[Optional[str], List[dict]]" = OrderedDict()
-    for r in data:
+    for r in rows:
         row = dict(r)
         rank = r.get("lora_rank", r.get("lora_r"))
         if r.get("impl") == "lora" and rank is not None:
@@ -160,10 +166,9 @@ def load_results_file(path: str) -> List[Section]:
         elif r.get("ab_source"):
             row["impl"] = f"{r['impl']}[{r['ab_source']}]"
         by_timing.setdefault(r.get("timing"), []).append(row)
-    name = os.path.basename(path)
     return [
-        Section(f"GPU, from `{name}`" + (f", {TIMING_TITLES.get(timing, timing)}" if timing else ""), rows, meta, "GPU")
-        for timing, rows in by_timing.items()
+        Section(title + (f", {TIMING_TITLES.get(timing, timing)}" if timing else ""), group, list(meta or []), device)
+        for timing, group in by_timing.items()
     ]
 
 
