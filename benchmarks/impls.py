@@ -65,7 +65,7 @@ class Workload:
 
 
 def workloads(device_type: str, full: bool = False) -> List[Workload]:
-    """The grid for ``device_type``: DESIGN §4's decode and prefill shapes, K = N, both ranks, both passes.
+    """The grid for ``device_type``: docs/DESIGN.md §4's decode and prefill shapes, K = N, both ranks, both passes.
 
     On CPU the default grid stops at M = 512; ``full=True`` adds M = 2048 (the whole CPU grid).
     The smoke workload (M = 16, K = N = 1024, r = 256) is always part of the grid.
@@ -83,7 +83,7 @@ def workloads(device_type: str, full: bool = False) -> List[Workload]:
 
 
 def bench_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPU (the dtype DESIGN §4 reasons in), float32 on CPU (where bf16 GEMMs are not the
+    """bfloat16 on GPU (the dtype docs/DESIGN.md §4 reasons in), float32 on CPU (where bf16 GEMMs are not the
     fast path); ``$VERA_BENCH_DTYPE`` (float32/float16/bfloat16) overrides."""
     name = os.environ.get("VERA_BENCH_DTYPE")
     if name:
@@ -92,7 +92,7 @@ def bench_dtype(device: torch.device) -> torch.dtype:
 
 
 def impl_names() -> List[str]:
-    """Every implementation of a group, available vera_kernels backends included (DESIGN §5)."""
+    """Every implementation of a group, available vera_kernels backends included (docs/DESIGN.md §6)."""
     backends = [name for name, why in vk.backends().items() if why is None]
     return ["base"] + [f"vera_{b}" for b in backends] + ["vera_naive"] + [f"lora_r{r}" for r in LORA_RANKS]
 

@@ -211,8 +211,10 @@ def _memory_table(section: Section) -> List[str]:
             cells = [section.cell(pass_, w, i) for i in impls]
             if not any(c and "peak_bytes" in c for c in cells):
                 continue
+            fmt = storage.format_bytes
             shown = [
-                "—" if c is None else (storage.format_bytes(c.get("saved_bytes")) + " / " if pass_ == "fwd+bwd" else "") + storage.format_bytes(c.get("peak_bytes"))
+                "—" if c is None
+                else (fmt(c.get("saved_bytes")) + " / " if pass_ == "fwd+bwd" else "") + fmt(c.get("peak_bytes"))
                 for c in cells
             ]
             lines.append([pass_, str(w[0]), str(w[1]), str(w[3])] + shown)
