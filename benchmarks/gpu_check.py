@@ -24,7 +24,6 @@ which ``python -m benchmarks.report`` adds to its report.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -34,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 AB_SOURCE_ENV = "VERA_KERNELS_AB_SOURCE"
@@ -152,20 +152,9 @@ class Timer:
         return tt.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-@contextlib.contextmanager
 def ab_source(value):
-    """``$VERA_KERNELS_AB_SOURCE`` set to ``value`` inside the block (unchanged for ``None``)."""
-    previous = os.environ.get(AB_SOURCE_ENV)
-    if value is not None:
-        os.environ[AB_SOURCE_ENV] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if previous is None:
-                os.environ.pop(AB_SOURCE_ENV, None)
-            else:
-                os.environ[AB_SOURCE_ENV] = previous
+    """A context in which ``$VERA_KERNELS_AB_SOURCE`` is ``value`` (unchanged for ``None``)."""
+    return mock.patch.dict(os.environ, {AB_SOURCE_ENV: value} if value is not None else {})
 
 
 def variants(device, inputs, interpreter: bool):
