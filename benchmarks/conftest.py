@@ -72,13 +72,17 @@ def device(request):
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Record what the report prints next to the table: versions, device, dtype, threads, backends."""
     import vera_kernels as vk
+    from vera_kernels.backends import PRIORITY
 
     from benchmarks.impls import bench_dtype
 
     device = _device(config)
     machine_info["torch_version"] = torch.__version__
     machine_info["vera_kernels_version"] = vk.__version__
-    machine_info["vera_kernels_backends"] = {k: v or "available" for k, v in vk.backends().items()}
+    available = vk.backends()
+    machine_info["vera_kernels_backends"] = {k: v or "available" for k, v in available.items()}
+    machine_info["vera_kernels_default_backend"] = next(
+        (b for b in PRIORITY.get(device.type, ("torch",)) if available.get(b) is None), None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
     machine_info["pytest_args"] = " ".join(a.replace(root, "") for a in config.invocation_params.args)
     machine_info["torch_threads"] = torch.get_num_threads()

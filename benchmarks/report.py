@@ -65,18 +65,20 @@ def _backend_of(impl: str) -> Optional[str]:
 class Section:
     """Rows from one source (a pytest-benchmark run or one GPU results file) plus its description.
 
-    ``device`` is ``"CPU"`` or ``"GPU"`` (it heads every table); the default backend of that device
-    comes right after ``base`` in :meth:`impls`.
+    ``device`` is ``"CPU"`` or ``"GPU"`` (it heads every table); the backend that ran by default
+    (``default``, else the first of the device's priority list) comes right after ``base`` in :meth:`impls`.
     """
 
-    def __init__(self, title: str, rows: List[dict], meta: List[str], device: str = "CPU"):
+    def __init__(self, title: str, rows: List[dict], meta: List[str], device: str = "CPU",
+                 default: Optional[str] = None):
         self.title = title
         self.rows = rows
         self.meta = meta
         self.device = device
         seen = OrderedDict((r["impl"], None) for r in rows)
         backends = {b: None for b in map(_backend_of, seen) if b}
-        default = default_backend("cpu" if device == "CPU" else "cuda", backends)
+        if default is None:  # not recorded: today's priority list
+            default = default_backend("cpu" if device == "CPU" else "cuda", backends)
         self.default_impls = [i for i in seen if default is not None and _backend_of(i) == default]
 
     def impls(self) -> List[str]:
@@ -131,7 +133,8 @@ def load_pytest_benchmark(path: str) -> Section:
     if mi.get("pytest_args"):
         meta.append(f"command: `pytest {mi['pytest_args']}`")
     title = "CPU" if device == "cpu" else f"GPU ({device})"
-    return Section(f"{title}, from pytest-benchmark", rows, meta, "CPU" if device == "cpu" else "GPU")
+    return Section(f"{title}, from pytest-benchmark", rows, meta, "CPU" if device == "cpu" else "GPU",
+                   mi.get("vera_kernels_default_backend"))
 
 
 def _contended(load: dict, cores) -> str:

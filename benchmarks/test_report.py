@@ -100,6 +100,11 @@ def test_results_file_timing_sections_and_default_column_first(tmp_path):
     assert "| 1 | 64 | 8 | 1 | 3.00× |" in report.render_ratio_tables([eager])
     cpu = report.Section("CPU", [dict(row(i, 1.0, None), impl=i) for i in ("base", "vera_cpu", "vera_torch")], [])
     assert cpu.impls() == ["base", "vera_torch", "vera_cpu"]  # torch runs by default on CPU
+    run = {"machine_info": {"bench_device": "cpu", "vera_kernels_default_backend": "cpu"}, "benchmarks": [
+        _bench_row("base", 0.001), _bench_row("vera_torch", 0.002), _bench_row("vera_cpu", 0.003)]}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    recorded = report.load_pytest_benchmark(str(tmp_path / "run.json"))
+    assert recorded.impls() == ["base", "vera_cpu", "vera_torch"]  # the run's own default wins
 
 
 def test_report_without_matplotlib_says_so(monkeypatch, tmp_path, capsys):
