@@ -1,4 +1,4 @@
-"""The vera_kernels benchmark suite (issue #5): pytest-benchmark groups, memory, storage, the report.
+"""The vera_kernels benchmark suite: pytest-benchmark groups, memory, storage, the report.
 
 Run ``pytest benchmarks/ --benchmark-only`` (options in ``benchmarks/conftest.py``), or
 ``python -m benchmarks.run`` to run it and print the report. See ``benchmarks/NOTES.md``.

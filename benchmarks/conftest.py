@@ -2,7 +2,7 @@
 
 * ``pytest benchmarks/ --benchmark-only``: the default grid for this machine's device (on CPU it stops
   at M = 512 to finish in a few minutes on two cores).
-* ``--vera-full``: the issue's whole grid on CPU (adds M = 2048).
+* ``--vera-full``: the whole CPU grid (adds M = 2048).
 * ``-m smoke``: one workload per pass (M = 16, K = N = 1024, r = 256) with every implementation, for CI.
 * ``--vera-device cpu|cuda``: the device (default: cuda when available).
 * ``--vera-threads N``: ``torch.set_num_threads(N)`` for the run (default: torch's default).
@@ -72,13 +72,17 @@ def device(request):
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Record what the report prints next to the table: versions, device, dtype, threads, backends."""
     import vera_kernels as vk
+    from vera_kernels.backends import PRIORITY
 
     from benchmarks.impls import bench_dtype
 
     device = _device(config)
     machine_info["torch_version"] = torch.__version__
     machine_info["vera_kernels_version"] = vk.__version__
-    machine_info["vera_kernels_backends"] = {k: v or "available" for k, v in vk.backends().items()}
+    available = vk.backends()
+    machine_info["vera_kernels_backends"] = {k: v or "available" for k, v in available.items()}
+    machine_info["vera_kernels_default_backend"] = next(
+        (b for b in PRIORITY.get(device.type, ("torch",)) if available.get(b) is None), None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
     machine_info["pytest_args"] = " ".join(a.replace(root, "") for a in config.invocation_params.args)
     machine_info["torch_threads"] = torch.get_num_threads()

@@ -1,16 +1,24 @@
-"""One command for a GPU: versions, the whole test suite on the GPU, and the VeRA timing table.
+"""One command for a GPU: versions, the whole test suite on the GPU, and the timing table.
 
-    python benchmarks/gpu_check.py                 # tests + full table (about 8 minutes on an H200)
+    python benchmarks/gpu_check.py                 # tests + the GPU grid of benchmarks/impls.py
     python benchmarks/gpu_check.py --skip-tests    # table only
-    python benchmarks/gpu_check.py --quick         # tests + a small table (M = 1, 2048; r = 256)
+    python benchmarks/gpu_check.py --quick         # tests + a small table (M = 1, 2048; K = N = 4096; r = 256)
     python benchmarks/gpu_check.py --dry-run       # plumbing check without a GPU (tiny shapes, interpreter)
 
-Timing: medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``), so the table compares GPU
-time, not Python launch overhead; ``--eager`` uses ``triton.testing.do_bench`` instead. Every row of one
-(pass, M) group is timed the same way; if a graph capture fails the whole group falls back to eager.
-Ratios are to the base ``F.linear`` of the same pass and M in the same run. Rows go to
-``benchmarks/results/<gpu>-<yyyymmdd>.json`` as a list of
-``{pass, M, K, N, r, impl, median_ms, ratio_to_base}``.
+Shapes, inputs and implementation names are those of the benchmark suite (``benchmarks/impls.py``:
+``base``, ``vera_<backend>`` for every available backend, ``vera_naive``, ``lora_r16``, ``lora_r64``);
+this script only adds its timer. The Triton backend is timed twice on the same shapes, with
+``VERA_KERNELS_AB_SOURCE=generate`` (A/B generated in the kernels) and ``=load`` (A/B loaded from a
+cached 16-bit copy); those rows carry ``ab_source``.
+
+Timing: medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``: GPU time without Python
+launch overhead) for every workload and, for decode (M <= 16), also eager medians
+(``triton.testing.do_bench``: what a Python caller sees, launches included). Rows carry ``timing``:
+"graph" or "eager"; ratios are to the base ``F.linear`` of the same group and timing in the same run. If
+a graph capture fails, that group is timed eagerly instead. Before timing, every VeRA forward is checked
+against the naive one. Rows go to ``benchmarks/results/<gpu>-<yyyymmdd>.json`` as
+``{"versions": {...}, "rows": [{pass, M, K, N, r, impl, timing, median_ms, ratio_to_base[, ab_source]}]}``,
+which ``python -m benchmarks.report`` adds to its report.
 """
 
 from __future__ import annotations
@@ -25,37 +33,46 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
-IMPLS = ("base", "vera_fused", "vera_naive", "lora")
-LORA_RANK = 16
+AB_SOURCE_ENV = "VERA_KERNELS_AB_SOURCE"
+AB_SOURCES = ("generate", "load")
+DRY_RUN_SHAPES = {"M": (1, 20), "K": 32, "r": 8}
+QUICK_SHAPES = {"M": (1, 2048), "K": (4096,), "r": (256,)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GPU check: versions, test suite on the GPU, VeRA timing table")
     p.add_argument("--skip-tests", action="store_true", help="do not run the test suite")
-    p.add_argument("--quick", action="store_true", help="small table: M in {1, 2048}, r = 256, no autotuning")
+    p.add_argument("--quick", action="store_true", help="small table: M in {1, 2048}, K = N = 4096, r = 256, "
+                                                          "no autotuning")
     p.add_argument("--dry-run", action="store_true",
                    help="no GPU needed: tiny shapes on the CPU (Triton interpreter), wall-clock timing, no JSON")
-    p.add_argument("--eager", action="store_true", help="time eagerly (do_bench) instead of CUDA-graph replays")
     p.add_argument("--test-timeout", type=float, default=360.0, help="seconds allowed for the test suite")
     p.add_argument("--test-jobs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
                    help="run the test files in this many parallel pytest processes (kernel compiles are CPU-bound)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>-<date>.json)")
-    p.add_argument("--M", type=int, nargs="+", default=None, help="override the token counts")
-    p.add_argument("--r", type=int, nargs="+", default=None, help="override the VeRA ranks")
+    p.add_argument("--M", type=int, nargs="+", default=None, help="only these token counts")
+    p.add_argument("--K", type=int, nargs="+", default=None, help="only these K = N")
+    p.add_argument("--r", type=int, nargs="+", default=None, help="only these VeRA ranks")
     return p.parse_args(argv)
 
 
-def shapes(args):
-    """(Ms, K, N, ranks) for this run."""
+def selected_workloads(args):
+    """The benchmark suite's GPU workloads, narrowed by ``--quick``/``--M``/``--K``/``--r``; tiny ones for
+    ``--dry-run`` (the interpreter is slow)."""
+    from benchmarks.impls import PASSES, Workload, workloads
+
     if args.dry_run:
-        Ms, K, N, ranks = [1, 20], 32, 32, [8]
-    elif args.quick:
-        Ms, K, N, ranks = [1, 2048], 4096, 4096, [256]
+        d = DRY_RUN_SHAPES
+        grid = [Workload(p, m, d["K"], d["K"], d["r"]) for p in PASSES for m in d["M"]]
     else:
-        Ms, K, N, ranks = [1, 16, 2048, 8192], 4096, 4096, [256, 1024]
-    return args.M or Ms, K, N, args.r or ranks
+        grid = workloads("cuda")
+    keep = {"M": args.M, "K": args.K, "r": args.r}
+    if args.quick:
+        keep = {k: keep[k] or QUICK_SHAPES[k] for k in keep}
+    return [w for w in grid if all(v is None or getattr(w, k) in v for k, v in keep.items())]
 
 
 def versions() -> dict:
@@ -117,7 +134,7 @@ def run_tests(timeout: float, jobs: int = 1) -> bool:
 
 
 class Timer:
-    """Median time of a callable: CUDA-graph replays, eager CUDA events, or wall clock (dry run)."""
+    """Median milliseconds of a callable: CUDA-graph replays, eager CUDA events, or wall clock (dry run)."""
 
     def __init__(self, mode: str):
         self.mode = mode  # "graph" | "eager" | "wall"
@@ -135,105 +152,109 @@ class Timer:
         return tt.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def make_callables(pass_, M, K, N, r, device, dtype, vk, torch):
-    """The four implementations for one (pass, M, r) as zero-argument callables."""
-    import torch.nn.functional as F
+def ab_source(value):
+    """A context in which ``$VERA_KERNELS_AB_SOURCE`` is ``value`` (unchanged for ``None``)."""
+    return mock.patch.dict(os.environ, {AB_SOURCE_ENV: value} if value is not None else {})
 
-    g = torch.Generator(device="cpu").manual_seed(M * 7919 + r)
-    x = torch.randn(M, K, generator=g).to(device, dtype)
-    W = (torch.randn(N, K, generator=g) / K**0.5).to(device, dtype)
-    gy = torch.randn(M, N, generator=g).to(device, dtype)
-    proj = vk.Projection(1234, r, K, N)
-    ld = torch.full((r,), 0.1, device=device)
-    lb = (torch.randn(N, generator=g) * 0.01).to(device)
-    lora_A = (torch.randn(LORA_RANK, K, generator=g) / K**0.5).to(device, dtype)
-    lora_B = (torch.randn(N, LORA_RANK, generator=g) * 0.01).to(device, dtype)
-    bwd = pass_ == "fwd+bwd"
-    backend = "triton"
-    if bwd:
-        for t in (x, ld, lb, lora_A, lora_B):
-            t.requires_grad_(True)
 
-    def base():
-        y = F.linear(x, W)
-        return torch.autograd.grad(y, [x], gy) if bwd else y
+def variants(device, inputs, interpreter: bool):
+    """``(impl, ab_source)`` pairs that can run here: every implementation of the suite, the Triton
+    backend once per A/B source."""
+    from benchmarks.impls import impl_names, skip_reason
 
-    def fused():
-        y = vk.vera_linear(x, W, None, ld, lb, proj, backend=backend)
-        return torch.autograd.grad(y, [x, ld, lb], gy) if bwd else y
+    out = []
+    for name in impl_names():
+        why = skip_reason(name, device, inputs, interpreter=interpreter)
+        if why:
+            print(f"  skip {name}: {why}", flush=True)
+            continue
+        out += [(name, s) for s in AB_SOURCES] if name == "vera_triton" else [(name, None)]
+    return out
 
-    def naive():
-        y = vk.reference.vera_linear(x, W, None, ld, lb, proj)
-        return torch.autograd.grad(y, [x, ld, lb], gy) if bwd else y
 
-    def lora():
-        y = vk.reference.lora_linear(x, W, None, lora_A, lora_B, 2.0)
-        return torch.autograd.grad(y, [x, lora_A, lora_B], gy) if bwd else y
+def check_forward(impl, reference, inputs, source) -> float:
+    """Relative error of ``impl``'s forward against the naive VeRA (guards the timed kernels)."""
+    import torch
 
-    def check():
-        """Relative error of the fused forward against the naive one (guards the timed kernels)."""
-        with torch.no_grad():
-            a = vk.vera_linear(x, W, None, ld, lb, proj, backend=backend).double()
-            b = vk.reference.vera_linear(x, W, None, ld, lb, proj).double()
-        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    with torch.no_grad(), ab_source(source):
+        a = impl.forward().double()
+    with torch.no_grad():
+        b = reference.forward().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
-    return {"base": base, "vera_fused": fused, "vera_naive": naive, "lora": lora}, check
+
+def time_group(workload, device, dtype, modes, interpreter: bool):
+    """Rows for one workload: every variant timed in each of ``modes`` (graph falls back to eager)."""
+    from benchmarks.impls import make_impl, make_inputs, timed_step
+
+    inputs = make_inputs(workload, device, dtype)
+    pairs = variants(device, inputs, interpreter)
+    impls = {pair: make_impl(pair[0], inputs) for pair in pairs}
+    if workload.pass_ == "fwd":
+        naive = make_impl("vera_naive", inputs)
+        for (name, source), impl in impls.items():
+            if name.startswith("vera_") and name != "vera_naive":
+                err = check_forward(impl, naive, inputs, source)
+                if not err < 2e-2:
+                    raise SystemExit(f"{name} ({source or 'default'}) disagrees with vera_naive on {workload.group}: "
+                                     f"relative error {err:.3e}")
+    rows = []
+    for mode in modes:
+        times = None
+        for m in ([mode, "eager"] if mode == "graph" else [mode]):
+            try:
+                times = {}
+                for pair, impl in impls.items():
+                    with ab_source(pair[1]):
+                        times[pair] = Timer(m)(timed_step(impl, inputs, workload.pass_, device, sync=False))
+                break
+            except Exception as e:  # e.g. a graph capture that fails: time the group eagerly
+                print(f"  {workload.group}: {m} timing failed ({type(e).__name__}: {e}); retrying eagerly",
+                      flush=True)
+                times = None
+        if times is None:
+            raise SystemExit(f"could not time {workload.group}")
+        base = times[("base", None)]
+        for (name, source), ms in times.items():
+            row = {"pass": workload.pass_, "M": workload.M, "K": workload.K, "N": workload.N, "r": workload.r,
+                   "impl": name, "timing": m, "median_ms": round(ms, 5), "ratio_to_base": round(ms / base, 4)}
+            if source:
+                row["ab_source"] = source
+            rows.append(row)
+        print(f"  {workload.group} [{m}] " + "  ".join(
+            f"{n}{f'[{s}]' if s else ''}={ms:.4f}ms" for (n, s), ms in times.items()), flush=True)
+    return rows
 
 
 def time_table(args) -> list:
     import torch
 
-    import vera_kernels as vk
+    from benchmarks.impls import M_DECODE, bench_dtype
 
-    device = "cpu" if args.dry_run else "cuda"
-    dtype = torch.bfloat16
-    Ms, K, N, ranks = shapes(args)
-    mode = "wall" if args.dry_run else ("eager" if args.eager else "graph")
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    dtype = torch.bfloat16 if args.dry_run else bench_dtype(device)
     rows = []
-    for pass_ in ("fwd", "fwd+bwd"):
-        for M in Ms:
-            for r in ranks:
-                fns, check = make_callables(pass_, M, K, N, r, device, dtype, vk, torch)
-                if pass_ == "fwd":
-                    err = check()
-                    if not err < 2e-2:
-                        raise SystemExit(f"fused forward disagrees with the naive one at M={M} r={r}: rel err {err:.3e}")
-                times = None
-                for m in ([mode, "eager"] if mode == "graph" else [mode]):
-                    try:
-                        times = {impl: Timer(m)(fn) for impl, fn in fns.items()}
-                        break
-                    except Exception as e:  # e.g. a graph capture that fails: redo the group eagerly
-                        print(f"  {pass_} M={M} r={r}: {m} timing failed ({type(e).__name__}: {e}); retrying",
-                              flush=True)
-                if times is None:
-                    raise SystemExit(f"could not time {pass_} M={M} r={r}")
-                for impl in IMPLS:
-                    rows.append({"pass": pass_, "M": M, "K": K, "N": N, "r": r, "impl": impl,
-                                 "median_ms": round(times[impl], 5),
-                                 "ratio_to_base": round(times[impl] / times["base"], 4)})
-                print(f"  {pass_:8s} M={M:5d} r={r:5d}  " + "  ".join(
-                    f"{impl}={times[impl]:.4f}ms" for impl in IMPLS), flush=True)
+    for w in selected_workloads(args):
+        modes = ["wall"] if args.dry_run else (["graph", "eager"] if w.M in M_DECODE else ["graph"])
+        rows += time_group(w, device, dtype, modes, interpreter=args.dry_run)
     return rows
 
 
-def print_table(rows) -> None:
-    print("\nratio to the base layer (same pass, same M, same run); targets: decode fwd <= 1.10, "
-          "prefill r=256 fwd <= 1.20, fwd+bwd <= 1.30, fused < naive")
-    print(f"{'pass':8s} {'M':>5s} {'r':>5s} {'base ms':>9s} {'fused':>7s} {'naive':>7s} {'lora16':>7s}")
-    by = {}
-    for row in rows:
-        by.setdefault((row["pass"], row["M"], row["r"]), {})[row["impl"]] = row
-    for (pass_, M, r), d in by.items():
-        print(f"{pass_:8s} {M:5d} {r:5d} {d['base']['median_ms']:9.4f} {d['vera_fused']['ratio_to_base']:7.3f} "
-              f"{d['vera_naive']['ratio_to_base']:7.3f} {d['lora']['ratio_to_base']:7.3f}")
+def print_table(rows, dry_run: bool = False) -> None:
+    """The ratio tables, as ``python -m benchmarks.report`` prints them."""
+    from benchmarks import report
+
+    print("\ntargets: decode fwd <= 1.10, prefill r=256 fwd <= 1.20, fwd+bwd <= 1.30, fused < naive\n")
+    title, device = ("CPU dry run (Triton interpreter)", "CPU") if dry_run else ("GPU", "GPU")
+    print(report.render_ratio_tables(report.results_sections(rows, title, device=device)))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     t0 = time.time()
     info = versions()
     print(json.dumps(info, indent=1), flush=True)
@@ -248,12 +269,12 @@ def main(argv=None) -> int:
     if args.quick:
         os.environ["VERA_KERNELS_AUTOTUNE"] = "0"  # before vera_kernels.ops is imported
     rows = time_table(args)
-    print_table(rows)
+    print_table(rows, args.dry_run)
     if not args.dry_run:
         gpu = re.sub(r"[^A-Za-z0-9]+", "-", info.get("gpu", "gpu")).strip("-").lower()
         out = args.out or ROOT / "benchmarks" / "results" / f"{gpu}-{datetime.date.today():%Y%m%d}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=1) + "\n")
+        out.write_text(json.dumps({"versions": info, "rows": rows}, indent=1) + "\n")
         print(f"wrote {out}")
     print(f"gpu_check done in {time.time() - t0:.0f}s; tests {'passed' if tests_ok else 'FAILED or skipped'}")
     return 0 if tests_ok else 1

@@ -65,9 +65,9 @@ class Workload:
 
 
 def workloads(device_type: str, full: bool = False) -> List[Workload]:
-    """The grid for ``device_type``: DESIGN §4's decode and prefill shapes, K = N, both ranks, both passes.
+    """The grid for ``device_type``: docs/DESIGN.md §4's decode and prefill shapes, K = N, both ranks, both passes.
 
-    On CPU the default grid stops at M = 512; ``full=True`` adds M = 2048 (the issue's whole CPU grid).
+    On CPU the default grid stops at M = 512; ``full=True`` adds M = 2048 (the whole CPU grid).
     The smoke workload (M = 16, K = N = 1024, r = 256) is always part of the grid.
     """
     prefill = M_PREFILL.get(device_type, M_PREFILL["cpu"])
@@ -83,7 +83,7 @@ def workloads(device_type: str, full: bool = False) -> List[Workload]:
 
 
 def bench_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPU (the dtype DESIGN §4 reasons in), float32 on CPU (where bf16 GEMMs are not the
+    """bfloat16 on GPU (the dtype docs/DESIGN.md §4 reasons in), float32 on CPU (where bf16 GEMMs are not the
     fast path); ``$VERA_BENCH_DTYPE`` (float32/float16/bfloat16) overrides."""
     name = os.environ.get("VERA_BENCH_DTYPE")
     if name:
@@ -92,17 +92,20 @@ def bench_dtype(device: torch.device) -> torch.dtype:
 
 
 def impl_names() -> List[str]:
-    """Every implementation of a group, available vera_kernels backends included (DESIGN §5)."""
+    """Every implementation of a group, available vera_kernels backends included (docs/DESIGN.md §6)."""
     backends = [name for name, why in vk.backends().items() if why is None]
     return ["base"] + [f"vera_{b}" for b in backends] + ["vera_naive"] + [f"lora_r{r}" for r in LORA_RANKS]
 
 
-def skip_reason(impl: str, device: torch.device, inputs: "Inputs") -> Optional[str]:
-    """Why a ``vera_<backend>`` implementation cannot run this workload here (None when it can)."""
+def skip_reason(impl: str, device: torch.device, inputs: "Inputs", interpreter: bool = False) -> Optional[str]:
+    """Why a ``vera_<backend>`` implementation cannot run this workload here (None when it can).
+
+    The Triton backend on CPU tensors (its interpreter) is skipped unless ``interpreter`` is true.
+    """
     if not impl.startswith("vera_") or impl == "vera_naive":
         return None
     name = impl[len("vera_"):]
-    if name == "triton" and device.type != "cuda":
+    if name == "triton" and device.type != "cuda" and not interpreter:
         return "the Triton interpreter is a correctness tool, not a benchmark"
     try:
         backend = get_backend(name)
@@ -213,13 +216,14 @@ def make_impl(name: str, inputs: Inputs) -> Impl:
     return Impl(name, forward, trainable, persistent)
 
 
-def timed_step(impl: Impl, inputs: Inputs, pass_: str, device: torch.device) -> Callable[[], object]:
-    """The function the benchmark times: the full pass, synchronised on GPU.
+def timed_step(impl: Impl, inputs: Inputs, pass_: str, device: torch.device, sync: bool = True) -> Callable[[], object]:
+    """The function the benchmark times: the full pass, synchronised on GPU unless ``sync`` is false
+    (for timers that synchronise themselves or capture the step in a CUDA graph).
 
     ``fwd`` runs the forward under ``torch.no_grad()`` (inference); ``fwd+bwd`` runs the forward with
     autograd and ``torch.autograd.grad`` for every trainable tensor (so nothing accumulates between rounds).
     """
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if (sync and device.type == "cuda") else (lambda: None)
 
     if pass_ == "fwd":
         def step():

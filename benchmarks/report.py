@@ -7,13 +7,18 @@ other implementation's median divided by the base's median *from the same run*; 
 implementation (bytes saved for backward / peak of the step, see ``benchmarks/memory.py``). The header
 carries the machine, the versions, the date and the commit the JSON records.
 
-GPU rows: every ``benchmarks/results/*.json`` (or ``--results-dir``) is added as its own section. Such a
-file is a list of rows ``{"pass": "fwd"|"fwd+bwd", "M", "K", "N", "r", "impl": "base"|"vera_fused"|
-"vera_naive"|"lora", "median_ms", "ratio_to_base"}`` (or an object with that list under ``"rows"`` and
-anything else as metadata, printed as is). A ``lora`` row with a ``lora_rank``/``lora_r`` key is shown as
-``lora_r<rank>``, a ``vera_fused`` row with a ``backend`` key as ``vera_fused[<backend>]``; rows with
-``saved_bytes``/``peak_bytes`` fill the memory table; other keys are ignored.
-``--export-results PATH`` writes a pytest-benchmark run in that schema (for the GPU command).
+GPU rows: every ``benchmarks/results/*.json`` (or ``--results-dir``) is added, one section per timing
+mode. Such a file is a list of rows ``{"pass": "fwd"|"fwd+bwd", "M", "K", "N", "r", "impl",
+"median_ms", "ratio_to_base"}`` (or an object with that list under ``"rows"`` and anything else as
+metadata, printed as is), ``impl`` named as in ``benchmarks/impls.py`` (``base``, ``vera_<backend>``,
+``vera_naive``, ``lora_r<rank>``). Optional keys: ``timing`` (``"graph"``: CUDA-graph replays, ``"eager"``:
+what a Python caller sees, ``"wall"``), ``ab_source`` (shown as ``vera_triton[<ab_source>]``),
+``saved_bytes``/``peak_bytes`` (the memory table). Older files name ``vera_fused`` with a ``backend`` key
+(shown as ``vera_fused[<backend>]``) and ``lora`` with ``lora_rank``/``lora_r`` (shown as ``lora_r<rank>``).
+``--export-results PATH`` writes a pytest-benchmark run in that schema.
+
+The column of the backend that runs by default on the section's device comes right after ``base``, marked
+"(default)"; every table is headed with its device.
 
 The plot needs matplotlib (``pip install -e .[bench]``); without it the report says so and still writes
 the table.
@@ -31,24 +36,58 @@ from typing import Iterable, List, Optional, Tuple
 
 from benchmarks import storage
 
-__all__ = ["load_pytest_benchmark", "load_results_file", "render_markdown", "write_plot", "main"]
+__all__ = ["load_pytest_benchmark", "load_results_file", "results_sections", "render_markdown",
+           "render_ratio_tables", "write_plot", "main"]
 
 PASS_TITLES = {"fwd": "forward (inference, no autograd)", "fwd+bwd": "forward + backward (training step)"}
 DEFAULT_RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TIMING_TITLES = {"graph": "CUDA-graph replays (GPU time)", "eager": "eager (what a Python caller sees)",
+                 "wall": "wall clock"}
+
+
+def default_backend(device_type: str, backend_names: Iterable[str]) -> Optional[str]:
+    """The backend the dispatcher tries first on ``device_type`` among ``backend_names``."""
+    from vera_kernels.backends import PRIORITY
+
+    names = set(backend_names)
+    return next((b for b in PRIORITY.get(device_type, ("torch",)) if b in names), None)
+
+
+def _backend_of(impl: str) -> Optional[str]:
+    """``vera_triton`` / ``vera_triton[load]`` / ``vera_fused[triton]`` -> ``triton``; others -> None."""
+    if impl.startswith("vera_fused[") and impl.endswith("]"):
+        return impl[len("vera_fused["):-1]
+    if impl.startswith("vera_") and impl not in ("vera_naive", "vera_fused"):
+        return impl[len("vera_"):].split("[")[0]
+    return None
 
 
 class Section:
-    """Rows from one source (a pytest-benchmark run or one GPU results file) plus its description."""
+    """Rows from one source (a pytest-benchmark run or one GPU results file) plus its description.
 
-    def __init__(self, title: str, rows: List[dict], meta: List[str]):
+    ``device`` is ``"CPU"`` or ``"GPU"`` (it heads every table); the backend that ran by default
+    (``default``, else the first of the device's priority list) comes right after ``base`` in :meth:`impls`.
+    """
+
+    def __init__(self, title: str, rows: List[dict], meta: List[str], device: str = "CPU",
+                 default: Optional[str] = None):
         self.title = title
         self.rows = rows
         self.meta = meta
+        self.device = device
+        seen = OrderedDict((r["impl"], None) for r in rows)
+        backends = {b: None for b in map(_backend_of, seen) if b}
+        if default is None:  # not recorded: today's priority list
+            default = default_backend("cpu" if device == "CPU" else "cuda", backends)
+        self.default_impls = [i for i in seen if default is not None and _backend_of(i) == default]
 
     def impls(self) -> List[str]:
-        """Implementation labels in first-seen order, base first."""
-        seen = OrderedDict((r["impl"], None) for r in self.rows)
-        return sorted(seen, key=lambda n: (n != "base", list(seen).index(n)))
+        """Implementation labels: base, the device's default backend, then the others in first-seen order."""
+        seen = list(OrderedDict((r["impl"], None) for r in self.rows))
+        return sorted(seen, key=lambda n: (n != "base", n not in self.default_impls, seen.index(n)))
+
+    def label(self, impl: str) -> str:
+        return f"{impl} (default)" if impl in self.default_impls else impl
 
     def workloads(self, pass_: str) -> List[Tuple[int, int, int, int]]:
         keys = {(r["M"], r["K"], r["N"], r["r"]) for r in self.rows if r["pass"] == pass_}
@@ -94,7 +133,8 @@ def load_pytest_benchmark(path: str) -> Section:
     if mi.get("pytest_args"):
         meta.append(f"command: `pytest {mi['pytest_args']}`")
     title = "CPU" if device == "cpu" else f"GPU ({device})"
-    return Section(f"{title}, from pytest-benchmark", rows, meta)
+    return Section(f"{title}, from pytest-benchmark", rows, meta, "CPU" if device == "cpu" else "GPU",
+                   mi.get("vera_kernels_default_backend"))
 
 
 def _contended(load: dict, cores) -> str:
@@ -104,44 +144,43 @@ def _contended(load: dict, cores) -> str:
     return ""
 
 
-def load_results_file(path: str) -> Section:
-    """Rows from a GPU results file (schema in the module docstring)."""
+def load_results_file(path: str) -> List[Section]:
+    """Sections (one per timing mode) from a GPU results file (schema in the module docstring)."""
     with open(path) as f:
         data = json.load(f)
     meta = [f"source: `{os.path.relpath(path)}`"]
     if isinstance(data, dict):
         meta += [f"{k}: {v}" for k, v in data.items() if k != "rows"]
         data = data.get("rows", [])
-    rows = []
-    for r in data:
+    return results_sections(data, f"GPU, from `{os.path.basename(path)}`", meta)
+
+
+def results_sections(rows: List[dict], title: str = "GPU", meta: Optional[List[str]] = None,
+                     device: str = "GPU") -> List[Section]:
+    """Rows of the results schema as sections, one per timing mode."""
+    by_timing: "OrderedDict[Optional[str], List[dict]]" = OrderedDict()
+    for r in rows:
         row = dict(r)
         rank = r.get("lora_rank", r.get("lora_r"))
         if r.get("impl") == "lora" and rank is not None:
             row["impl"] = f"lora_r{rank}"
         elif r.get("impl") == "vera_fused" and r.get("backend"):
             row["impl"] = f"vera_fused[{r['backend']}]"
-        rows.append(row)
-    return Section(f"GPU, from `{os.path.basename(path)}`", rows, meta)
+        elif r.get("ab_source"):
+            row["impl"] = f"{r['impl']}[{r['ab_source']}]"
+        by_timing.setdefault(r.get("timing"), []).append(row)
+    return [
+        Section(title + (f", {TIMING_TITLES.get(timing, timing)}" if timing else ""), group, list(meta or []), device)
+        for timing, group in by_timing.items()
+    ]
 
 
 def to_results_rows(section: Section) -> List[dict]:
-    """``section``'s rows in the ``benchmarks/results/*.json`` schema.
-
-    ``vera_<backend>`` becomes ``impl: "vera_fused"`` with a ``backend`` key, except the PyTorch backend
-    (not fused), kept as ``"vera_torch"``; ``lora_r<n>`` becomes ``"lora"`` with ``lora_rank: n``;
-    ``saved_bytes``, ``peak_bytes``, ``device`` and ``dtype`` ride along.
-    """
-    out = []
-    for r in section.rows:
-        row = {k: r[k] for k in ("pass", "M", "K", "N", "r", "impl", "median_ms", "ratio_to_base")}
-        row.update({k: r[k] for k in ("saved_bytes", "peak_bytes", "device", "dtype") if k in r})
-        impl = r["impl"]
-        if impl.startswith("lora_r"):
-            row.update(impl="lora", lora_rank=int(impl[len("lora_r"):]))
-        elif impl.startswith("vera_") and impl not in ("vera_naive", "vera_torch"):
-            row.update(impl="vera_fused", backend=impl[len("vera_"):])
-        out.append(row)
-    return out
+    """``section``'s rows in the ``benchmarks/results/*.json`` schema (implementation names unchanged;
+    ``saved_bytes``, ``peak_bytes``, ``device`` and ``dtype`` ride along)."""
+    keys = ("pass", "M", "K", "N", "r", "impl", "median_ms", "ratio_to_base", "saved_bytes", "peak_bytes", "device",
+            "dtype")
+    return [{k: r[k] for k in keys if k in r} for r in section.rows]
 
 
 def _ratio(row: Optional[dict]) -> str:
@@ -149,15 +188,6 @@ def _ratio(row: Optional[dict]) -> str:
         return "—"
     ratio = row.get("ratio_to_base")
     return "—" if ratio is None else f"{ratio:.2f}×"
-
-
-def _bytes(n) -> str:
-    if n is None:
-        return "—"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def _table(header: List[str], lines: Iterable[List[str]]) -> List[str]:
@@ -173,7 +203,7 @@ def _time_table(section: Section, pass_: str) -> List[str]:
         base = section.cell(pass_, w, "base")
         base_ms = f"{base['median_ms']:.3g}" if base else "—"
         lines.append([str(w[0]), str(w[1]), str(w[3]), base_ms] + [_ratio(section.cell(pass_, w, i)) for i in impls])
-    return _table(["M", "K=N", "r", "base (ms)"] + impls, lines)
+    return _table(["M", "K=N", "r", "base (ms)"] + [section.label(i) for i in impls], lines)
 
 
 def _memory_table(section: Section) -> List[str]:
@@ -184,14 +214,16 @@ def _memory_table(section: Section) -> List[str]:
             cells = [section.cell(pass_, w, i) for i in impls]
             if not any(c and "peak_bytes" in c for c in cells):
                 continue
+            fmt = storage.format_bytes
             shown = [
-                "—" if c is None else (_bytes(c.get("saved_bytes")) + " / " if pass_ == "fwd+bwd" else "") + _bytes(c.get("peak_bytes"))
+                "—" if c is None
+                else (fmt(c.get("saved_bytes")) + " / " if pass_ == "fwd+bwd" else "") + fmt(c.get("peak_bytes"))
                 for c in cells
             ]
             lines.append([pass_, str(w[0]), str(w[1]), str(w[3])] + shown)
     if not lines:
         return []
-    return _table(["pass", "M", "K=N", "r"] + impls, lines)
+    return _table(["pass", "M", "K=N", "r"] + [section.label(i) for i in impls], lines)
 
 
 def render_markdown(sections: List[Section], plot_link: Optional[str] = None) -> str:
@@ -210,11 +242,11 @@ def render_markdown(sections: List[Section], plot_link: Optional[str] = None) ->
         out += [f"## {s.title}", ""] + [f"- {m}" for m in s.meta] + [""]
         for pass_, title in PASS_TITLES.items():
             if s.workloads(pass_):
-                out += [f"### {title}", ""] + _time_table(s, pass_) + [""]
+                out += [f"### {s.device}: {title}", ""] + _time_table(s, pass_) + [""]
         mem = _memory_table(s)
         if mem:
             out += [
-                "### memory: saved for backward / peak of the step",
+                f"### {s.device}: memory, saved for backward / peak of the step",
                 "",
                 "Saved for backward: unique storages autograd keeps, without the layer's parameters and "
                 "buffers (W, bias, A/B, lambdas, LoRA factors). Peak: bytes allocated during the step above "
@@ -232,6 +264,18 @@ def render_markdown(sections: List[Section], plot_link: Optional[str] = None) ->
         storage.render_markdown(),
         "",
     ]
+    return "\n".join(out)
+
+
+def render_ratio_tables(sections: List[Section]) -> str:
+    """Only the time tables (ratios to the base layer), one block per section: what a run prints first."""
+    out = ["Time / base layer (F.linear) in the same group of the same run, medians; lower is better.", ""]
+    for s in sections:
+        out.append(f"## {s.title}")
+        for pass_, title in PASS_TITLES.items():
+            if s.workloads(pass_):
+                out += ["", f"### {s.device}: {title}", ""] + _time_table(s, pass_)
+        out.append("")
     return "\n".join(out)
 
 
@@ -283,7 +327,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.export_results:
         with open(args.export_results, "w") as f:
             json.dump([row for s in sections for row in to_results_rows(s)], f, indent=1)
-    sections += [load_results_file(p) for p in sorted(glob.glob(os.path.join(args.results_dir, "*.json")))]
+    for p in sorted(glob.glob(os.path.join(args.results_dir, "*.json"))):
+        sections += load_results_file(p)
     if not sections:
         parser.error("no pytest-benchmark JSON given and no results files found")
     plot = args.plot or (os.path.splitext(args.markdown)[0] + ".png" if args.markdown else None)

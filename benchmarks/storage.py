@@ -31,10 +31,10 @@ The shapes are facts from the models' published configurations (Hugging Face ``c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 __all__ = ["Architecture", "ARCHITECTURES", "lora_params", "vera_params", "projection_params", "rows",
-           "render_markdown", "millions", "BYTES_PER_PARAM", "VERA_RANKS", "LORA_RANKS"]
+           "render_markdown", "millions", "format_bytes", "BYTES_PER_PARAM", "VERA_RANKS", "LORA_RANKS"]
 
 BYTES_PER_PARAM = 4  # float32
 VERA_RANKS = (256, 1024)
@@ -114,7 +114,10 @@ def millions(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e7 else f"{n / 1e6:.3f}M"
 
 
-def _bytes(n: int) -> str:
+def format_bytes(n: Optional[int]) -> str:
+    """``n`` bytes in binary units (``"1.5 MiB"``), ``"—"`` for ``None`` (a cell with no measurement)."""
+    if n is None:
+        return "—"
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
@@ -129,10 +132,10 @@ def render_markdown() -> str:
     ]
     ref = {(r["model"]): r["params"] for r in rows() if r["method"] == "VeRA" and r["rank"] == 1024}
     for r in rows():
-        proj = _bytes(r["projection_bytes"]) if r["projection_bytes"] is not None else ""
+        proj = format_bytes(r["projection_bytes"]) if r["projection_bytes"] is not None else ""
         lines.append(
             f"| {r['model']} | {r['adapted']} | {r['method']} | {r['rank']} | {millions(r['params'])} "
-            f"({r['params']:,}) | {_bytes(r['bytes'])} | {r['params'] / ref[r['model']]:.1f}× | {proj} |"
+            f"({r['params']:,}) | {format_bytes(r['bytes'])} | {r['params'] / ref[r['model']]:.1f}× | {proj} |"
         )
     return "\n".join(lines)
 

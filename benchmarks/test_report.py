@@ -71,15 +71,40 @@ def test_export_results_round_trips(tmp_path):
     results.mkdir()
     out = results / "gpu.json"
     report.main([str(tmp_path / "run.json"), "--export-results", str(out), "--results-dir", str(tmp_path)])
-    rows = {(r["impl"], r.get("backend"), r.get("lora_rank")): r for r in json.loads(out.read_text())}
-    assert set(rows) == {("base", None, None), ("vera_fused", "triton", None), ("vera_torch", None, None),
-                         ("lora", None, 64)}
-    assert rows[("vera_fused", "triton", None)]["ratio_to_base"] == pytest.approx(1.1)
+    rows = {r["impl"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"base", "vera_triton", "vera_torch", "lora_r64"}
+    assert rows["vera_triton"]["ratio_to_base"] == pytest.approx(1.1)
     assert all(r["pass"] == "fwd" and r["M"] == 16 and r["median_ms"] > 0 for r in rows.values())
-    section = report.load_results_file(str(out))
-    assert section.impls() == ["base", "vera_fused[triton]", "vera_torch", "lora_r64"]
+    [section] = report.load_results_file(str(out))
+    assert section.impls() == ["base", "vera_triton", "vera_torch", "lora_r64"]  # triton: the GPU default
     text = report.render_markdown([section])
     assert "| 16 | 1024 | 256 | 1 | 1.10× | 2.00× | 1.30× |" in text and "10 B" in text
+    assert "| vera_triton (default) | vera_torch |" in text and "### GPU: forward" in text
+
+
+def test_results_file_timing_sections_and_default_column_first(tmp_path):
+    """Rows with a timing key split into one section per mode; the CPU default backend leads."""
+    def row(impl, ms, timing, **kw):
+        return {"pass": "fwd", "M": 1, "K": 64, "N": 64, "r": 8, "impl": impl, "median_ms": ms,
+                "ratio_to_base": ms, "timing": timing, **kw}
+
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"versions": {"torch": "x"}, "rows": [
+        row("base", 1.0, "graph"), row("vera_triton", 1.1, "graph", ab_source="generate"),
+        row("vera_triton", 1.2, "graph", ab_source="load"), row("base", 1.0, "eager"),
+        row("vera_triton", 3.0, "eager", ab_source="load")]}))
+    graph, eager = report.load_results_file(str(path))
+    assert "CUDA-graph" in graph.title and "eager" in eager.title
+    assert graph.impls() == ["base", "vera_triton[generate]", "vera_triton[load]"]
+    assert graph.label("vera_triton[load]") == "vera_triton[load] (default)"
+    assert "| 1 | 64 | 8 | 1 | 3.00× |" in report.render_ratio_tables([eager])
+    cpu = report.Section("CPU", [dict(row(i, 1.0, None), impl=i) for i in ("base", "vera_cpu", "vera_torch")], [])
+    assert cpu.impls() == ["base", "vera_torch", "vera_cpu"]  # torch runs by default on CPU
+    run = {"machine_info": {"bench_device": "cpu", "vera_kernels_default_backend": "cpu"}, "benchmarks": [
+        _bench_row("base", 0.001), _bench_row("vera_torch", 0.002), _bench_row("vera_cpu", 0.003)]}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    recorded = report.load_pytest_benchmark(str(tmp_path / "run.json"))
+    assert recorded.impls() == ["base", "vera_cpu", "vera_torch"]  # the run's own default wins
 
 
 def test_report_without_matplotlib_says_so(monkeypatch, tmp_path, capsys):

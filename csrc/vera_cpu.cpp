@@ -1,4 +1,4 @@
-// CPU implementations of the vera_kernels ops (DESIGN.md §1, §4).
+// CPU implementations of the vera_kernels ops (docs/DESIGN.md §1, §4).
 //
 // Every adapter product has the shape "activation [M, C] times the projection oriented [rank, C]"
 // (C = K for A, C = N for B). The projection is generated one column tile at a time (OpenMP over

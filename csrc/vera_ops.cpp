@@ -3,7 +3,7 @@
 //
 // The projection travels as (stored float32 matrix or None, key0, key1, bound): the Philox key is the
 // 64-bit seed split into two uint32 words, bound the float32 Kaiming bound. The dropout travels as
-// (key0, key1, threshold, scale) with threshold 0 meaning "no dropout" (DESIGN.md §2).
+// (key0, key1, threshold, scale) with threshold 0 meaning "no dropout" (docs/DESIGN.md §2).
 // Fake (meta) kernels are registered from Python, in vera_kernels/backends/_native.py.
 #include <Python.h>
 #include <torch/library.h>

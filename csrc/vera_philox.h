@@ -1,4 +1,4 @@
-// Philox4x32-10 and the VeRA projection / dropout element generators (DESIGN.md §2).
+// Philox4x32-10 and the VeRA projection / dropout element generators (docs/DESIGN.md §2).
 //
 // The one place the generator is written: included by the CPU sources (g++) and the CUDA
 // sources (nvcc), where every function is __host__ __device__. Plain C++ only: no ATen, no CUDA

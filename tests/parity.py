@@ -1,4 +1,4 @@
-"""DESIGN §3's acceptance rule, shared by every test that compares a backend with the reference.
+"""docs/DESIGN.md §3's acceptance rule, shared by every test that compares a backend with the reference.
 
 ``|out - ref64| <= 2 * |torch_same_dtype - ref64| + atol(dtype)`` elementwise, plus a relative error
 ``||out - ref64|| / ||ref64||`` under a per-dtype bound. NaN never passes.

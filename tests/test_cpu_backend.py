@@ -1,6 +1,6 @@
 """The "cpu" backend (C++ ops of vera_kernels._C) against the float64 reference, on awkward problems.
 
-Judged as DESIGN §3 says: elementwise ``|cpu - ref64| <= 2 |torch_same_dtype - ref64| + atol`` and a
+Judged as docs/DESIGN.md §3 says: elementwise ``|cpu - ref64| <= 2 |torch_same_dtype - ref64| + atol`` and a
 relative error bound per dtype, with ``A``/``B`` identical (same projection) and the same dropout
 mask (same ``torch.manual_seed`` before each call). Uninitialised memory is filled with NaN
 (``torch.utils.deterministic.fill_uninitialized_memory``), so an output element a kernel forgets to

@@ -1,4 +1,4 @@
-"""The parity suite: every backend against the float64 reference (DESIGN §3), forward and backward.
+"""The parity suite: every backend against the float64 reference (docs/DESIGN.md §3), forward and backward.
 
 Parametrised by the ``backend`` fixture (tests/conftest.py): each backend that can run on this
 machine's test device goes through the same tests; the Triton kernels run under the interpreter here.
@@ -98,7 +98,7 @@ def test_nan_in_x_stays_in_its_row(backend, device):
 
 
 def test_saved_for_backward_is_only_s(backend, device):
-    """At most M*r*4 bytes beyond parameters are kept for backward (DESIGN §1)."""
+    """At most M*r*4 bytes beyond parameters are kept for backward (docs/DESIGN.md §1)."""
     x, W, b, ld, lb, proj = make_inputs((8, 16), 64, 48, 8, torch.float32, device)
     x.requires_grad_(True)
     ld.requires_grad_(True)

@@ -1,39 +1,68 @@
-"""benchmarks/gpu_check.py runs its plumbing without a GPU (tiny shapes, Triton interpreter, no JSON)."""
+"""benchmarks/gpu_check.py: its options and grid, and its whole plumbing without a GPU (tiny shapes, Triton
+interpreter, no JSON)."""
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import backend_skip_reason
 
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+ROOT = Path(__file__).resolve().parent.parent
+PATH = ROOT / "benchmarks" / "gpu_check.py"
 
 
 def _load():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location("gpu_check", PATH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_arguments():
+def test_arguments_and_grid_come_from_the_benchmark_suite():
     gc = _load()
+    from benchmarks.impls import workloads
+
     args = gc.parse_args(["--quick", "--skip-tests"])
     assert args.quick and args.skip_tests and not args.dry_run
-    assert gc.shapes(args) == ([1, 2048], 4096, 4096, [256])
-    assert gc.shapes(gc.parse_args([])) == ([1, 16, 2048, 8192], 4096, 4096, [256, 1024])
+    quick = gc.selected_workloads(args)
+    assert {(w.M, w.K, w.N, w.r) for w in quick} == {(1, 4096, 4096, 256), (2048, 4096, 4096, 256)}
+    assert {w.pass_ for w in quick} == {"fwd", "fwd+bwd"}
+    assert gc.selected_workloads(gc.parse_args([])) == workloads("cuda")
+    only = gc.selected_workloads(gc.parse_args(["--M", "16", "--r", "1024"]))
+    assert only and all(w.M == 16 and w.r == 1024 for w in only)
+
+
+def test_ab_source_restores_the_environment(monkeypatch):
+    gc = _load()
+    monkeypatch.delenv(gc.AB_SOURCE_ENV, raising=False)
+    with gc.ab_source("load"):
+        assert os.environ[gc.AB_SOURCE_ENV] == "load"
+    assert gc.AB_SOURCE_ENV not in os.environ
+    monkeypatch.setenv(gc.AB_SOURCE_ENV, "generate")
+    with gc.ab_source("load"), gc.ab_source(None):
+        assert os.environ[gc.AB_SOURCE_ENV] == "load"
+    assert os.environ[gc.AB_SOURCE_ENV] == "generate"
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or backend_skip_reason("triton") is not None,
                     reason="the dry run needs the Triton interpreter (a GPU machine runs the real table)")
 def test_dry_run_table(capsys):
     gc = _load()
+    from benchmarks.impls import impl_names
+
     rows = gc.time_table(gc.parse_args(["--dry-run"]))
-    assert {r["impl"] for r in rows} == set(gc.IMPLS)
-    assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"}
-    assert all(set(r) == {"pass", "M", "K", "N", "r", "impl", "median_ms", "ratio_to_base"} for r in rows)
+    names = {(r["impl"], r.get("ab_source")) for r in rows}
+    assert ("vera_triton", "generate") in names and ("vera_triton", "load") in names
+    assert {n for n, _ in names} == set(impl_names())
+    assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"} and {r["M"] for r in rows} == {1, 20}
+    keys = {"pass", "M", "K", "N", "r", "impl", "timing", "median_ms", "ratio_to_base"}
+    assert all(set(r) - {"ab_source"} == keys and r["median_ms"] > 0 for r in rows)
     assert all(r["ratio_to_base"] == 1.0 for r in rows if r["impl"] == "base")
-    gc.print_table(rows)
-    assert "ratio to the base layer" in capsys.readouterr().out
+    gc.print_table(rows, dry_run=True)
+    out = capsys.readouterr().out
+    assert "Time / base layer" in out and "CPU: forward" in out and "vera_triton[load]" in out

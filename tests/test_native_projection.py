@@ -49,7 +49,7 @@ def test_tiles_at_offsets(seed, row0, col0, rows, cols):
 
 
 def test_known_answers():
-    """DESIGN §2: seed 0, r = 256, K_max = 4096."""
+    """docs/DESIGN.md §2: seed 0, r = 256, K_max = 4096."""
     proj = vk.Projection(seed=0, rank=256, max_in_features=4096, max_out_features=4096)
     a = native_tile(proj, 0, 0, 0, 1, 4).view(torch.int32).tolist()[0]
     b = native_tile(proj, 1, 0, 0, 1, 4).view(torch.int32).tolist()[0]

@@ -1,4 +1,4 @@
-"""The seed -> A/B generator (DESIGN §2): known answers, an independent scalar Philox, slicing, statistics."""
+"""The seed -> A/B generator (docs/DESIGN.md §2): known answers, an independent scalar Philox, slicing, statistics."""
 
 import math
 import random
@@ -30,7 +30,7 @@ def f32(x):
 
 
 def scalar_element(seed, m, i, j, bound):
-    """DESIGN §2 element (i, j) of matrix m, computed with Python floats rounded to float32 at each step."""
+    """docs/DESIGN.md §2 element (i, j) of matrix m, computed with Python floats rounded to float32 at each step."""
     w = scalar_philox((j >> 2, i, m, 0), (seed & M32, seed >> 32))[j & 3]
     unit = f32(f32(f32((w >> 9) * 2.0**-22) - 1.0) + 2.0**-23)
     return f32(unit * bound)

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of every kernel variant for sm_80 and sm_90, through ptxas, with no GPU (DESIGN §7).
+"""Ahead-of-time compile of every kernel variant for sm_80 and sm_90, through ptxas, with no GPU (docs/DESIGN.md §11).
 
 Runs ``python -m vera_kernels.ops.aot`` in two subprocesses (one per core, each half of the variants)
 with ``TRITON_INTERPRET`` unset, and fails listing every variant that does not compile or would not

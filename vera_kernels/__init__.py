@@ -1,7 +1,7 @@
 """vera_kernels: fused kernels for VeRA (Vector-based Random Matrix Adaptation).
 
 ``y = x W^T + bias + lambda_b * ((lambda_d * (x A^T)) B^T)`` with ``A``/``B`` generated from a seed.
-See DESIGN.md for the contract and README.md for usage.
+See docs/DESIGN.md for the design and README.md for usage.
 """
 
 from . import reference

@@ -28,7 +28,7 @@ def warn_once(key: str, message: str, category=UserWarning) -> None:
 
 @dataclass(frozen=True)
 class Dropout:
-    """Adapter-input dropout of one forward call (DESIGN §2).
+    """Adapter-input dropout of one forward call (docs/DESIGN.md §2).
 
     ``seed`` is the per-call Philox key σ; element ``(row, col)`` of the flattened input is kept iff
     ``(word >> 8) >= threshold`` and then scaled by ``scale = 1 / (1 - p)``.
@@ -86,7 +86,7 @@ class Problem:
     # bank [n, r] and lambda_b a bank [n, N]. None: one adapter, lambda_d [r], lambda_b [N].
     adapter_ids: Optional[torch.Tensor] = None
     # Tensor-parallel shards: this layer uses A[:, in_offset : in_offset + K] and
-    # B[out_offset : out_offset + N, :] of the global projection (global counters, DESIGN §2).
+    # B[out_offset : out_offset + N, :] of the global projection (global counters, docs/DESIGN.md §2).
     in_offset: int = 0
     out_offset: int = 0
 

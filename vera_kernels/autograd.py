@@ -1,4 +1,4 @@
-"""The one autograd Function every backend runs through (DESIGN §1).
+"""The one autograd Function every backend runs through (docs/DESIGN.md §1).
 
 Forward saves ``s`` (``[M, r]``, float32) plus the frozen/trainable parameters it already references and
 the dropout seed (a Python int); never ``x`` or an ``[M, N]`` intermediate. Backward returns gradients

@@ -86,7 +86,7 @@ def vera_linear(
     in_offset: int = 0,
     out_offset: int = 0,
 ) -> torch.Tensor:
-    """``y = x W^T + bias + lambda_b * ((lambda_d * (dropout(x) A_K^T)) B_N^T)`` (DESIGN §1).
+    """``y = x W^T + bias + lambda_b * ((lambda_d * (dropout(x) A_K^T)) B_N^T)`` (docs/DESIGN.md §1).
 
     Args:
         x: ``[..., K]`` input, float32/float16/bfloat16 (float64 on the "torch" backend).

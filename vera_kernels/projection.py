@@ -1,4 +1,4 @@
-"""The frozen random projection of VeRA: ``A`` and ``B`` generated from a seed (DESIGN.md §2).
+"""The frozen random projection of VeRA: ``A`` and ``B`` generated from a seed (docs/DESIGN.md §2).
 
 Every backend regenerates the same numbers: element ``(i, j)`` of matrix ``m`` comes from one
 Philox4x32-10 call at counter ``(j >> 2, i, m, 0)`` with key ``(seed mod 2**32, seed >> 32)``.
@@ -142,7 +142,7 @@ def projection_block(seed: int, matrix: int, rows: range, cols: range, bound: fl
 
 
 def dropout_keep_mask(seed: int, threshold: int, rows: int, cols: int, device=None) -> torch.Tensor:
-    """Boolean keep-mask of the adapter dropout for a flattened ``[rows, cols]`` input (DESIGN §2)."""
+    """Boolean keep-mask of the adapter dropout for a flattened ``[rows, cols]`` input (docs/DESIGN.md §2)."""
     return (philox_block(seed, STREAM_DROPOUT, range(rows), range(cols), device) >> 8) >= threshold
 
 

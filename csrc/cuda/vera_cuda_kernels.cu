@@ -1,4 +1,4 @@
-// CUDA kernels of the VeRA adapter (DESIGN.md §1, §4): one tiled float32 GEMM template whose operand
+// CUDA kernels of the VeRA adapter (docs/DESIGN.md §1, §4): one tiled float32 GEMM template whose operand
 // loaders and epilogue are small structs, instantiated for the four adapter products. A/B are generated
 // in registers (one Philox call per 4 neighbouring values) or loaded from a stored float32 matrix;
 // the expansion is fused into one read-add-write of the base product (computed by cuBLAS in the binding).

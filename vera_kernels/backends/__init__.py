@@ -1,4 +1,4 @@
-"""Backend registry and dispatcher (DESIGN §5).
+"""Backend registry and dispatcher (docs/DESIGN.md §6).
 
 Backends are loaded lazily by name. For a problem, ``select`` walks the priority list of its device
 type and returns the first backend with no reason against it; if none fits, it raises listing every

@@ -10,7 +10,7 @@ from .._helpers import SUPPORTED_DTYPES, Problem
 
 
 class Backend:
-    """One implementation of the VeRA layer's forward and backward (DESIGN §1).
+    """One implementation of the VeRA layer's forward and backward (docs/DESIGN.md §1).
 
     Subclasses set ``name``, ``device_types`` and ``dtypes``, and implement ``forward`` and
     ``backward``. ``unavailable_reason`` says why the backend cannot run at all on this machine (or

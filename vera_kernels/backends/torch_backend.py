@@ -1,4 +1,4 @@
-"""The "torch" backend: DESIGN §1 in plain PyTorch ops, on any device, with a hand-written backward.
+"""The "torch" backend: docs/DESIGN.md §1 in plain PyTorch ops, on any device, with a hand-written backward.
 
 Unlike the naive reference it saves only ``s`` for backward (the autograd Function does that) and
 regenerates the dropout mask from its seed. ``A``/``B`` are materialised once per (dtype, device) and
@@ -43,7 +43,7 @@ class TorchBackend(Backend):
         g = (gy * lambda_b) @ B_N  # [M, r]
         grad_d = (s * g).sum(0) if need_d else None
         grad_b = None
-        if need_b:  # two equal forms (DESIGN §1); take the one with the smaller transient
+        if need_b:  # two equal forms (docs/DESIGN.md §1); take the one with the smaller transient
             if problem.M <= s.shape[1]:  # [M, N] intermediate
                 grad_b = (gy * ((lambda_d * s) @ B_N.t())).sum(0)
             else:  # rowsum(B_N * (gy^T (lambda_d * s))): [N, r] intermediate

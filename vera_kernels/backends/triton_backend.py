@@ -1,4 +1,4 @@
-"""The "triton" backend: the fused Triton kernels of ``vera_kernels.ops`` (DESIGN §4).
+"""The "triton" backend: the fused Triton kernels of ``vera_kernels.ops`` (docs/DESIGN.md §4).
 
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` it also accepts CPU tensors (Triton's interpreter,
 for tests), but the dispatcher never picks it for CPU tensors by default (the CPU priority list does not

@@ -1,4 +1,4 @@
-"""Triton kernels for VeRA (DESIGN §4): one op per module, each with a plain host launcher.
+"""Triton kernels for VeRA (docs/DESIGN.md §4): one op per module, each with a plain host launcher.
 
 - ``shrink``: ``s = (x ⊙ mask · q) A_Kᵀ`` (float32), ``A`` generated once per row block.
 - ``fused_forward``: ``y = x Wᵀ + bias + lambda_b ⊙ ((lambda_d ⊙ s) B_Nᵀ)``, ``B`` generated in the epilogue.

@@ -2,7 +2,7 @@
 expansion every fused epilogue runs, and small host-side helpers (key splitting, dtypes, configs).
 
 jit helpers first, then the one utility kernel (materialise a projection, for tests and debugging),
-then host helpers. The generator follows DESIGN.md §2 bit for bit:
+then host helpers. The generator follows docs/DESIGN.md §2 bit for bit:
 
     (w0, w1, w2, w3) = Philox4x32-10(counter = (col >> 2, row, stream, 0), key = (k0, k1))
     w     = w_(col & 3)
@@ -72,7 +72,7 @@ def philox_words_tile(key0, key1, STREAM: tl.constexpr, rows, col_start, COLS: t
 
 @triton.jit
 def words_to_values(w, bound):
-    """DESIGN §2's word -> float32: ``(float32(w >> 9) * 2**-22 - 1 + 2**-23) * bound``."""
+    """docs/DESIGN.md §2's word -> float32: ``(float32(w >> 9) * 2**-22 - 1 + 2**-23) * bound``."""
     # 1 + (w >> 9) * 2**-23 built from its bits (no int->float conversion, which runs at quarter rate);
     # 2 * f - 3 == (w >> 9) * 2**-22 - 1 and every step below is exact, so only "* bound" rounds.
     f = ((w >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
@@ -132,7 +132,7 @@ def mma_exact_left(a, b, acc, IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, D
 
     With ``SPLIT`` (bfloat16 inputs) ``b`` is carried as ``hi + lo``, two ``IN_DTYPE`` halves, in two
     products: ``b`` then keeps ~16 significant bits instead of bfloat16's 8, so the rank-r side of the
-    adapter stays close to the float32 reference (DESIGN §3).
+    adapter stays close to the float32 reference (docs/DESIGN.md §3).
     """
     if SPLIT:
         hi = b.to(IN_DTYPE)

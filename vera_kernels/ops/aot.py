@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of every kernel variant the launchers can pick, with no GPU (DESIGN §7).
+"""Ahead-of-time compilation of every kernel variant the launchers can pick, with no GPU (docs/DESIGN.md §11).
 
 ``python -m vera_kernels.ops.aot --arch 80 90`` compiles each variant with
 ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))``, which runs

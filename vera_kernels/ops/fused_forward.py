@@ -1,4 +1,4 @@
-"""Fused forward: ``y = x Wᵀ + bias + lambda_b ⊙ ((lambda_d ⊙ s) B_Nᵀ)`` written once (DESIGN §4).
+"""Fused forward: ``y = x Wᵀ + bias + lambda_b ⊙ ((lambda_d ⊙ s) B_Nᵀ)`` written once (docs/DESIGN.md §4).
 
 One GEMM over K for ``x Wᵀ``; its epilogue continues the same float32 accumulator over the rank:
 ``(lambda_d ⊙ s) @ (B_Nᵀ ⊙ lambda_b)`` with the ``[BLOCK_R, BLOCK_N]`` tiles of ``B`` generated in

@@ -1,4 +1,4 @@
-"""Input gradient: ``grad_x = gy W + mask · q ⊙ ((g ⊙ lambda_d) A_K)`` written once (DESIGN §1, §4).
+"""Input gradient: ``grad_x = gy W + mask · q ⊙ ((g ⊙ lambda_d) A_K)`` written once (docs/DESIGN.md §1, §4).
 
 The mirror of the fused forward: one GEMM ``gy W`` over N, whose epilogue (the same ``rank_expand``
 helper) adds ``(lambda_d ⊙ g) @ A_K`` with ``[BLOCK_R, BLOCK_K]`` tiles of ``A`` generated in registers.

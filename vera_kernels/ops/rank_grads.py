@@ -2,7 +2,7 @@
 
 Each program owns a ``[BLOCK_M, BLOCK_R]`` tile of ``g`` and walks N. Every ``[BLOCK_N, BLOCK_R]``
 tile of ``B`` is generated once and used twice: for ``g`` and for ``grad_lambda_b``, whose per-row-block
-part is ``rowsum(B ⊙ (gyᵀ (lambda_d ⊙ s)))`` (DESIGN §1), written to a float32 partial row per program
+part is ``rowsum(B ⊙ (gyᵀ (lambda_d ⊙ s)))`` (docs/DESIGN.md §1), written to a float32 partial row per program
 and summed on the host (deterministic; no atomics). No ``[M, N]`` intermediate exists. For small M the
 N range is split across programs and the partial ``g`` summed on the host.
 """

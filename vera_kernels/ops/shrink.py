@@ -1,4 +1,4 @@
-"""Shrink: ``s = (x ⊙ mask · q) A_Kᵀ`` in float32 (DESIGN §1, §4).
+"""Shrink: ``s = (x ⊙ mask · q) A_Kᵀ`` in float32 (docs/DESIGN.md §1, §4).
 
 Each program owns a ``[BLOCK_M, BLOCK_R]`` tile of ``s`` and walks K, generating the matching
 ``[BLOCK_R, BLOCK_K]`` tile of ``A`` in registers, so the whole of ``A`` is generated once per row
