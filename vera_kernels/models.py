@@ -200,15 +200,22 @@ def plan_layers(
     d_initial: Union[float, Dict[str, float]],
     dropout: Union[float, Dict[str, float]],
 ) -> List[Tuple[str, VeRALinear]]:
-    """New layers for ``targets`` (the model is not touched)."""
+    """New layers for ``targets``; the model is not touched (on error the shared weights' ``requires_grad``
+    flags are put back as they were)."""
+    flags = [(p, p.requires_grad) for _, module in targets for p in module.parameters(recurse=False)]
     plan = []
-    for name, module in targets:
-        d = d_initial[name] if isinstance(d_initial, dict) else d_initial
-        p = dropout[name] if isinstance(dropout, dict) else dropout
-        try:
-            plan.append((name, build_layer(module, projection, d, p)))
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"{name}: {e}") from None
+    try:
+        for name, module in targets:
+            d = d_initial[name] if isinstance(d_initial, dict) else d_initial
+            p = dropout[name] if isinstance(dropout, dict) else dropout
+            try:
+                plan.append((name, build_layer(module, projection, d, p)))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{name}: {e}") from None
+    except BaseException:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
     return plan
 
 
