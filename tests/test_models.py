@@ -321,3 +321,19 @@ def test_merge_and_unload_hf(tm):
         assert all(type(model.get_submodule(n)) is cls for n in names)
         with torch.no_grad():
             torch.testing.assert_close(tm.output(model, ids), y, rtol=1e-4, atol=1e-4)
+
+
+def test_docs_models_md_runs(tm, tmp_path, monkeypatch, capsys):
+    """docs/models.md: its python blocks run as written, in order, in one namespace."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 6
+    monkeypatch.chdir(tmp_path)
+    ns = {"__name__": "docs_models"}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/models.md[block {i}]", "exec"), ns)
+    out = capsys.readouterr().out
+    assert "same outputs: True" in out and "trainable params:" in out
