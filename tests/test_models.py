@@ -337,3 +337,18 @@ def test_docs_models_md_runs(tm, tmp_path, monkeypatch, capsys):
         exec(compile(code, f"docs/models.md[block {i}]", "exec"), ns)
     out = capsys.readouterr().out
     assert "same outputs: True" in out and "trainable params:" in out
+
+
+def test_state_dict_of_stored_projection_shares_one_copy(tmp_path):
+    """A stored (PEFT) projection appears once in a saved state dict and is shared again after loading."""
+    proj = vk.Projection.from_tensors(torch.randn(4, 5000), torch.randn(5000, 4))  # 160 kB of A/B
+    model = vk.apply_vera(Net(), projection=proj)
+    sd = model.state_dict()
+    states = [v["projection"] for k, v in sd.items() if k.endswith("_extra_state")]
+    assert len(states) == 6 and all(s["A"].data_ptr() == states[0]["A"].data_ptr() for s in states)
+    torch.save(sd, tmp_path / "sd.pt")
+    assert (tmp_path / "sd.pt").stat().st_size < 160_000 + 60_000  # one copy of A/B, not six
+    other = vk.apply_vera(Net(), rank=4, seed=1)
+    other.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=False))
+    projs = {id(m.projection): m.projection for m in vk.models.vera_layers(other).values()}
+    assert len(projs) == 1 and next(iter(projs.values())) == proj

@@ -301,7 +301,9 @@ class Projection:
                 "max_in_features": self.max_in_features,
                 "max_out_features": self.max_out_features,
             }
-        out = {"A": self._A.clone(), "B": self._B.clone()}
+        # The stored tensors themselves, not copies: they are never written to, and every layer sharing
+        # this projection then refers to one A/B in a state dict (torch.save stores shared tensors once).
+        out = {"A": self._A, "B": self._B}
         if self.peft_key is not None:
             out["peft_key"] = self.peft_key
         return out
