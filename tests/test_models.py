@@ -352,3 +352,14 @@ def test_state_dict_of_stored_projection_shares_one_copy(tmp_path):
     other.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=False))
     projs = {id(m.projection): m.projection for m in vk.models.vera_layers(other).values()}
     assert len(projs) == 1 and next(iter(projs.values())) == proj
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "roberta"])
+def test_all_linear_selects_what_peft_selects(tm, kind):
+    ours = vk.apply_vera(tm.base_model(kind), rank=8)
+    pm = tm.peft_twin(tm.base_model(kind))
+    assert sorted(vk.models.vera_layers(ours)) == sorted(tm.peft_lambdas(pm))
+    # one projection sized like PEFT's vera_A [r, max_in] / vera_B [max_out, r]
+    p = next(iter(vk.models.vera_layers(ours).values())).projection
+    assert (p.rank, p.max_in_features) == tuple(pm.base_model.vera_A["default"].shape)
+    assert (p.max_out_features, p.rank) == tuple(pm.base_model.vera_B["default"].shape)
