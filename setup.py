@@ -88,6 +88,7 @@ if __name__ == "__main__":  # importable (tests read cuda_gencode_flags) without
             "triton": ["triton>=3.2"],
             "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2", "numpy"],  # numpy: Triton's interpreter
             "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5"],
+            "hf": ["transformers>=4.40", "peft>=0.13", "safetensors>=0.4"],
         },
         ext_modules=ext_modules,
         cmdclass=cmdclass,

@@ -8,6 +8,8 @@ from . import reference
 from .backends import BackendUnavailableError, backends, use_backend
 from .functional import vera_linear
 from .layer import VeRALinear
+from .models import apply_vera, from_peft, merge_and_unload, print_trainable_parameters, trainable_summary
+from .adapter_io import AdapterFileError, load_adapter, save_adapter, save_peft_adapter
 from .projection import Projection, philox4x32
 
 __all__ = [
@@ -19,6 +21,15 @@ __all__ = [
     "use_backend",
     "BackendUnavailableError",
     "reference",
+    "apply_vera",
+    "merge_and_unload",
+    "from_peft",
+    "trainable_summary",
+    "print_trainable_parameters",
+    "save_adapter",
+    "load_adapter",
+    "save_peft_adapter",
+    "AdapterFileError",
 ]
 
 __version__ = "0.1.0"

@@ -30,6 +30,9 @@ class VeRALinear(nn.Module):
         dropout: dropout probability on the adapter input while training.
         projection: a shared :class:`Projection`.
         device, dtype: of the frozen weight and bias.
+        fan_in_fan_out: store ``weight`` as ``[in_features, out_features]`` (the layout of transformers'
+            ``Conv1D``, e.g. GPT-2); the layer reads it as a transposed view (no copy), and its state dict
+            keeps that layout.
 
     The state dict holds ``weight``, ``bias``, the two lambdas, and (as extra state) the projection's
     parameters, the dropout and whether the layer is merged, so a saved layer reloads to identical outputs.
@@ -47,19 +50,24 @@ class VeRALinear(nn.Module):
         projection: Optional[Projection] = None,
         device=None,
         dtype=None,
+        fan_in_fan_out: bool = False,
     ):
         super().__init__()
         if projection is None:
             projection = Projection(seed, rank, in_features, out_features)
         factory = {"device": device, "dtype": dtype}
-        weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        weight = nn.Parameter(torch.empty(*shape, **factory), requires_grad=False)
         b = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        self._setup(weight, b, projection, d_initial, dropout)
+        self._setup(weight, b, projection, d_initial, dropout, fan_in_fan_out)
         self.reset_parameters()
 
-    def _setup(self, weight, bias, projection, d_initial, dropout) -> None:
+    def _setup(self, weight, bias, projection, d_initial, dropout, fan_in_fan_out=False) -> None:
         """Shared by ``__init__`` and ``from_linear``: frozen base, projection, fresh lambdas."""
+        self.fan_in_fan_out = bool(fan_in_fan_out)
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        if self.fan_in_fan_out:
+            self.out_features, self.in_features = self.in_features, self.out_features
         self._set_projection(projection)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -90,7 +98,7 @@ class VeRALinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """Base weight as ``nn.Linear`` initialises it; ``lambda_b = 0``, ``lambda_d = d_initial``."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.weight_nk(), a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
@@ -111,16 +119,35 @@ class VeRALinear(nn.Module):
         dropout: float = 0.0,
         rank: int = 256,
         seed: int = 0,
+        fan_in_fan_out: bool = False,
     ) -> "VeRALinear":
-        """Wrap an existing ``nn.Linear``: its weight and bias are shared (not copied) and frozen."""
-        if not isinstance(linear, nn.Linear):
+        """Wrap an existing ``nn.Linear``: its weight and bias are shared (not copied) and frozen.
+
+        With ``fan_in_fan_out=True`` the module is instead one whose ``weight`` is ``[in, out]`` (such as
+        transformers' ``Conv1D`` in GPT-2); that weight is shared as is and read as a transposed view.
+        """
+        if fan_in_fan_out:
+            w = getattr(linear, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                raise TypeError(
+                    f"from_linear(fan_in_fan_out=True) expects a module with a 2-D weight [in, out] "
+                    f"(e.g. transformers' Conv1D), got {type(linear).__name__}"
+                )
+            in_features, out_features = int(w.shape[0]), int(w.shape[1])
+        elif not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        else:
+            in_features, out_features = linear.in_features, linear.out_features
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         if projection is None:
-            projection = Projection(seed, rank, linear.in_features, linear.out_features)
-        layer._setup(linear.weight, linear.bias, projection, d_initial, dropout)
+            projection = Projection(seed, rank, in_features, out_features)
+        layer._setup(linear.weight, linear.bias, projection, d_initial, dropout, fan_in_fan_out)
         return layer
+
+    def weight_nk(self) -> torch.Tensor:
+        """The base weight as ``[out_features, in_features]`` (a transposed view when ``fan_in_fan_out``)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
@@ -133,9 +160,9 @@ class VeRALinear(nn.Module):
                     "VeRALinear is merged: the adapter is folded into the weight and lambda_d/lambda_b get "
                     "no gradient; call unmerge() before training",
                 )
-            return nn.functional.linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, self.weight_nk(), self.bias)
         return vera_linear(
-            x, self.weight, self.bias, self.lambda_d, self.lambda_b, self.projection,
+            x, self.weight_nk(), self.bias, self.lambda_d, self.lambda_b, self.projection,
             dropout_p=self.dropout, training=self.training, backend=backend,
         )
 
@@ -153,7 +180,8 @@ class VeRALinear(nn.Module):
         """Fold the adapter into ``weight`` (for inference at the base layer's cost)."""
         if self.merged:
             raise RuntimeError("VeRALinear is already merged")
-        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        w = self.weight_nk()
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -161,7 +189,8 @@ class VeRALinear(nn.Module):
         """Undo ``merge()`` (exact in float32 up to rounding; lossy for fp16/bf16 weights)."""
         if not self.merged:
             raise RuntimeError("VeRALinear is not merged")
-        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        w = self.weight_nk()
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
         self.merged = False
 
     # --- dtype handling and state ------------------------------------------------------------
@@ -173,9 +202,15 @@ class VeRALinear(nn.Module):
         return self
 
     def get_extra_state(self):
-        return {"projection": self.projection.state(), "dropout": self.dropout, "merged": self.merged}
+        return {"projection": self.projection.state(), "dropout": self.dropout, "merged": self.merged,
+                "fan_in_fan_out": self.fan_in_fan_out}
 
     def set_extra_state(self, state) -> None:
+        if bool(state.get("fan_in_fan_out", False)) != self.fan_in_fan_out:
+            raise ValueError(
+                f"state dict has fan_in_fan_out={bool(state.get('fan_in_fan_out', False))} but this layer has "
+                f"fan_in_fan_out={self.fan_in_fan_out} (the weight layouts differ)"
+            )
         self._set_projection(Projection.from_state(state["projection"]))
         self.dropout = float(state["dropout"])
         self.merged = bool(state["merged"])
@@ -186,4 +221,5 @@ class VeRALinear(nn.Module):
             f"bias={self.bias is not None}, rank={self.projection.rank}, "
             f"seed={self.projection.seed if self.projection.is_seeded else 'stored'}, "
             f"dropout={self.dropout}, merged={self.merged}"
+            + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
         )

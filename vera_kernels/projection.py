@@ -141,6 +141,14 @@ def projection_block(seed: int, matrix: int, rows: range, cols: range, bound: fl
     return unit * torch.tensor(bound, dtype=torch.float32, device=device)
 
 
+def _peft_kaiming_uniform(shape, fan_in: int, gen: torch.Generator) -> torch.Tensor:
+    """PEFT's ``_kaiming_init``: uniform in ``(-bound, bound)``, the bound computed in the same float steps."""
+    gain = math.sqrt(2)
+    std = gain / math.sqrt(fan_in)
+    bound = math.sqrt(3.0) * std
+    return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+
+
 def dropout_keep_mask(seed: int, threshold: int, rows: int, cols: int, device=None) -> torch.Tensor:
     """Boolean keep-mask of the adapter dropout for a flattened ``[rows, cols]`` input (docs/DESIGN.md §2)."""
     return (philox_block(seed, STREAM_DROPOUT, range(rows), range(cols), device) >> 8) >= threshold
@@ -169,6 +177,7 @@ class Projection:
         self._A: Optional[torch.Tensor] = None
         self._B: Optional[torch.Tensor] = None
         self._cache: dict = {}
+        self.peft_key: Optional[int] = None
 
     @classmethod
     def from_tensors(cls, A: torch.Tensor, B: torch.Tensor) -> "Projection":
@@ -195,6 +204,33 @@ class Projection:
         self._A = A.detach().to(torch.float32).contiguous()
         self._B = B.detach().to(torch.float32).contiguous()
         self._cache = {}
+        self.peft_key = None
+        return self
+
+    @classmethod
+    def from_peft_key(
+        cls, prng_key: int, rank: int, max_in_features: int, max_out_features: int
+    ) -> "Projection":
+        """PEFT's VeRA matrices for ``projection_prng_key``, bit-exact with the same torch build.
+
+        PEFT draws them from a CPU ``torch.Generator`` seeded with the key, ``A [rank, max_in]`` first and
+        then ``B [max_out, rank]``, each Kaiming-uniform over its own fan-in (``max_in`` for ``A``, ``rank``
+        for ``B``) in float32. The result stores the tensors and remembers the key (``peft_key``), so
+        adapter files can record the key instead of the matrices.
+        """
+        if isinstance(prng_key, bool) or not isinstance(prng_key, numbers.Integral):
+            raise TypeError(f"prng_key must be an int, got {type(prng_key).__name__}")
+        prng_key = int(prng_key)
+        if not -(2**63) <= prng_key < 2**64:
+            raise ValueError(f"prng_key must be in [-2**63, 2**64) (torch.Generator.manual_seed), got {prng_key}")
+        rank = _check_dim(rank, "rank")
+        max_in = _check_dim(max_in_features, "max_in_features")
+        max_out = _check_dim(max_out_features, "max_out_features")
+        gen = torch.Generator(device="cpu").manual_seed(prng_key)
+        A = _peft_kaiming_uniform((rank, max_in), max_in, gen)
+        B = _peft_kaiming_uniform((max_out, rank), rank, gen)
+        self = cls.from_tensors(A, B)
+        self.peft_key = prng_key
         return self
 
     @property
@@ -265,12 +301,19 @@ class Projection:
                 "max_in_features": self.max_in_features,
                 "max_out_features": self.max_out_features,
             }
-        return {"A": self._A.clone(), "B": self._B.clone()}
+        # The stored tensors themselves, not copies: they are never written to, and every layer sharing
+        # this projection then refers to one A/B in a state dict (torch.save stores shared tensors once).
+        out = {"A": self._A, "B": self._B}
+        if self.peft_key is not None:
+            out["peft_key"] = self.peft_key
+        return out
 
     @classmethod
     def from_state(cls, state: dict) -> "Projection":
         if "A" in state:
-            return cls.from_tensors(state["A"], state["B"])
+            proj = cls.from_tensors(state["A"], state["B"])
+            proj.peft_key = state.get("peft_key")
+            return proj
         return cls(state["seed"], state["rank"], state["max_in_features"], state["max_out_features"])
 
     def __eq__(self, other) -> bool:

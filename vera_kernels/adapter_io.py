@@ -1,0 +1,468 @@
+"""Adapter files: ``save_adapter`` / ``load_adapter`` (this package's format and PEFT VeRA directories)
+and ``save_peft_adapter``.
+
+This package's format is a directory with ``adapter_config.json`` and ``adapter_model.safetensors``
+(no pickle). A seeded adapter stores the projection's seed and the trained vectors only, never ``A``/``B``:
+
+    adapter_config.json      {"format": "vera_kernels.adapter", "format_version": 1,
+                              "projection": {"kind": "philox", "seed": "<decimal string>"},
+                              "rank", "max_in_features", "max_out_features", "dropout", "d_initial",
+                              "target_modules": {"<module path>": {"in_features", "out_features",
+                                                 "fan_in_fan_out", "dropout", "d_initial"}, ...}}
+    adapter_model.safetensors  "<module path>.lambda_d" [rank], "<module path>.lambda_b" [out_features],
+                              float32
+
+The seed is written as a decimal string so that 64-bit seeds survive any JSON reader. A projection
+imported from PEFT with ``projection_prng_key`` records that key instead (kind ``"peft_torch_cpu"``,
+regenerated with :meth:`Projection.from_peft_key`); any other stored projection (kind ``"stored"``)
+writes ``projection.A``/``projection.B`` into the tensor file.
+
+PEFT directories (``peft_type: "VERA"``) hold ``base_model.model.<path>.vera_lambda_d``/``_b`` and,
+with ``save_projection`` true, ``base_model.vera_A``/``base_model.vera_B``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .layer import VeRALinear
+from .models import (
+    _in_out,
+    install,
+    linear_kind,
+    plan_layers,
+    require,
+    shared_projection,
+    target_matches,
+    vera_layers,
+)
+from .projection import Projection
+
+__all__ = ["save_adapter", "load_adapter", "save_peft_adapter", "AdapterFileError",
+           "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "FORMAT_VERSION"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "vera_kernels.adapter"
+FORMAT_VERSION = 1
+_PEFT_PREFIX = "base_model.model."
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory that cannot be loaded into this model (the model is left unchanged)."""
+
+
+# --- small helpers ------------------------------------------------------------------------------
+def _read_config(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _read_tensors(directory: str) -> Dict[str, torch.Tensor]:
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        extra = " (pickled .bin files are not read; save with safetensors)" if os.path.isfile(
+            os.path.join(directory, "adapter_model.bin")) else ""
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}{extra}")
+    st = require("safetensors.torch")
+    return st.load_file(path, device="cpu")
+
+
+def _write(directory: str, config: dict, tensors: Dict[str, torch.Tensor]) -> None:
+    st = require("safetensors.torch")
+    os.makedirs(directory, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    st.save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _int_field(cfg: dict, key: str, where: str, *, positive: bool = True) -> int:
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (positive and v <= 0):
+        raise AdapterFileError(f"{where}: {key!r} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def _float_field(cfg: dict, key: str, where: str, lo: float, hi: float) -> float:
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not lo <= v < hi:
+        raise AdapterFileError(f"{where}: {key!r} must be a number in [{lo}, {hi}), got {v!r}")
+    return float(v)
+
+
+def _seed_field(v, what: str) -> int:
+    """A seed written as a decimal string (or a JSON integer), checked to lie in [0, 2**64)."""
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**64:
+        raise AdapterFileError(f"{what} must be an integer in [0, 2**64) (a decimal string), got {v!r}")
+    return v
+
+
+def _uniform(layers: Dict[str, VeRALinear], attr: str) -> float:
+    values = {getattr(layer, attr) for layer in layers.values()}
+    return next(iter(values)) if len(values) == 1 else None
+
+
+def _check_keys(tensors: Dict[str, torch.Tensor], expected: List[str], where: str) -> None:
+    missing = [k for k in expected if k not in tensors]
+    extra = sorted(set(tensors) - set(expected))
+    if missing:
+        raise AdapterFileError(f"{where}: missing tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    if extra:
+        raise AdapterFileError(f"{where}: unexpected tensors {extra[:6]}{' ...' if len(extra) > 6 else ''}")
+
+
+def _check_vector(t: torch.Tensor, shape: Tuple[int, ...], key: str, where: str) -> torch.Tensor:
+    if not t.dtype.is_floating_point:
+        raise AdapterFileError(f"{where}: {key} must be floating point, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise AdapterFileError(f"{where}: {key} has shape {tuple(t.shape)}, this model needs {shape}")
+    return t.to(torch.float32)
+
+
+# --- saving -------------------------------------------------------------------------------------
+def save_adapter(model: nn.Module, directory: str) -> None:
+    """Write the model's VeRA adapter to ``directory`` (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    A seeded projection is stored as its seed: the files hold the seed and the trained vectors only.
+    """
+    layers = vera_layers(model)
+    proj = shared_projection(layers)
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("the model's VeRA layers are merged; save the adapter before merging (or unmerge)")
+    tensors: Dict[str, torch.Tensor] = {}
+    if proj.is_seeded:
+        projection = {"kind": "philox", "seed": str(proj.seed)}
+    elif proj.peft_key is not None:
+        projection = {"kind": "peft_torch_cpu", "prng_key": str(proj.peft_key)}
+    else:
+        projection = {"kind": "stored"}
+        tensors["projection.A"], tensors["projection.B"] = proj.stored
+    dropout, d_initial = _uniform(layers, "dropout"), _uniform(layers, "d_initial")
+    targets = {}
+    for name, layer in layers.items():
+        targets[name] = {
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "fan_in_fan_out": bool(layer.fan_in_fan_out),
+            "dropout": layer.dropout,
+            "d_initial": layer.d_initial,
+        }
+        tensors[f"{name}.lambda_d"] = layer.lambda_d.detach().float()
+        tensors[f"{name}.lambda_b"] = layer.lambda_b.detach().float()
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "projection": projection,
+        "rank": proj.rank,
+        "max_in_features": proj.max_in_features,
+        "max_out_features": proj.max_out_features,
+        "dropout": dropout if dropout is not None else 0.0,
+        "d_initial": d_initial if d_initial is not None else 0.1,
+        "target_modules": targets,
+    }
+    _write(directory, config, tensors)
+
+
+def save_peft_adapter(model: nn.Module, directory: str) -> None:
+    """Write a PEFT VeRA adapter directory that ``peft.PeftModel.from_pretrained(base, directory)`` loads.
+
+    ``save_projection`` is true: ``A``/``B`` are materialised (float32, sliced to the largest adapted
+    layer, as PEFT sizes them), because PEFT regenerates its own projection from a torch generator, not
+    from this package's seed. ``target_modules`` lists the full module paths.
+    """
+    peft = require("peft")
+    layers = vera_layers(model)
+    proj = shared_projection(layers)
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("the model's VeRA layers are merged; save the adapter before merging (or unmerge)")
+    dropout, d_initial = _uniform(layers, "dropout"), _uniform(layers, "d_initial")
+    if dropout is None:
+        raise ValueError("PEFT adapters have one vera_dropout; this model's VeRA layers use different ones")
+    max_in = max(layer.in_features for layer in layers.values())
+    max_out = max(layer.out_features for layer in layers.values())
+    A, B = proj.materialize(torch.float32, "cpu")
+    fif = any(layer.fan_in_fan_out for layer in layers.values())
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    cfg = peft.VeraConfig(
+        r=proj.rank,
+        target_modules=sorted(layers),
+        projection_prng_key=proj.peft_key if proj.peft_key is not None else 0,
+        save_projection=True,
+        vera_dropout=dropout,
+        d_initial=d_initial if d_initial is not None else 0.1,
+        fan_in_fan_out=fif,
+        bias="none",
+        base_model_name_or_path=name_or_path,
+    )
+    tensors = {"base_model.vera_A": A[:, :max_in], "base_model.vera_B": B[:max_out]}
+    for name, layer in layers.items():
+        tensors[f"{_PEFT_PREFIX}{name}.vera_lambda_d"] = layer.lambda_d.detach().float()
+        tensors[f"{_PEFT_PREFIX}{name}.vera_lambda_b"] = layer.lambda_b.detach().float()
+    config = cfg.to_dict()
+    config["target_modules"] = sorted(layers)
+    config["peft_type"] = "VERA"
+    config.pop("runtime_config", None)
+    _write(directory, config, tensors)
+
+
+# --- loading ------------------------------------------------------------------------------------
+class _Spec:
+    """What an adapter directory asks of the model: per-path shapes and vectors, one projection."""
+
+    def __init__(self):
+        self.paths: List[str] = []
+        self.in_out: Dict[str, Optional[Tuple[int, int]]] = {}  # None: taken from the model
+        self.fan_in_fan_out: Dict[str, Optional[bool]] = {}
+        self.dropout: Dict[str, float] = {}
+        self.d_initial: Dict[str, float] = {}
+        self.lambda_d: Dict[str, torch.Tensor] = {}
+        self.lambda_b: Dict[str, torch.Tensor] = {}
+        self.projection: Optional[Projection] = None
+        self.make_projection = None  # callable(max_in, max_out) -> Projection, when sized by the model
+        self.rank = 0
+
+
+def _own_spec(cfg: dict, tensors: Dict[str, torch.Tensor], where: str) -> _Spec:
+    version = cfg.get("format_version")
+    if version != FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{where}: format_version {version!r} is not supported (this vera_kernels reads version "
+            f"{FORMAT_VERSION}); upgrade vera_kernels or re-save the adapter"
+        )
+    spec = _Spec()
+    rank = spec.rank = _int_field(cfg, "rank", where)
+    max_in = _int_field(cfg, "max_in_features", where)
+    max_out = _int_field(cfg, "max_out_features", where)
+    pcfg = cfg.get("projection")
+    if not isinstance(pcfg, dict) or pcfg.get("kind") not in ("philox", "peft_torch_cpu", "stored"):
+        raise AdapterFileError(f"{where}: unknown projection {pcfg!r} (kinds: philox, peft_torch_cpu, stored)")
+    expected = []
+    if pcfg["kind"] == "stored":
+        expected += ["projection.A", "projection.B"]
+    targets = cfg.get("target_modules")
+    if not isinstance(targets, dict) or not targets:
+        raise AdapterFileError(f"{where}: 'target_modules' must be a non-empty object of module paths")
+    for path in targets:
+        expected += [f"{path}.lambda_d", f"{path}.lambda_b"]
+    _check_keys(tensors, expected, where)
+    if pcfg["kind"] == "philox":
+        spec.projection = Projection(_seed_field(pcfg.get("seed"), f"{where}: projection seed"),
+                                     rank, max_in, max_out)
+    elif pcfg["kind"] == "peft_torch_cpu":
+        key = _seed_field(pcfg.get("prng_key"), f"{where}: projection prng_key")
+        spec.projection = Projection.from_peft_key(key, rank, max_in, max_out)
+    else:
+        A, B = tensors["projection.A"], tensors["projection.B"]
+        _check_vector(A, (rank, max_in), "projection.A", where)
+        _check_vector(B, (max_out, rank), "projection.B", where)
+        spec.projection = Projection.from_tensors(A, B)
+    dropout = _float_field(cfg, "dropout", where, 0.0, 1.0)
+    d_initial = _float_field(cfg, "d_initial", where, -math.inf, math.inf)
+    for path, t in targets.items():
+        w = f"{where}: target {path!r}"
+        if not isinstance(t, dict):
+            raise AdapterFileError(f"{w}: expected an object, got {t!r}")
+        k, n = _int_field(t, "in_features", w), _int_field(t, "out_features", w)
+        if k > max_in or n > max_out:
+            raise AdapterFileError(f"{w}: [{n}, {k}] is larger than the projection [{max_out}, {max_in}]")
+        spec.paths.append(path)
+        spec.in_out[path] = (k, n)
+        spec.fan_in_fan_out[path] = bool(t.get("fan_in_fan_out", False))
+        spec.dropout[path] = _float_field(t, "dropout", w, 0.0, 1.0) if "dropout" in t else dropout
+        spec.d_initial[path] = (_float_field(t, "d_initial", w, -math.inf, math.inf)
+                                if "d_initial" in t else d_initial)
+        spec.lambda_d[path] = _check_vector(tensors[f"{path}.lambda_d"], (rank,), f"{path}.lambda_d", where)
+        spec.lambda_b[path] = _check_vector(tensors[f"{path}.lambda_b"], (n,), f"{path}.lambda_b", where)
+    return spec
+
+
+def _peft_spec(cfg: dict, tensors: Dict[str, torch.Tensor], model: nn.Module, where: str) -> _Spec:
+    if cfg.get("peft_type") != "VERA":
+        raise AdapterFileError(f"{where}: a PEFT {cfg.get('peft_type')!r} adapter; only VERA adapters load here")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterFileError(f"{where}: PEFT bias={cfg.get('bias')!r} is not supported (only 'none')")
+    if cfg.get("modules_to_save"):
+        raise AdapterFileError(f"{where}: PEFT modules_to_save are not supported")
+    spec = _Spec()
+    rank = spec.rank = _int_field(cfg, "r", where)
+    dropout = _float_field(cfg, "vera_dropout", where, 0.0, 1.0)
+    d_initial = _float_field(cfg, "d_initial", where, -math.inf, math.inf)
+    save_projection = cfg.get("save_projection", True)
+    paths = []
+    for key in tensors:
+        for suffix in (".vera_lambda_d", ".vera_lambda_b"):
+            if key.startswith(_PEFT_PREFIX) and key.endswith(suffix):
+                path = key[len(_PEFT_PREFIX): -len(suffix)]
+                if path not in paths:
+                    paths.append(path)
+    if not paths:
+        raise AdapterFileError(f"{where}: no base_model.model.<path>.vera_lambda_d/_b tensors")
+    # The config's target_modules (PEFT's rules) name the layers the adapter must hold.
+    tm = cfg.get("target_modules")
+    if cfg.get("layers_to_transform") is None and tm is not None and not (
+        isinstance(tm, str) and tm.lower() == "all-linear"
+    ):
+        if not isinstance(tm, (str, list)):
+            raise AdapterFileError(f"{where}: target_modules must be a str or a list, got {tm!r}")
+        for name, module in model.named_modules():
+            if name and name not in paths and target_matches(tm, name) and (
+                linear_kind(module) is not None or isinstance(module, VeRALinear)
+            ):
+                raise AdapterFileError(
+                    f"{where}: missing tensors for {name!r}, which target_modules {tm!r} selects "
+                    f"({_PEFT_PREFIX}{name}.vera_lambda_d/_b)"
+                )
+    expected = [f"{_PEFT_PREFIX}{p}.vera_lambda_{s}" for p in paths for s in ("d", "b")]
+    stored = "base_model.vera_A" in tensors or "base_model.vera_B" in tensors
+    if save_projection or stored:
+        expected += ["base_model.vera_A", "base_model.vera_B"]
+    _check_keys(tensors, expected, where)
+    for path in sorted(paths):
+        spec.paths.append(path)
+        spec.in_out[path] = None
+        spec.fan_in_fan_out[path] = None
+        spec.dropout[path] = dropout
+        spec.d_initial[path] = d_initial
+        spec.lambda_d[path] = _check_vector(
+            tensors[f"{_PEFT_PREFIX}{path}.vera_lambda_d"], (rank,), f"{path}.vera_lambda_d", where)
+        spec.lambda_b[path] = tensors[f"{_PEFT_PREFIX}{path}.vera_lambda_b"]  # shape checked with the model
+    if "base_model.vera_A" in expected:
+        A, B = tensors["base_model.vera_A"], tensors["base_model.vera_B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != rank or B.shape[1] != rank:
+            raise AdapterFileError(
+                f"{where}: vera_A {tuple(A.shape)} / vera_B {tuple(B.shape)} do not match r={rank} "
+                f"(A is [r, max_in], B is [max_out, r])"
+            )
+        spec.projection = Projection.from_tensors(A, B)
+        key = cfg.get("projection_prng_key")
+        if isinstance(key, int) and not isinstance(key, bool):
+            try:  # PEFT's matrices come from the key: remember it, so save_adapter stores the key alone
+                if Projection.from_peft_key(key, rank, A.shape[1], B.shape[0]) == spec.projection:
+                    spec.projection.peft_key = key
+            except (TypeError, ValueError):
+                pass
+    else:
+        key = cfg.get("projection_prng_key", 0)
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise AdapterFileError(f"{where}: projection_prng_key must be an integer, got {key!r}")
+        spec.make_projection = lambda max_in, max_out: Projection.from_peft_key(key, rank, max_in, max_out)
+    return spec
+
+
+def _resolve(model: nn.Module, spec: _Spec, where: str) -> Dict[str, nn.Module]:
+    """Each adapter path's module in the model, checked against the adapter's shapes."""
+    adapted = vera_layers(model)
+    modules = {}
+    for path in spec.paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise AdapterFileError(f"{where}: the model has no module {path!r}") from None
+        if adapted:
+            if not isinstance(module, VeRALinear):
+                raise AdapterFileError(f"{where}: {path!r} is a {type(module).__name__}, not a VeRA layer")
+            fif = module.fan_in_fan_out
+        else:
+            kind = linear_kind(module)
+            if kind is None:
+                raise AdapterFileError(
+                    f"{where}: {path!r} is a {type(module).__name__}, not nn.Linear or Conv1D")
+            fif = kind == "conv1d"
+        k, n = _in_out(module)
+        if spec.in_out[path] is not None and spec.in_out[path] != (k, n):
+            raise AdapterFileError(
+                f"{where}: {path!r} has in/out features {(k, n)}, the adapter was saved for {spec.in_out[path]}")
+        if spec.fan_in_fan_out[path] is not None and spec.fan_in_fan_out[path] != fif:
+            raise AdapterFileError(
+                f"{where}: {path!r} has fan_in_fan_out={fif}, the adapter says {spec.fan_in_fan_out[path]}")
+        spec.in_out[path] = (k, n)
+        spec.lambda_b[path] = _check_vector(spec.lambda_b[path], (n,), f"{path} lambda_b", where)
+        modules[path] = module
+    if adapted:
+        missing = sorted(set(adapted) - set(spec.paths))
+        if missing:
+            raise AdapterFileError(f"{where}: the adapter has no vectors for the model's VeRA layers {missing[:6]}")
+    if spec.projection is None:
+        max_in = max(k for k, _ in spec.in_out.values())
+        max_out = max(n for _, n in spec.in_out.values())
+        spec.projection = spec.make_projection(max_in, max_out)
+    p = spec.projection
+    too_big = [path for path, (k, n) in spec.in_out.items() if k > p.max_in_features or n > p.max_out_features]
+    if too_big:
+        raise AdapterFileError(f"{where}: layers {too_big[:4]} are larger than the adapter's projection {p!r}")
+    return modules
+
+
+def load_adapter(model: nn.Module, directory: str) -> nn.Module:
+    """Load a VeRA adapter directory into ``model``; returns ``model``.
+
+    ``directory`` is this package's format (:func:`save_adapter`) or a PEFT VeRA adapter
+    (``peft_type: VERA``; ``save_projection`` true: the stored ``A``/``B``; false: ``A``/``B`` regenerated
+    bit-exactly from ``projection_prng_key``). A plain model gets VeRA layers on the adapter's module
+    paths (every other parameter frozen, as :func:`apply_vera`); a model that already has VeRA layers must
+    have exactly the adapter's layers and the same projection, and receives the vectors.
+
+    Everything is checked before the model is touched: an unknown format or version, missing or
+    unexpected tensors, wrong shapes, a module path the model lacks, or a different seed/rank raise
+    :class:`AdapterFileError` and leave the model unchanged.
+    """
+    where = str(directory)
+    cfg = _read_config(directory)
+    if "peft_type" in cfg:
+        tensors = _read_tensors(directory)
+        spec = _peft_spec(cfg, tensors, model, where)
+    elif cfg.get("format") == FORMAT:
+        tensors = _read_tensors(directory)
+        spec = _own_spec(cfg, tensors, where)
+    else:
+        raise AdapterFileError(
+            f"{where}: unknown adapter format {cfg.get('format')!r} (expected {FORMAT!r} or a PEFT VeRA "
+            f"adapter with peft_type 'VERA')"
+        )
+    adapted = vera_layers(model)
+    modules = _resolve(model, spec, where)
+    if adapted:
+        current = shared_projection(adapted)
+        if current != spec.projection:
+            raise AdapterFileError(
+                f"{where}: the adapter's projection {spec.projection!r} differs from the model's {current!r} "
+                f"(seed, rank or size mismatch); load it into a plain model instead"
+            )
+        merged = [p for p, m in modules.items() if m.merged]
+        if merged:
+            raise AdapterFileError(f"{where}: VeRA layers {merged[:4]} are merged; unmerge them first")
+        with torch.no_grad():
+            for path, layer in modules.items():
+                layer.lambda_d.copy_(spec.lambda_d[path])
+                layer.lambda_b.copy_(spec.lambda_b[path])
+                layer.dropout = spec.dropout[path]
+                layer.d_initial = spec.d_initial[path]
+        return model
+    plan = plan_layers(list(modules.items()), spec.projection, spec.d_initial, spec.dropout)
+    with torch.no_grad():
+        for path, layer in plan:
+            layer.lambda_d.copy_(spec.lambda_d[path])
+            layer.lambda_b.copy_(spec.lambda_b[path])
+    install(model, plan)
+    return model
+

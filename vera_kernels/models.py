@@ -1,0 +1,396 @@
+"""VeRA on whole models: ``apply_vera``, ``merge_and_unload``, ``from_peft`` and a parameter summary.
+
+Every adapted layer becomes a :class:`VeRALinear` sharing ONE :class:`Projection` sized to the largest
+adapted layer, as in the VeRA paper and PEFT. Module selection follows PEFT's ``target_modules`` rules.
+Nothing here imports ``transformers`` or ``peft`` unless the model or the call needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .layer import VeRALinear
+from .projection import Projection
+
+__all__ = [
+    "apply_vera",
+    "merge_and_unload",
+    "from_peft",
+    "vera_layers",
+    "trainable_summary",
+    "print_trainable_parameters",
+]
+
+ALL_LINEAR = "all-linear"
+TargetModules = Union[str, Sequence[str]]
+
+
+# --- optional dependencies ----------------------------------------------------------------------
+def require(module: str):
+    """Import an optional dependency (``transformers``, ``peft``, ``safetensors``) or explain how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"this vera_kernels feature needs the optional package {module.split('.')[0]!r}: "
+            f'install the extra with `pip install -e ".[hf]"` (transformers, peft, safetensors)'
+        ) from e
+
+
+def _conv1d_class():
+    """transformers' ``Conv1D`` if transformers is already imported (a model holding one imported it)."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def linear_kind(module: nn.Module) -> Optional[str]:
+    """``"linear"`` for ``nn.Linear``, ``"conv1d"`` for transformers' ``Conv1D``, else ``None``."""
+    if isinstance(module, VeRALinear):
+        return None
+    if isinstance(module, nn.Linear):
+        return "linear"
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    return None
+
+
+def _in_out(module: nn.Module) -> Tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear``, a ``Conv1D`` or a ``VeRALinear``."""
+    if isinstance(module, (nn.Linear, VeRALinear)):
+        return int(module.in_features), int(module.out_features)
+    w = module.weight  # Conv1D: [in, out]
+    return int(w.shape[0]), int(w.shape[1])
+
+
+# --- module selection ---------------------------------------------------------------------------
+def _output_head_names(model: nn.Module) -> set:
+    """Names of the output head (``get_output_embeddings()``), which "all-linear" leaves alone."""
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get):
+        return set()
+    try:
+        head = get()
+    except (NotImplementedError, AttributeError):
+        return set()
+    if head is None:
+        return set()
+    return {name for name, m in model.named_modules() if m is head}
+
+
+def target_matches(target_modules: TargetModules, name: str) -> bool:
+    """PEFT's rule: a str is a regex matched against the whole module name; a list matches the name
+    exactly or as a dotted suffix (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_targets(model: nn.Module, target_modules: TargetModules) -> List[Tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs that ``target_modules`` selects, in ``named_modules`` order.
+
+    Raises ``TypeError`` when a selected module is neither ``nn.Linear`` nor ``Conv1D`` and
+    ``ValueError`` when nothing is selected.
+    """
+    if isinstance(target_modules, str):
+        pass
+    elif isinstance(target_modules, Iterable) and all(isinstance(t, str) for t in target_modules):
+        target_modules = list(target_modules)
+    else:
+        raise TypeError(f"target_modules must be a str or a list of str, got {target_modules!r}")
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+    heads = _output_head_names(model) if all_linear else set()
+    found = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        kind = linear_kind(module)
+        if all_linear:
+            if kind is not None and name not in heads:
+                found.append((name, module))
+            continue
+        if not target_matches(target_modules, name):
+            continue
+        if kind is None:
+            if isinstance(module, VeRALinear):
+                raise ValueError(f"module {name!r} already has a VeRA adapter")
+            raise TypeError(
+                f"target module {name!r} is a {type(module).__name__}; VeRA adapts nn.Linear and "
+                f"transformers' Conv1D only"
+            )
+        found.append((name, module))
+    if not found:
+        linear = [n for n, m in model.named_modules() if linear_kind(m) is not None][:8]
+        raise ValueError(
+            f"target_modules={target_modules!r} selects no linear layer of this model "
+            f"(some linear layers: {linear})"
+        )
+    return found
+
+
+# --- building and installing layers -------------------------------------------------------------
+def vera_layers(model: nn.Module) -> Dict[str, VeRALinear]:
+    """Every :class:`VeRALinear` of ``model`` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, VeRALinear)}
+
+
+def shared_projection(layers: Dict[str, VeRALinear]) -> Projection:
+    """The one projection the layers share (equal projections count as one); raises otherwise."""
+    if not layers:
+        raise ValueError("the model has no VeRA layers (use vk.apply_vera or vk.load_adapter first)")
+    first = next(iter(layers.values())).projection
+    for name, layer in layers.items():
+        if layer.projection is not first and layer.projection != first:
+            raise ValueError(
+                f"VeRA layers use different projections ({first!r} and, at {name!r}, {layer.projection!r}); "
+                f"an adapter file holds one shared projection"
+            )
+    return first
+
+
+def _parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def build_layer(module: nn.Module, projection: Projection, d_initial: float, dropout: float) -> VeRALinear:
+    """A :class:`VeRALinear` wrapping ``module`` (its weight and bias shared, not copied)."""
+    fif = linear_kind(module) == "conv1d"
+    return VeRALinear.from_linear(
+        module, projection=projection, d_initial=d_initial, dropout=dropout, fan_in_fan_out=fif
+    )
+
+
+def _reshare_projections(model: nn.Module, incompatible_keys=None) -> None:
+    """After ``load_state_dict`` every layer has its own copy of the projection: make equal ones shared."""
+    canonical: List[Projection] = []
+    for layer in vera_layers(model).values():
+        for p in canonical:
+            if layer.projection is p or layer.projection == p:
+                layer.projection = p
+                break
+        else:
+            canonical.append(layer.projection)
+
+
+def install(model: nn.Module, plan: List[Tuple[str, VeRALinear]], freeze: bool = True) -> None:
+    """Swap the planned layers into ``model`` (cannot fail half-way: every layer was built already)."""
+    parents = [_parent(model, name) for name, _ in plan]
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for (parent, child), (_, layer) in zip(parents, plan):
+        setattr(parent, child, layer)
+        if freeze:
+            layer.lambda_d.requires_grad_(True)
+            layer.lambda_b.requires_grad_(True)
+    if not getattr(model, "_vera_kernels_reshare_hook", None):
+        model._vera_kernels_reshare_hook = model.register_load_state_dict_post_hook(_reshare_projections)
+
+
+def plan_layers(
+    targets: Sequence[Tuple[str, nn.Module]],
+    projection: Projection,
+    d_initial: Union[float, Dict[str, float]],
+    dropout: Union[float, Dict[str, float]],
+) -> List[Tuple[str, VeRALinear]]:
+    """New layers for ``targets``; the model is not touched (on error the shared weights' ``requires_grad``
+    flags are put back as they were)."""
+    flags = [(p, p.requires_grad) for _, module in targets for p in module.parameters(recurse=False)]
+    plan = []
+    try:
+        for name, module in targets:
+            d = d_initial[name] if isinstance(d_initial, dict) else d_initial
+            p = dropout[name] if isinstance(dropout, dict) else dropout
+            try:
+                plan.append((name, build_layer(module, projection, d, p)))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{name}: {e}") from None
+    except BaseException:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
+    return plan
+
+
+def apply_vera(
+    model: nn.Module,
+    target_modules: TargetModules = ALL_LINEAR,
+    *,
+    rank: int = 256,
+    seed: int = 0,
+    d_initial: float = 0.1,
+    dropout: float = 0.0,
+    projection: Optional[Projection] = None,
+) -> nn.Module:
+    """Put a VeRA adapter on every selected linear layer of ``model``, in place; returns ``model``.
+
+    Args:
+        model: any ``nn.Module`` (e.g. a Hugging Face model).
+        target_modules: PEFT's rules: ``"all-linear"`` (every ``nn.Linear``/``Conv1D`` but the output head
+            ``model.get_output_embeddings()``), a list of names matching module-name suffixes
+            (``["q_proj", "v_proj"]``), or a regex matched against the full module name.
+        rank, seed: of the shared projection, sized to the largest selected layer (ignored when
+            ``projection`` is given).
+        d_initial: initial ``lambda_d`` (``lambda_b`` starts at 0, so the model's outputs are unchanged).
+        dropout: dropout probability on the adapter input while training.
+        projection: an explicit shared :class:`Projection` (at least as large as every selected layer).
+
+    ``nn.Linear`` layers and transformers' ``Conv1D`` layers (GPT-2; ``fan_in_fan_out``, the weight read
+    as a transposed view) become :class:`VeRALinear` sharing their weight and bias; every parameter of
+    the model is frozen except the new ``lambda_d``/``lambda_b``. On error the model is left unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    existing = vera_layers(model)
+    if existing:
+        raise ValueError(
+            f"the model already has VeRA layers (e.g. {next(iter(existing))!r}); use vk.load_adapter to "
+            f"load other vectors or vk.merge_and_unload first"
+        )
+    targets = find_targets(model, target_modules)
+    if projection is None:
+        max_in = max(_in_out(m)[0] for _, m in targets)
+        max_out = max(_in_out(m)[1] for _, m in targets)
+        projection = Projection(seed, rank, max_in, max_out)
+    elif not isinstance(projection, Projection):
+        raise TypeError(f"projection must be a vera_kernels.Projection, got {type(projection).__name__}")
+    plan = plan_layers(targets, projection, d_initial, dropout)
+    install(model, plan)
+    return model
+
+
+# --- summaries ----------------------------------------------------------------------------------
+def trainable_summary(model: nn.Module) -> str:
+    """One line in the style of PEFT's ``print_trainable_parameters``, plus the VeRA layers' projection."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    pct = 100.0 * trainable / total if total else 0.0
+    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
+    layers = vera_layers(model)
+    if layers:
+        projs = {id(layer.projection): layer.projection for layer in layers.values()}
+        p = next(iter(projs.values()))
+        src = f"seed {p.seed}" if p.is_seeded else "stored A/B"
+        line += (
+            f" || VeRA: {len(layers)} layers, rank {p.rank}, projection {src} "
+            f"[{p.rank}x{p.max_in_features}, {p.max_out_features}x{p.rank}]"
+        )
+        if len(projs) > 1:
+            line += f" ({len(projs)} projections)"
+    return line
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print :func:`trainable_summary`."""
+    print(trainable_summary(model))
+
+
+# --- merge and unload ---------------------------------------------------------------------------
+def _plain_module(layer: VeRALinear) -> nn.Module:
+    """An ``nn.Linear`` (or ``Conv1D`` for ``fan_in_fan_out``) holding ``layer``'s weight and bias."""
+    if layer.fan_in_fan_out:
+        conv1d = _conv1d_class() or require("transformers.pytorch_utils").Conv1D
+        with torch.device("meta"):
+            plain = conv1d(layer.out_features, layer.in_features)
+        plain.weight = layer.weight
+        if layer.bias is not None:
+            plain.bias = layer.bias
+        else:
+            plain.bias = nn.Parameter(
+                torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device),
+                requires_grad=False,
+            )
+        return plain
+    with torch.device("meta"):
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    plain.weight = layer.weight
+    if layer.bias is not None:
+        plain.bias = layer.bias
+    return plain
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every VeRA adapter into its base weight and put plain modules back; returns ``model``.
+
+    Each :class:`VeRALinear` becomes an ``nn.Linear`` (``Conv1D`` for ``fan_in_fan_out`` layers) whose
+    weight is ``W + (lambda_b B_N)(lambda_d A_K)`` (computed in float32), the same weight tensor updated
+    in place. The base parameters stay frozen.
+    """
+    layers = vera_layers(model)
+    if not layers:
+        raise ValueError("the model has no VeRA layers to merge")
+    plan = [(name, layer, _plain_module(layer)) for name, layer in layers.items()]
+    parents = [_parent(model, name) for name, _, _ in plan]
+    for (parent, child), (_, layer, plain) in zip(parents, plan):
+        if not layer.merged:
+            layer.merge()
+        setattr(parent, child, plain)
+    return model
+
+
+# --- PEFT models --------------------------------------------------------------------------------
+def from_peft(peft_model: nn.Module) -> nn.Module:
+    """The base model of a PEFT VeRA model with every VeRA layer replaced by :class:`VeRALinear`.
+
+    ``peft_model`` is a ``peft.PeftModel`` (or its ``VeraModel``) with one active VeRA adapter. The
+    result shares the base weights with it and uses PEFT's stored ``vera_A``/``vera_B`` (so outputs match
+    PEFT's); the lambdas are copied as float32. ``Conv1D`` layers become ``fan_in_fan_out`` layers. The
+    PEFT wrapper must not be used afterwards (its layers now live in the returned model).
+    """
+    require("peft")
+    from peft.tuners.vera.layer import VeraLayer
+    from peft.tuners.vera.model import VeraModel
+
+    tuner = getattr(peft_model, "base_model", peft_model)
+    if not isinstance(tuner, VeraModel):
+        raise TypeError(f"from_peft expects a PEFT VeRA model, got {type(peft_model).__name__}")
+    active = tuner.active_adapters
+    if len(active) != 1:
+        raise ValueError(f"from_peft converts one active adapter, this model has {active}")
+    name = active[0]
+    cfg = tuner.peft_config[name]
+    if getattr(cfg, "modules_to_save", None):
+        raise NotImplementedError("PEFT modules_to_save are not supported by from_peft")
+    base = tuner.model
+    A, B = tuner.vera_A[name], tuner.vera_B[name]
+    projection = Projection.from_tensors(A, B)
+    try:
+        regen = Projection.from_peft_key(cfg.projection_prng_key, projection.rank,
+                                         projection.max_in_features, projection.max_out_features)
+        if regen == projection:
+            projection.peft_key = regen.peft_key
+    except (TypeError, ValueError):
+        pass
+    plan = []
+    for path, module in base.named_modules():
+        if not isinstance(module, VeraLayer):
+            continue
+        if module.merged:
+            raise ValueError(f"{path}: the PEFT layer is merged; call unmerge_adapter() first")
+        if name not in module.vera_lambda_d:
+            continue
+        drop = module.vera_dropout[name]
+        p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+        base_layer = module.get_base_layer()
+        if linear_kind(base_layer) is None:
+            raise TypeError(f"{path}: base layer {type(base_layer).__name__} is not nn.Linear or Conv1D")
+        layer = build_layer(base_layer, projection, float(cfg.d_initial), p)
+        ld, lb = module.vera_lambda_d[name], module.vera_lambda_b[name]
+        with torch.no_grad():
+            layer.lambda_d.copy_(ld.detach().float())
+            layer.lambda_b.copy_(lb.detach().float())
+        layer.lambda_d.requires_grad_(ld.requires_grad)
+        layer.lambda_b.requires_grad_(lb.requires_grad)
+        plan.append((path, layer))
+    if not plan:
+        raise ValueError("the PEFT model has no VeRA layers for its active adapter")
+    install(base, plan, freeze=False)
+    return base
