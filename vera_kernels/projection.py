@@ -141,9 +141,13 @@ def projection_block(seed: int, matrix: int, rows: range, cols: range, bound: fl
     return unit * torch.tensor(bound, dtype=torch.float32, device=device)
 
 
-def dropout_keep_mask(seed: int, threshold: int, rows: int, cols: int, device=None) -> torch.Tensor:
-    """Boolean keep-mask of the adapter dropout for a flattened ``[rows, cols]`` input (DESIGN §2)."""
-    return (philox_block(seed, STREAM_DROPOUT, range(rows), range(cols), device) >> 8) >= threshold
+def dropout_keep_mask(seed: int, threshold: int, rows: int, cols: int, device=None, col0: int = 0) -> torch.Tensor:
+    """Boolean keep-mask of the adapter dropout for a flattened ``[rows, cols]`` input (DESIGN §2).
+
+    ``col0`` is the global column of the input's first column: a row-parallel shard of the input
+    (``in_offset``) draws exactly its columns of the unsharded mask.
+    """
+    return (philox_block(seed, STREAM_DROPOUT, range(rows), range(col0, col0 + cols), device) >> 8) >= threshold
 
 
 class Projection:
