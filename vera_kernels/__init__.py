@@ -19,6 +19,17 @@ __all__ = [
     "use_backend",
     "BackendUnavailableError",
     "reference",
+    "ColwiseParallel",
+    "RowwiseParallel",
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The tensor-parallel styles import torch.distributed.tensor: only when asked for.
+    if name in ("ColwiseParallel", "RowwiseParallel"):
+        from . import distributed
+
+        return getattr(distributed, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
