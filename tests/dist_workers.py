@@ -14,6 +14,7 @@ import socket
 import time
 import traceback
 import warnings
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ WORLD = 2
 IN, HIDDEN, OUT, RANK = 12, 16, 10, 4
 BATCH, SEQ = 4, 3  # the global batch; data-parallel ranks take BATCH // WORLD rows each
 STEPS = 3
-LR = 0.1
+LR = 0.02
 
 
 # --- models and data shared by the ranks and the single-process runs -------------------------------
@@ -33,21 +34,21 @@ LR = 0.1
 class MLP(nn.Module):
     """fc1 (column-parallel under TP) -> gelu -> fc2 (row-parallel), one projection shared by both."""
 
-    def __init__(self, dropout: float = 0.0):
+    def __init__(self, dropout: float = 0.0, hidden: int = HIDDEN):
         super().__init__()
-        proj = vk.Projection(seed=7, rank=RANK, max_in_features=HIDDEN, max_out_features=HIDDEN)
-        self.fc1 = vk.VeRALinear(IN, HIDDEN, rank=RANK, projection=proj, dropout=dropout)
-        self.fc2 = vk.VeRALinear(HIDDEN, OUT, rank=RANK, projection=proj, dropout=dropout)
+        proj = vk.Projection(seed=7, rank=RANK, max_in_features=hidden, max_out_features=hidden)
+        self.fc1 = vk.VeRALinear(IN, hidden, rank=RANK, projection=proj, dropout=dropout)
+        self.fc2 = vk.VeRALinear(hidden, OUT, rank=RANK, projection=proj, dropout=dropout)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def make_model(dropout: float = 0.0) -> MLP:
+def make_model(dropout: float = 0.0, hidden: int = HIDDEN) -> MLP:
     """The same model on every rank: weights from a fixed seed, lambda_b moved off zero so that both
     vectors get non-zero gradients from the first step."""
     torch.manual_seed(1234)
-    model = MLP(dropout)
+    model = MLP(dropout, hidden)
     with torch.no_grad():
         for layer in (model.fc1, model.fc2):
             layer.lambda_b.copy_(torch.randn_like(layer.lambda_b))
@@ -89,10 +90,10 @@ def train(model, x, target, steps=STEPS, seed=5):
     return first
 
 
-def single_process(mode: str, backend: str) -> dict:
+def single_process(mode: str, backend: str, hidden: int = HIDDEN) -> dict:
     """The reference run: the whole batch in one process."""
     x, target = make_data()
-    model = make_model(dropout=0.1 if mode == "tp" else 0.0)
+    model = make_model(dropout=0.1 if mode == "tp" else 0.0, hidden=hidden)
     model.train()
     with vk.use_backend(backend):
         first = train(model, x, target)
@@ -138,12 +139,12 @@ def scenario_fsdp2(rank, world, backend):
     return result
 
 
-def scenario_tp(rank, world, backend, forward_only=False):
+def scenario_tp(rank, world, backend, forward_only=False, hidden=HIDDEN):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
     x, target = make_data()
-    model = make_model(dropout=0.1)
+    model = make_model(dropout=0.1, hidden=hidden)
     mesh = init_device_mesh("cpu", (world,))
     parallelize_module(model, mesh, {"fc1": vk.ColwiseParallel(), "fc2": vk.RowwiseParallel()})
     model.train()
@@ -162,7 +163,9 @@ def scenario_tp(rank, world, backend, forward_only=False):
     return result
 
 
-SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "tp": scenario_tp}
+UNEVEN_HIDDEN = HIDDEN + 1  # shards of 9 and 8 hidden features
+SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "tp": scenario_tp,
+             "tp_uneven": partial(scenario_tp, hidden=UNEVEN_HIDDEN)}
 
 
 def _worker(rank, world, port, jobs, results):

@@ -42,7 +42,7 @@ def _triton_tp_skip_reason():
 @pytest.fixture(scope="module")
 def results():
     """Every rank's results of every scenario, from one launch of 2 gloo ranks."""
-    jobs = [(mode, b, {}) for b in BACKENDS if _usable(b) is None for mode in ("ddp", "fsdp2", "tp")]
+    jobs = [(mode, b, {}) for b in BACKENDS if _usable(b) is None for mode in ("ddp", "fsdp2", "tp", "tp_uneven")]
     if _triton_tp_skip_reason() is None:
         jobs.append(("tp", "triton", {"forward_only": True}))
     return dw.run_ranks(jobs, timeout=150)
@@ -100,6 +100,17 @@ def test_tensor_parallel_matches_single_process(results, backend):
     for rank, r in enumerate(per_rank):
         _close(r["outputs"], ref["outputs"], f"tp rank {rank} outputs")
     _check_vectors(per_rank, ref, "tp")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_parallel_uneven_shards(results, backend):
+    """A hidden size the mesh does not divide (shards of 9 and 8 features) still matches."""
+    per_rank = _ranks(results, "tp_uneven", backend)
+    ref = dw.single_process("tp", backend, hidden=dw.UNEVEN_HIDDEN)
+    for rank, r in enumerate(per_rank):
+        _close(r["outputs"], ref["outputs"], f"uneven tp rank {rank} outputs")
+        assert tuple(r["offsets"]["fc2"]) == (shard_range(dw.UNEVEN_HIDDEN, dw.WORLD, rank)[0], 0)
+    _check_vectors(per_rank, ref, "uneven tp")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
