@@ -50,8 +50,8 @@ def format_table(rows: List[Dict]) -> str:
     base = next(r["bytes_per_step"] for r in rows if r["method"] == "VeRA" and r["rank"] == 1024)
     lines = ["| method | rank | trainable params | all-reduce per step | vs VeRA r=1024 |", "|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['rank']} | {r['params'] / 1e6:.2f} M | {r['bytes_per_step'] / 2**20:.2f} MiB"
-                     f" | {r['bytes_per_step'] / base:.1f}x |")
+        lines.append(f"| {r['method']} | {r['rank']} | {r['params'] / 1e6:.2f} M "
+                     f"| {r['bytes_per_step'] / 2**20:.2f} MiB | {r['bytes_per_step'] / base:.1f}x |")
     return "\n".join(lines)
 
 

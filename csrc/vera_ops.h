@@ -50,8 +50,8 @@ inline ProjectionSource make_source(uint32_t stream, const std::optional<at::Ten
                                     int64_t key1, double bound, int64_t rank, int64_t extent,
                                     const at::Tensor& like, int64_t offset = 0) {
   TORCH_CHECK(rank > 0, "vera_kernels: rank must be positive, got ", rank);
-  TORCH_CHECK(offset >= 0 && offset <= 0xFFFFFFFFll, "vera_kernels: ", (stream == kMatrixA ? "in_offset" : "out_offset"),
-              " must be in [0, 2**32), got ", offset);
+  TORCH_CHECK(offset >= 0 && offset <= 0xFFFFFFFFll, "vera_kernels: ",
+              (stream == kMatrixA ? "in_offset" : "out_offset"), " must be in [0, 2**32), got ", offset);
   ProjectionSource src{stream, Key{0u, 0u}, static_cast<float>(bound), nullptr, 0, 0, offset};
   if (!stored.has_value()) {
     src.key = make_key(key0, key1, "projection key");

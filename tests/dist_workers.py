@@ -74,20 +74,25 @@ def vectors(model) -> dict:
 
 
 def train(model, x, target, steps=STEPS, seed=5):
-    """``steps`` SGD steps (momentum) on the mean squared error; returns the first step's outputs."""
+    """``steps`` SGD steps (momentum) on the mean squared error.
+
+    Returns the first step's outputs and the gradient of the loss with respect to the input (which
+    exercises the layers' grad_x, the column-parallel one included).
+    """
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=0.9, foreach=False)
-    first = None
+    x = x.detach().clone().requires_grad_(True)
+    first = input_grad = None
     for step in range(steps):
         torch.manual_seed(seed + step)  # the per-call dropout seeds, identical on every rank
         y = model(x)
-        if first is None:
-            first = y.detach().reshape(-1).tolist()
         loss = F.mse_loss(y, target)
         opt.zero_grad()
         loss.backward()
+        if first is None:
+            first, input_grad = y.detach().reshape(-1).tolist(), x.grad.reshape(-1).tolist()
         opt.step()
     del opt
-    return first
+    return first, input_grad
 
 
 def single_process(mode: str, backend: str, hidden: int = HIDDEN) -> dict:
@@ -96,8 +101,8 @@ def single_process(mode: str, backend: str, hidden: int = HIDDEN) -> dict:
     model = make_model(dropout=0.1 if mode == "tp" else 0.0, hidden=hidden)
     model.train()
     with vk.use_backend(backend):
-        first = train(model, x, target)
-    return {"outputs": first, "vectors": vectors(model)}
+        first, gx = train(model, x, target)
+    return {"outputs": first, "input_grad": gx, "vectors": vectors(model)}
 
 
 # --- per-rank scenarios --------------------------------------------------------------------------
@@ -114,8 +119,8 @@ def scenario_ddp(rank, world, backend):
     counter = ByteCounter()
     ddp.register_comm_hook(None, counter.hook)
     with vk.use_backend(backend):
-        first = train(ddp, x[rows], target[rows])
-    result = {"outputs": first, "vectors": vectors(model), "bytes_per_step": counter.total // STEPS,
+        first, gx = train(ddp, x[rows], target[rows])
+    result = {"outputs": first, "input_grad": gx, "vectors": vectors(model), "bytes_per_step": counter.total // STEPS,
               "calls": counter.calls}
     del ddp, model
     return result
@@ -133,8 +138,8 @@ def scenario_fsdp2(rank, world, backend):
     with warnings.catch_warnings():  # FSDP2 notes that the layer's output is a view (harmless here)
         warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
         with vk.use_backend(backend):
-            first = train(model, x[rows], target[rows])
-    result = {"outputs": first, "vectors": vectors(model)}
+            first, gx = train(model, x[rows], target[rows])
+    result = {"outputs": first, "input_grad": gx, "vectors": vectors(model)}
     del model
     return result
 
@@ -156,8 +161,8 @@ def scenario_tp(rank, world, backend, forward_only=False, hidden=HIDDEN):
             first = model(x).detach().reshape(-1).tolist()
             result = {"outputs": first}
         else:
-            first = train(model, x, target)
-            result = {"outputs": first, "vectors": vectors(model)}
+            first, gx = train(model, x, target)
+            result = {"outputs": first, "input_grad": gx, "vectors": vectors(model)}
     result.update(placements=placements, offsets=offsets)
     del model, mesh
     return result

@@ -59,6 +59,13 @@ def _check_vectors(per_rank, ref, mode):
             _close(res["vectors"][name], want, f"{mode} rank {rank} {name} after {dw.STEPS} steps")
 
 
+def _check_input_grad_dp(per_rank, ref, mode):
+    """Data parallel: each rank's loss is the mean over its half of the batch, so its input gradient is
+    WORLD times the single-process one on those rows."""
+    got = [g / dw.WORLD for r in per_rank for g in r["input_grad"]]
+    _close(got, ref["input_grad"], f"{mode} input gradient")
+
+
 def _ranks(results, mode, backend):
     if _usable(backend) is not None:
         pytest.skip(_usable(backend))
@@ -70,6 +77,7 @@ def test_ddp_matches_single_process(results, backend):
     per_rank = _ranks(results, "ddp", backend)
     ref = dw.single_process("ddp", backend)
     _close(sum((r["outputs"] for r in per_rank), []), ref["outputs"], "ddp outputs (rank 0 rows, then rank 1)")
+    _check_input_grad_dp(per_rank, ref, "ddp")
     _check_vectors(per_rank, ref, "ddp")
 
 
@@ -89,6 +97,7 @@ def test_fsdp2_matches_single_process(results, backend):
     per_rank = _ranks(results, "fsdp2", backend)
     ref = dw.single_process("fsdp2", backend)
     _close(sum((r["outputs"] for r in per_rank), []), ref["outputs"], "fsdp2 outputs")
+    _check_input_grad_dp(per_rank, ref, "fsdp2")
     _check_vectors(per_rank, ref, "fsdp2")
 
 
@@ -99,6 +108,7 @@ def test_tensor_parallel_matches_single_process(results, backend):
     ref = dw.single_process("tp", backend)
     for rank, r in enumerate(per_rank):
         _close(r["outputs"], ref["outputs"], f"tp rank {rank} outputs")
+        _close(r["input_grad"], ref["input_grad"], f"tp rank {rank} input gradient (through the column layer)")
     _check_vectors(per_rank, ref, "tp")
 
 
@@ -109,6 +119,7 @@ def test_tensor_parallel_uneven_shards(results, backend):
     ref = dw.single_process("tp", backend, hidden=dw.UNEVEN_HIDDEN)
     for rank, r in enumerate(per_rank):
         _close(r["outputs"], ref["outputs"], f"uneven tp rank {rank} outputs")
+        _close(r["input_grad"], ref["input_grad"], f"uneven tp rank {rank} input gradient")
         assert tuple(r["offsets"]["fc2"]) == (shard_range(dw.UNEVEN_HIDDEN, dw.WORLD, rank)[0], 0)
     _check_vectors(per_rank, ref, "uneven tp")
 
@@ -158,3 +169,15 @@ def test_styles_refuse_other_modules_with_a_clear_error():
 
 class _FakeMesh:
     ndim = 1
+
+
+def test_llama2_7b_traffic_table_reproduces_the_paper_counts():
+    """VeRA r=1024 and LoRA r=64 on every linear layer of Llama-2-7B: the paper's 1.6M and 159.9M parameters."""
+    from benchmarks.distributed_traffic import llama2_7b_layers, traffic_table
+
+    rows = {(r["method"], r["rank"]): r for r in traffic_table(llama2_7b_layers())}
+    assert rows[("VeRA", 1024)]["params"] == 32 * (4 * (1024 + 4096) + 2 * (1024 + 11008) + (1024 + 4096))
+    assert rows[("LoRA", 64)]["params"] == 32 * 64 * (4 * 8192 + 3 * (4096 + 11008))
+    assert round(rows[("VeRA", 1024)]["params"] / 1e6, 1) == 1.6
+    assert round(rows[("LoRA", 64)]["params"] / 1e6, 1) == 159.9
+    assert rows[("LoRA", 64)]["bytes_per_step"] == 4 * rows[("LoRA", 64)]["params"]

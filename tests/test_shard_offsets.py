@@ -159,7 +159,8 @@ def test_projection_shard_is_a_slice_of_materialize():
     assert torch.equal(a, A[:, 7:20]) and torch.equal(b, B[3:20])
     stored = vk.Projection.from_tensors(A * 2, B * 3)
     a, b = stored.shard(1, 2, 20, 1, dtype=torch.float64)
-    assert a.dtype == torch.float64 and torch.equal(a, (A * 2)[:, 1:3].double()) and torch.equal(b, (B * 3)[20:].double())
+    assert a.dtype == torch.float64
+    assert torch.equal(a, (A * 2)[:, 1:3].double()) and torch.equal(b, (B * 3)[20:].double())
     with pytest.raises(ValueError, match="exceed max_in_features=30"):
         proj.shard(20, 11, 0, 1)
     with pytest.raises(ValueError, match="exceed max_out_features=21"):

@@ -155,7 +155,9 @@ class VeRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """``(lambda_b[:, None] * B_N) @ (lambda_d[:, None] * A_K)`` in float32, ``[N, K]``."""
         if self.tensor_parallel is not None:
-            raise NotImplementedError("a tensor-parallel shard of VeRALinear cannot be merged; merge the unsharded layer")
+            raise NotImplementedError(
+                "a tensor-parallel shard of VeRALinear cannot be merged; merge the unsharded layer"
+            )
         A, B = self.projection.materialize(torch.float32, self.weight.device)
         A_K = A[:, : self.in_features]
         B_N = B[: self.out_features]
