@@ -86,14 +86,13 @@ def _tiny_model():
     return torch.nn.Sequential(*[vk.VeRALinear(k, n, rank=TINY_RANK, projection=proj) for k, n in TINY_LAYERS])
 
 
-def _measure_rank(rank, world, port, out):
+def _measure_rank(rank, world, store_path, out):
     import gc
 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         model = DDP(_tiny_model())
         counter = ByteCounter()
@@ -112,14 +111,13 @@ def _measure_rank(rank, world, port, out):
 
 def measure(world: int = 2, timeout: float = 120.0) -> int:
     """Bytes all-reduced per step by DDP on the tiny VeRA model, counted on ``world`` gloo ranks."""
-    import socket
+    import tempfile
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    tmp = tempfile.TemporaryDirectory(prefix="vk_traffic_")
+    store_path = os.path.join(tmp.name, "store")
     ctx = torch.multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_measure_rank, args=(r, world, port, out), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_measure_rank, args=(r, world, store_path, out), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     try:
@@ -130,6 +128,7 @@ def measure(world: int = 2, timeout: float = 120.0) -> int:
             p.join(10)
             if p.is_alive():
                 p.kill()
+        tmp.cleanup()
     values = {c for _, c in counts}
     if len(values) != 1:
         raise RuntimeError(f"ranks counted different byte totals: {sorted(counts)}")

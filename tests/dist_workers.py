@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import queue as queue_mod
-import socket
+import tempfile
 import time
 import traceback
 import warnings
@@ -173,13 +173,13 @@ SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "tp": scenario_tp,
              "tp_uneven": partial(scenario_tp, hidden=UNEVEN_HIDDEN)}
 
 
-def _worker(rank, world, port, jobs, results):
+def _worker(rank, world, store_path, jobs, results):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        # a file rendezvous: no TCP port to pick, so no clash with other jobs on the machine
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
         out = {}
         for name, backend, kwargs in jobs:
             t0 = time.perf_counter()
@@ -195,12 +195,6 @@ def _worker(rank, world, port, jobs, results):
             dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(jobs, world: int = WORLD, timeout: float = 120.0) -> list:
     """Run ``jobs`` (``(scenario, backend, kwargs)`` triples, in order) on ``world`` spawned gloo ranks.
 
@@ -209,8 +203,9 @@ def run_ranks(jobs, world: int = WORLD, timeout: float = 120.0) -> list:
     """
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, list(jobs), results), daemon=True)
+    tmp = tempfile.TemporaryDirectory(prefix="vk_dist_")
+    store_path = os.path.join(tmp.name, "store")
+    procs = [ctx.Process(target=_worker, args=(r, world, store_path, list(jobs), results), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -239,4 +234,5 @@ def run_ranks(jobs, world: int = WORLD, timeout: float = 120.0) -> list:
                 p.kill()
                 p.join(5)
         results.close()
+        tmp.cleanup()
     return [got[r] for r in range(world)]
