@@ -243,7 +243,7 @@ class ColwiseParallel(_VeRAParallelStyle):
         offset, length = shard_range(module.out_features, device_mesh.size(), device_mesh.get_local_rank())
         assert module.weight.to_local().shape[0] == length, "DTensor sharding differs from torch.chunk's"
         module.out_offset = offset
-        module.tensor_parallel = COLWISE
+        module.tensor_parallel = self.mode
 
 
 class RowwiseParallel(_VeRAParallelStyle):
@@ -277,7 +277,7 @@ class RowwiseParallel(_VeRAParallelStyle):
         offset, length = shard_range(module.in_features, device_mesh.size(), device_mesh.get_local_rank())
         assert module.weight.to_local().shape[1] == length, "DTensor sharding differs from torch.chunk's"
         module.in_offset = offset
-        module.tensor_parallel = ROWWISE
+        module.tensor_parallel = self.mode
 
 
 # --- data-parallel traffic -------------------------------------------------------------------------
