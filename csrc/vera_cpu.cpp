@@ -112,7 +112,7 @@ void load_chunk(const at::Tensor& in, int64_t m0, int64_t mb, int64_t c0, int64_
       float* o = out + m * cb;
       for (int64_t j = 0; j < cb; ++j) o[j] = static_cast<float>(src[j * s1]);
       if (!drop.active()) continue;
-      philox_row(kDropout, m0 + m, c0, cb, drop.key, words.data());
+      philox_row(kDropout, m0 + m, drop.col0 + c0, cb, drop.key, words.data());
       for (int64_t j = 0; j < cb; ++j) o[j] = dropout_keep(words[j], drop.threshold) ? o[j] * drop.scale : 0.0f;
     }
   });
@@ -137,7 +137,7 @@ void add_chunk(at::Tensor& out, int64_t m0, int64_t mb, int64_t c0, int64_t cb, 
         std::copy(zr, zr + cb, a);
       }
       if (drop.active()) {
-        philox_row(kDropout, m0 + m, c0, cb, drop.key, words.data());
+        philox_row(kDropout, m0 + m, drop.col0 + c0, cb, drop.key, words.data());
         for (int64_t j = 0; j < cb; ++j) a[j] = dropout_keep(words[j], drop.threshold) ? a[j] * drop.scale : 0.0f;
       }
       scalar_t* o = base + (m0 + m) * s0 + c0 * s1;
@@ -149,8 +149,9 @@ void add_chunk(at::Tensor& out, int64_t m0, int64_t mb, int64_t c0, int64_t cb, 
 #define VERA_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-// The projection oriented [rank, C] (A as stored; B transposed), handed out one column tile at a time.
-// Generated tiles land in one reused buffer; stored matrices are sliced, never copied.
+// The projection oriented [rank, C] (A as stored; B transposed), handed out one column tile at a time;
+// column c is global column src.offset + c of A (row of B). Generated tiles land in one reused buffer;
+// stored matrices are sliced, never copied.
 class ProjectionTiles {
  public:
   ProjectionTiles(const ProjectionSource& src, const std::optional<at::Tensor>& stored, int64_t rank, int64_t C,
@@ -165,6 +166,7 @@ class ProjectionTiles {
   // Columns [c0, c0 + cb) as a float32 [rank, cb] tensor (possibly a transposed view).
   at::Tensor tile(int64_t c0, int64_t cb) {
     const bool is_a = src_.stream == kMatrixA;
+    c0 += src_.offset;
     if (stored_) return is_a ? stored_->narrow(1, c0, cb) : stored_->narrow(0, c0, cb).t();
     float* out = buffer_.mutable_data_ptr<float>();
     if (is_a) {
@@ -244,11 +246,11 @@ void add_expansion(at::Tensor& out, const at::Tensor& U, ProjectionTiles& P, con
 // s = (x * mask * scale) A_K^T, float32 [M, rank].
 at::Tensor shrink_cpu(const at::Tensor& x, const std::optional<at::Tensor>& A, int64_t rank, int64_t key0,
                       int64_t key1, double bound, int64_t drop_key0, int64_t drop_key1, int64_t drop_threshold,
-                      double drop_scale) {
+                      double drop_scale, int64_t in_offset) {
   const int64_t K = check_shrink(x);
-  ProjectionTiles P(make_source(kMatrixA, A, key0, key1, bound, rank, K, x), A, rank, K, x.options());
+  ProjectionTiles P(make_source(kMatrixA, A, key0, key1, bound, rank, K, x, in_offset), A, rank, K, x.options());
   at::Tensor s = at::zeros({x.size(0), rank}, x.options().dtype(at::kFloat));
-  reduce_projected(s, x, P, at::Tensor(), make_dropout(drop_key0, drop_key1, drop_threshold, drop_scale),
+  reduce_projected(s, x, P, at::Tensor(), make_dropout(drop_key0, drop_key1, drop_threshold, drop_scale, in_offset),
                    at::Tensor(), nullptr);
   return s;
 }
@@ -256,10 +258,11 @@ at::Tensor shrink_cpu(const at::Tensor& x, const std::optional<at::Tensor>& A, i
 // y = x W^T + bias (at::addmm, x's dtype) + lambda_b * ((lambda_d * s) B_N^T) (float32), cast once.
 at::Tensor expand_add_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
-                          const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound) {
+                          const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound,
+                          int64_t out_offset) {
   check_expand(x, weight, bias, s, lambda_d, lambda_b);
   const int64_t N = weight.size(0), rank = s.size(1);
-  ProjectionTiles P(make_source(kMatrixB, B, key0, key1, bound, rank, N, x), B, rank, N, x.options());
+  ProjectionTiles P(make_source(kMatrixB, B, key0, key1, bound, rank, N, x, out_offset), B, rank, N, x.options());
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   add_expansion(y, s.mul(lambda_d), P, lambda_b, no_dropout());
   return y;
@@ -268,10 +271,12 @@ at::Tensor expand_add_cpu(const at::Tensor& x, const at::Tensor& weight, const s
 // (g = (grad_y * lambda_b) B_N, grad_lambda_d = sum_m s * g, grad_lambda_b = rowsum(B_N * (grad_y^T (lambda_d * s))))
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
-    const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound, bool need_lambda_b) {
+    const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound, bool need_lambda_b,
+    int64_t out_offset) {
   check_adapter_backward(grad_y, s, lambda_d, lambda_b);
   const int64_t M = grad_y.size(0), N = grad_y.size(1), rank = s.size(1);
-  ProjectionTiles P(make_source(kMatrixB, B, key0, key1, bound, rank, N, grad_y), B, rank, N, s.options());
+  ProjectionTiles P(make_source(kMatrixB, B, key0, key1, bound, rank, N, grad_y, out_offset), B, rank, N,
+                    s.options());
   at::Tensor g = at::zeros({M, rank}, s.options());
   at::Tensor grad_b = at::zeros({need_lambda_b ? N : 0}, s.options());
   const at::Tensor u = need_lambda_b ? s.mul(lambda_d) : at::Tensor();
@@ -283,12 +288,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cpu(
 at::Tensor grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& g,
                           const at::Tensor& lambda_d, const std::optional<at::Tensor>& A, int64_t key0, int64_t key1,
                           double bound, int64_t drop_key0, int64_t drop_key1, int64_t drop_threshold,
-                          double drop_scale) {
+                          double drop_scale, int64_t in_offset) {
   check_grad_input(grad_y, weight, g, lambda_d);
   const int64_t K = weight.size(1), rank = g.size(1);
-  ProjectionTiles P(make_source(kMatrixA, A, key0, key1, bound, rank, K, grad_y), A, rank, K, g.options());
+  ProjectionTiles P(make_source(kMatrixA, A, key0, key1, bound, rank, K, grad_y, in_offset), A, rank, K, g.options());
   at::Tensor grad_x = at::mm(grad_y, weight);
-  add_expansion(grad_x, g.mul(lambda_d), P, at::Tensor(), make_dropout(drop_key0, drop_key1, drop_threshold, drop_scale));
+  add_expansion(grad_x, g.mul(lambda_d), P, at::Tensor(),
+                make_dropout(drop_key0, drop_key1, drop_threshold, drop_scale, in_offset));
   return grad_x;
 }
 

@@ -3,7 +3,9 @@
 //
 // The projection travels as (stored float32 matrix or None, key0, key1, bound): the Philox key is the
 // 64-bit seed split into two uint32 words, bound the float32 Kaiming bound. The dropout travels as
-// (key0, key1, threshold, scale) with threshold 0 meaning "no dropout" (docs/DESIGN.md §2).
+// (key0, key1, threshold, scale) with threshold 0 meaning "no dropout" (docs/DESIGN.md §2). The last argument of
+// the adapter ops is a tensor-parallel shard's offset into the global projection: in_offset (the global
+// column of A, and of the dropout mask, for x's column 0) or out_offset (the global row of B for output 0).
 // Fake (meta) kernels are registered from Python, in vera_kernels/backends/_native.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -22,22 +24,22 @@ TORCH_LIBRARY(vera_kernels, m) {
   // s = (x * mask * scale) A_K^T, float32 [M, rank]
   m.def(
       "shrink(Tensor x, Tensor? A, int rank, int key0, int key1, float bound, int drop_key0, int drop_key1, "
-      "int drop_threshold, float drop_scale) -> Tensor",
+      "int drop_threshold, float drop_scale, int in_offset=0) -> Tensor",
       tags);
   // y = x W^T + bias + lambda_b * ((lambda_d * s) B_N^T), x's dtype [M, N]
   m.def(
       "expand_add(Tensor x, Tensor weight, Tensor? bias, Tensor s, Tensor lambda_d, Tensor lambda_b, Tensor? B, "
-      "int key0, int key1, float bound) -> Tensor",
+      "int key0, int key1, float bound, int out_offset=0) -> Tensor",
       tags);
   // (g [M, rank], grad_lambda_d [rank], grad_lambda_b [N], or [0] when need_lambda_b is false)
   m.def(
       "adapter_backward(Tensor grad_y, Tensor s, Tensor lambda_d, Tensor lambda_b, Tensor? B, int key0, int key1, "
-      "float bound, bool need_lambda_b) -> (Tensor, Tensor, Tensor)",
+      "float bound, bool need_lambda_b, int out_offset=0) -> (Tensor, Tensor, Tensor)",
       tags);
   // grad_x = grad_y W + mask * scale * ((g * lambda_d) A_K), x's dtype [M, K]
   m.def(
       "grad_input(Tensor grad_y, Tensor weight, Tensor g, Tensor lambda_d, Tensor? A, int key0, int key1, "
-      "float bound, int drop_key0, int drop_key1, int drop_threshold, float drop_scale) -> Tensor",
+      "float bound, int drop_key0, int drop_key1, int drop_threshold, float drop_scale, int in_offset=0) -> Tensor",
       tags);
   // tests only: out = rows [row0, ..) x cols [col0, ..) of the generated matrix `stream` (0 = A, 1 = B)
   m.def("projection_tile(Tensor(a!) out, int stream, int row0, int col0, int key0, int key1, float bound) -> ()");

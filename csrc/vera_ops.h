@@ -44,11 +44,15 @@ inline void check_vector(const at::Tensor& t, const char* name, int64_t n, const
 
 // The projection matrix `stream` (kMatrixA: [rank, >= extent]; kMatrixB: [>= extent, rank]),
 // generated from (key0, key1, bound) or, when `stored` is given, loaded from that float32 matrix.
+// `offset` is the global index of the layer's first column of A / first row of B (a shard's in_offset /
+// out_offset); a stored matrix must cover offset + extent.
 inline ProjectionSource make_source(uint32_t stream, const std::optional<at::Tensor>& stored, int64_t key0,
                                     int64_t key1, double bound, int64_t rank, int64_t extent,
-                                    const at::Tensor& like) {
+                                    const at::Tensor& like, int64_t offset = 0) {
   TORCH_CHECK(rank > 0, "vera_kernels: rank must be positive, got ", rank);
-  ProjectionSource src{stream, Key{0u, 0u}, static_cast<float>(bound), nullptr, 0, 0};
+  TORCH_CHECK(offset >= 0 && offset <= 0xFFFFFFFFll, "vera_kernels: ",
+              (stream == kMatrixA ? "in_offset" : "out_offset"), " must be in [0, 2**32), got ", offset);
+  ProjectionSource src{stream, Key{0u, 0u}, static_cast<float>(bound), nullptr, 0, 0, offset};
   if (!stored.has_value()) {
     src.key = make_key(key0, key1, "projection key");
     return src;
@@ -56,24 +60,25 @@ inline ProjectionSource make_source(uint32_t stream, const std::optional<at::Ten
   const at::Tensor& m = *stored;
   const char* name = stream == kMatrixA ? "stored A" : "stored B";
   check_fp32(m, name, 2, like);
-  const int64_t rows = stream == kMatrixA ? rank : extent;
   const int64_t r_dim = stream == kMatrixA ? 0 : 1;
-  TORCH_CHECK(m.size(r_dim) == rank && m.size(1 - r_dim) >= extent, "vera_kernels: ", name, " has shape ",
-              m.sizes(), ", which does not cover ", rows, " x ", (stream == kMatrixA ? extent : rank));
+  TORCH_CHECK(m.size(r_dim) == rank && m.size(1 - r_dim) >= offset + extent, "vera_kernels: ", name,
+              " has shape ", m.sizes(), ", which does not cover ", (stream == kMatrixA ? rank : offset + extent), " x ",
+              (stream == kMatrixA ? offset + extent : rank));
   src.data = m.data_ptr<float>();
   src.stride_row = m.stride(0);
   src.stride_col = m.stride(1);
   return src;
 }
 
-inline DropoutSpec no_dropout() { return DropoutSpec{Key{0u, 0u}, 0u, 1.0f}; }
+inline DropoutSpec no_dropout() { return DropoutSpec{Key{0u, 0u}, 0u, 1.0f, 0}; }
 
-inline DropoutSpec make_dropout(int64_t key0, int64_t key1, int64_t threshold, double scale) {
+// col0: the global column of the input's first column (in_offset of a row-parallel shard).
+inline DropoutSpec make_dropout(int64_t key0, int64_t key1, int64_t threshold, double scale, int64_t col0 = 0) {
   TORCH_CHECK(threshold >= 0 && threshold <= (1ll << 24), "vera_kernels: dropout threshold must be in [0, 2**24], got ",
               threshold);
   if (threshold == 0) return no_dropout();
   return DropoutSpec{make_key(key0, key1, "dropout key"), static_cast<uint32_t>(threshold),
-                     static_cast<float>(scale)};
+                     static_cast<float>(scale), col0};
 }
 
 // ---- per-op shape checks (one set for the CPU and the CUDA implementations) -------------------
@@ -136,7 +141,7 @@ inline ProjectionSource check_projection_tile(const at::Tensor& out, int64_t str
   check_fp32(out, "out", 2, out);
   TORCH_CHECK(out.is_contiguous(), "vera_kernels: out must be contiguous");
   return ProjectionSource{static_cast<uint32_t>(stream), make_key(key0, key1, "projection key"),
-                          static_cast<float>(bound), nullptr, 0, 0};
+                          static_cast<float>(bound), nullptr, 0, 0, 0};
 }
 
 }  // namespace vera

@@ -95,8 +95,20 @@ VERA_HD uint32_t philox_word(uint32_t stream, int64_t row, int64_t col, Key key)
   return w[col & 3];
 }
 
+// Words of `stream` at `row`, columns col .. col + 3 (any col, not only multiples of 4): one Philox call
+// when col is aligned, else one per word (the quad straddles two calls).
+VERA_HD void philox_words4(uint32_t stream, int64_t row, int64_t col, Key key, uint32_t out[4]) {
+  if ((col & 3) == 0) {
+    philox_quad(stream, row, col >> 2, key, out);
+    return;
+  }
+  for (int l = 0; l < 4; ++l) out[l] = philox_word(stream, row, col + l, key);
+}
+
 // Where a projection's values come from: generated from a key, or loaded from a stored float32
 // matrix (Projection.from_tensors) with element (i, j) at data[i * stride_row + j * stride_col].
+// `offset` is the global index of the layer's first column of A (stream A) or first row of B
+// (stream B): a tensor-parallel shard reads exactly its slice of the global matrix.
 struct ProjectionSource {
   uint32_t stream;  // kMatrixA or kMatrixB
   Key key;
@@ -104,16 +116,19 @@ struct ProjectionSource {
   const float* data;  // nullptr: generate
   int64_t stride_row;
   int64_t stride_col;
+  int64_t offset;
 
   VERA_HD bool generated() const { return data == nullptr; }
 };
 
 // Adapter-input dropout of one call: key from the per-call seed, threshold, scale = 1 / (1 - p).
-// threshold == 0 means no dropout (every element kept, scale 1).
+// threshold == 0 means no dropout (every element kept, scale 1). `col0` is the global column of the
+// input's first column (a row-parallel shard's in_offset), so a shard draws its columns of the whole mask.
 struct DropoutSpec {
   Key key;
   uint32_t threshold;
   float scale;
+  int64_t col0;
 
   VERA_HD bool active() const { return threshold != 0u; }
 };

@@ -30,6 +30,17 @@ __all__ = [
     "load_adapter",
     "save_peft_adapter",
     "AdapterFileError",
+    "ColwiseParallel",
+    "RowwiseParallel",
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The tensor-parallel styles import torch.distributed.tensor: only when asked for.
+    if name in ("ColwiseParallel", "RowwiseParallel"):
+        from . import distributed
+
+        return getattr(distributed, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

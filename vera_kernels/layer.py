@@ -38,6 +38,12 @@ class VeRALinear(nn.Module):
     parameters, the dropout and whether the layer is merged, so a saved layer reloads to identical outputs.
     """
 
+    # Tensor parallelism (set by vk.ColwiseParallel / vk.RowwiseParallel): "colwise" or "rowwise" when this
+    # module holds one shard, which uses A[:, in_offset:] and B[out_offset:] of the global projection.
+    tensor_parallel: Optional[str] = None
+    in_offset: int = 0
+    out_offset: int = 0
+
     def __init__(
         self,
         in_features: int,
@@ -161,15 +167,24 @@ class VeRALinear(nn.Module):
                     "no gradient; call unmerge() before training",
                 )
             return nn.functional.linear(x, self.weight_nk(), self.bias)
+        if self.tensor_parallel is not None:
+            from .distributed import sharded_forward
+
+            return sharded_forward(self, x, backend)
         return vera_linear(
             x, self.weight_nk(), self.bias, self.lambda_d, self.lambda_b, self.projection,
             dropout_p=self.dropout, training=self.training, backend=backend,
+            in_offset=self.in_offset, out_offset=self.out_offset,
         )
 
     # --- merge -------------------------------------------------------------------------------
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """``(lambda_b[:, None] * B_N) @ (lambda_d[:, None] * A_K)`` in float32, ``[N, K]``."""
+        if self.tensor_parallel is not None:
+            raise NotImplementedError(
+                "a tensor-parallel shard of VeRALinear cannot be merged; merge the unsharded layer"
+            )
         A, B = self.projection.materialize(torch.float32, self.weight.device)
         A_K = A[:, : self.in_features]
         B_N = B[: self.out_features]

@@ -149,9 +149,13 @@ def _peft_kaiming_uniform(shape, fan_in: int, gen: torch.Generator) -> torch.Ten
     return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
 
 
-def dropout_keep_mask(seed: int, threshold: int, rows: int, cols: int, device=None) -> torch.Tensor:
-    """Boolean keep-mask of the adapter dropout for a flattened ``[rows, cols]`` input (docs/DESIGN.md §2)."""
-    return (philox_block(seed, STREAM_DROPOUT, range(rows), range(cols), device) >> 8) >= threshold
+def dropout_keep_mask(seed: int, threshold: int, rows: int, cols: int, device=None, col0: int = 0) -> torch.Tensor:
+    """Boolean keep-mask of the adapter dropout for a flattened ``[rows, cols]`` input (docs/DESIGN.md §2).
+
+    ``col0`` is the global column of the input's first column: a row-parallel shard of the input
+    (``in_offset``) draws exactly its columns of the unsharded mask.
+    """
+    return (philox_block(seed, STREAM_DROPOUT, range(rows), range(col0, col0 + cols), device) >> 8) >= threshold
 
 
 class Projection:
@@ -276,6 +280,34 @@ class Projection:
         if cache:
             self._cache[ck] = (A, B)
         return A, B
+
+    def shard(
+        self, in_offset: int, in_features: int, out_offset: int, out_features: int,
+        dtype: torch.dtype = torch.float32, device="cpu",
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(A[:, in_offset : in_offset + in_features], B[out_offset : out_offset + out_features])``.
+
+        The slice of the global matrices that one tensor-parallel shard of a layer uses; a seeded
+        projection generates only those elements (global counters, so they equal the slices of
+        ``materialize()`` bit for bit).
+        """
+        for name, v in (("in_offset", in_offset), ("in_features", in_features), ("out_offset", out_offset),
+                        ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if in_offset + in_features > self.max_in_features:
+            raise ValueError(f"columns [{in_offset}, {in_offset + in_features}) exceed max_in_features="
+                             f"{self.max_in_features}")
+        if out_offset + out_features > self.max_out_features:
+            raise ValueError(f"rows [{out_offset}, {out_offset + out_features}) exceed max_out_features="
+                             f"{self.max_out_features}")
+        cols, rows = slice(in_offset, in_offset + in_features), slice(out_offset, out_offset + out_features)
+        if self._A is not None:
+            A, B = self._A[:, cols], self._B[rows]
+        else:
+            A = self.generate_a(slice(None), cols, device=device)
+            B = self.generate_b(rows, slice(None), device=device)
+        return A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)
 
     def _block(self, matrix: int, rows: slice, cols: slice, shape, bound: float, device):
         rr, cr = range(*rows.indices(shape[0])), range(*cols.indices(shape[1]))

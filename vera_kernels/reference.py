@@ -28,18 +28,21 @@ def vera_forward_math(
     B_N: torch.Tensor,
     dropout: Optional[Dropout],
     compute_dtype: torch.dtype = torch.float32,
+    dropout_col0: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """PEFT's formula on a flattened input: returns ``(y2d, s)``.
 
     ``lambda_d``/``lambda_b`` are ``[r]``/``[N]``, or per row ``[M, r]``/``[M, N]`` (many adapters).
 
     ``y = base(x) + lambda_b * ((lambda_d * s) B_N^T)`` with ``s = dropout(x) A_K^T`` in ``compute_dtype``,
-    the base product in ``x.dtype`` and the sum cast back to ``x.dtype``.
+    the base product in ``x.dtype`` and the sum cast back to ``x.dtype``. ``dropout_col0`` is the global
+    column of ``x2d``'s first column (a row-parallel shard's ``in_offset``) for the dropout mask.
     """
     base = F.linear(x2d, weight, bias)
     xa = x2d.to(compute_dtype)
     if dropout is not None:
-        keep = dropout_keep_mask(dropout.seed, dropout.threshold, x2d.shape[0], x2d.shape[1], x2d.device)
+        keep = dropout_keep_mask(dropout.seed, dropout.threshold, x2d.shape[0], x2d.shape[1], x2d.device,
+                                 col0=dropout_col0)
         xa = xa * keep.to(compute_dtype) * dropout.scale
     s = F.linear(xa, A_K.to(compute_dtype))
     adapter = lambda_b.to(compute_dtype) * F.linear(lambda_d.to(compute_dtype) * s, B_N.to(compute_dtype))
@@ -70,7 +73,8 @@ def vera_linear(
 
     ``adapter_ids`` (banks ``lambda_d [n, r]``, ``lambda_b [n, N]``) gathers each row's vectors (zeros for
     id -1) and lets autograd scatter the gradients back; ``in_offset``/``out_offset`` slice the global
-    ``A``/``B`` as a tensor-parallel shard does.
+    ``A``/``B`` as a tensor-parallel shard does (and the dropout mask takes columns from ``in_offset``,
+    so a row shard drops exactly its columns of the unsharded mask).
     """
     validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
     dropout = make_dropout(dropout_p, training, dropout_seed)
@@ -84,7 +88,7 @@ def vera_linear(
         lambda_b = lambda_b[ids.clamp_min(0)] * used  # [M, N]
     y2d, _ = vera_forward_math(
         x.reshape(-1, K), weight, bias, lambda_d, lambda_b,
-        A[:, in_offset:in_offset + K], B[out_offset:out_offset + N], dropout, compute_dtype,
+        A[:, in_offset:in_offset + K], B[out_offset:out_offset + N], dropout, compute_dtype, in_offset,
     )
     return y2d.reshape(*x.shape[:-1], N)
 

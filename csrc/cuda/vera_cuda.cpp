@@ -45,26 +45,27 @@ void check_cuda(const at::Tensor& t, const char* name) {
 
 at::Tensor shrink_cuda(const at::Tensor& x, const std::optional<at::Tensor>& A, int64_t rank, int64_t key0,
                        int64_t key1, double bound, int64_t drop_key0, int64_t drop_key1, int64_t drop_threshold,
-                       double drop_scale) {
+                       double drop_scale, int64_t in_offset) {
   const int64_t K = check_shrink(x);
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const ProjectionSource src = make_source(kMatrixA, A, key0, key1, bound, rank, K, x);
+  const ProjectionSource src = make_source(kMatrixA, A, key0, key1, bound, rank, K, x, in_offset);
   at::Tensor s = at::empty({x.size(0), rank}, x.options().dtype(at::kFloat));
   check_launch(cuda::launch_shrink(activation(x), x.size(0), K, src, rank,
-                                   make_dropout(drop_key0, drop_key1, drop_threshold, drop_scale),
+                                   make_dropout(drop_key0, drop_key1, drop_threshold, drop_scale, in_offset),
                                    s.mutable_data_ptr<float>(), stream_of(x)));
   return s;
 }
 
 at::Tensor expand_add_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
-                           const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound) {
+                           const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound,
+                           int64_t out_offset) {
   check_expand(x, weight, bias, s, lambda_d, lambda_b);
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = weight.size(0), rank = s.size(1);
-  const ProjectionSource src = make_source(kMatrixB, B, key0, key1, bound, rank, N, x);
+  const ProjectionSource src = make_source(kMatrixB, B, key0, key1, bound, rank, N, x, out_offset);
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   const at::Tensor sc = s.contiguous(), ld = lambda_d.contiguous(), lb = lambda_b.contiguous();
   check_launch(cuda::launch_expand_add(y.mutable_data_ptr(), dtype_of(y), y.stride(0), y.stride(1), y.size(0), N,
@@ -75,12 +76,13 @@ at::Tensor expand_add_cuda(const at::Tensor& x, const at::Tensor& weight, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
-    const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound, bool need_lambda_b) {
+    const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound, bool need_lambda_b,
+    int64_t out_offset) {
   check_adapter_backward(grad_y, s, lambda_d, lambda_b);
   check_cuda(grad_y, "grad_y");
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const int64_t M = grad_y.size(0), N = grad_y.size(1), rank = s.size(1);
-  const ProjectionSource src = make_source(kMatrixB, B, key0, key1, bound, rank, N, grad_y);
+  const ProjectionSource src = make_source(kMatrixB, B, key0, key1, bound, rank, N, grad_y, out_offset);
   const at::Tensor sc = s.contiguous(), ld = lambda_d.contiguous(), lb = lambda_b.contiguous();
   at::Tensor g = at::empty({M, rank}, s.options());
   at::Tensor grad_b = at::zeros({need_lambda_b ? N : 0}, s.options());
@@ -95,18 +97,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cuda(
 at::Tensor grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& g,
                            const at::Tensor& lambda_d, const std::optional<at::Tensor>& A, int64_t key0, int64_t key1,
                            double bound, int64_t drop_key0, int64_t drop_key1, int64_t drop_threshold,
-                           double drop_scale) {
+                           double drop_scale, int64_t in_offset) {
   check_grad_input(grad_y, weight, g, lambda_d);
   check_cuda(grad_y, "grad_y");
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const int64_t K = weight.size(1), rank = g.size(1);
-  const ProjectionSource src = make_source(kMatrixA, A, key0, key1, bound, rank, K, grad_y);
+  const ProjectionSource src = make_source(kMatrixA, A, key0, key1, bound, rank, K, grad_y, in_offset);
   at::Tensor grad_x = at::mm(grad_y, weight);
   const at::Tensor gc = g.contiguous(), ld = lambda_d.contiguous();
   check_launch(cuda::launch_grad_input_add(grad_x.mutable_data_ptr(), dtype_of(grad_x), grad_x.stride(0),
                                            grad_x.stride(1), grad_x.size(0), K, gc.const_data_ptr<float>(), rank,
                                            ld.const_data_ptr<float>(), src,
-                                           make_dropout(drop_key0, drop_key1, drop_threshold, drop_scale),
+                                           make_dropout(drop_key0, drop_key1, drop_threshold, drop_scale, in_offset),
                                            stream_of(grad_y)));
   return grad_x;
 }

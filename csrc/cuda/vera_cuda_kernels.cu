@@ -34,7 +34,8 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 // ---- operand loaders: load4(i, j, ni, nj, v) fills v with 4 elements starting at (i, j), zero out of range
 
 // A dense strided matrix: element (i, j) = float(data[i * s0 + j * s1]) * colscale[j] * keep(i, j) * scale.
-// Quads run along j; with dropout, j is a multiple of 4 (the kernel's tiles guarantee it).
+// Quads run along j (j is a multiple of 4: the kernel's tiles guarantee it); the dropout mask is read at
+// global columns drop.col0 + j.
 template <typename T>
 struct Dense {
   const T* data;
@@ -44,7 +45,7 @@ struct Dense {
 
   __device__ void load4(int64_t i, int64_t j, int64_t ni, int64_t nj, float v[4]) const {
     uint32_t w[4] = {0u, 0u, 0u, 0u};
-    if (drop.active() && i < ni) philox_quad(kDropout, i, j >> 2, drop.key, w);
+    if (drop.active() && i < ni) philox_words4(kDropout, i, drop.col0 + j, drop.key, w);
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
       const int64_t jj = j + l;
@@ -60,7 +61,8 @@ struct Dense {
 };
 
 // A generated projection P used as operand element (k, n): P[n, k] when PROJ_COL_IS_K (quads along k),
-// else P[k, n] (quads along n). One Philox call gives the 4 values of a quad.
+// else P[k, n] (quads along n). One Philox call gives the 4 values of a quad (one per value when a
+// shard's column offset into A is not a multiple of 4). src.offset shifts the columns of A / rows of B.
 template <bool PROJ_COL_IS_K>
 struct Generated {
   ProjectionSource src;
@@ -69,7 +71,9 @@ struct Generated {
     const int64_t row = PROJ_COL_IS_K ? n : k, col = PROJ_COL_IS_K ? k : n;
     const int64_t nrow = PROJ_COL_IS_K ? nn : nk, ncol = PROJ_COL_IS_K ? nk : nn;
     uint32_t w[4] = {0u, 0u, 0u, 0u};
-    if (row < nrow && col < ncol) philox_quad(src.stream, row, col >> 2, src.key, w);
+    const bool is_a = src.stream == kMatrixA;
+    if (row < nrow && col < ncol)
+      philox_words4(src.stream, row + (is_a ? 0 : src.offset), col + (is_a ? src.offset : 0), src.key, w);
 #pragma unroll
     for (int l = 0; l < 4; ++l) v[l] = (row < nrow && col + l < ncol) ? projection_value(w[l], src.bound) : 0.0f;
   }
@@ -108,7 +112,7 @@ struct AddCast {
   __device__ void store4(int64_t m, int64_t n, const float acc[4], int64_t M, int64_t N) const {
     if (m >= M) return;
     uint32_t w[4] = {0u, 0u, 0u, 0u};
-    if (drop.active()) philox_quad(kDropout, m, n >> 2, drop.key, w);
+    if (drop.active()) philox_words4(kDropout, m, drop.col0 + n, drop.key, w);
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
       const int64_t nn = n + l;
@@ -207,7 +211,8 @@ const char* with_projection(const ProjectionSource& src, Fn fn) {
   if (src.generated()) return fn(Generated<PROJ_COL_IS_K>{src});
   const int64_t s_k = PROJ_COL_IS_K ? src.stride_col : src.stride_row;
   const int64_t s_n = PROJ_COL_IS_K ? src.stride_row : src.stride_col;
-  return fn(Dense<float>{src.data, s_k, s_n, nullptr, DropoutSpec{Key{0u, 0u}, 0u, 1.0f}});
+  const float* origin = src.data + src.offset * (src.stream == kMatrixA ? src.stride_col : src.stride_row);
+  return fn(Dense<float>{origin, s_k, s_n, nullptr, DropoutSpec{Key{0u, 0u}, 0u, 1.0f, 0}});
 }
 
 // Calls fn(T()) with T the CUDA type of dtype.
@@ -232,7 +237,7 @@ __global__ void projection_tile_kernel(float* out, int64_t rows, int64_t cols, P
   out[idx] = projection_value(philox_word(src.stream, row0 + i, col0 + j, src.key), src.bound);
 }
 
-constexpr DropoutSpec kNoDropout{Key{0u, 0u}, 0u, 1.0f};
+constexpr DropoutSpec kNoDropout{Key{0u, 0u}, 0u, 1.0f, 0};
 
 }  // namespace
 

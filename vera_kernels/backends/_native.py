@@ -9,6 +9,9 @@ with CPU and, when built with CUDA, CUDA implementations:
 - ``grad_input``: ``grad_x = grad_y W + mask * scale * ((g * lambda_d) A_K)``
 - ``projection_tile``: a generated tile of ``A``/``B`` (tests only)
 
+The adapter ops end with a tensor-parallel shard's offset into the global projection (``in_offset``:
+global column of ``A`` and of the dropout mask for ``x``'s column 0; ``out_offset``: global row of ``B``).
+
 The extension is loaded at first use (never at ``import vera_kernels``). When it is missing or broken,
 that is reported once, as a warning, and ``vk.backends()`` gives the reason; calls then fall back to the
 "torch" backend. ``VERA_KERNELS_NO_NATIVE=1`` turns the native backends off (also at build time).
@@ -84,21 +87,21 @@ def register_fakes() -> None:
     lib = "vera_kernels::"
 
     @torch.library.register_fake(lib + "shrink")
-    def _shrink(x, A, rank, key0, key1, bound, drop_key0, drop_key1, drop_threshold, drop_scale):
+    def _shrink(x, A, rank, key0, key1, bound, drop_key0, drop_key1, drop_threshold, drop_scale, in_offset=0):
         return x.new_empty((x.shape[0], rank), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "expand_add")
-    def _expand_add(x, weight, bias, s, lambda_d, lambda_b, B, key0, key1, bound):
+    def _expand_add(x, weight, bias, s, lambda_d, lambda_b, B, key0, key1, bound, out_offset=0):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake(lib + "adapter_backward")
-    def _adapter_backward(grad_y, s, lambda_d, lambda_b, B, key0, key1, bound, need_lambda_b):
+    def _adapter_backward(grad_y, s, lambda_d, lambda_b, B, key0, key1, bound, need_lambda_b, out_offset=0):
         n = grad_y.shape[1] if need_lambda_b else 0
         return s.new_empty(s.shape), s.new_empty((s.shape[1],)), s.new_empty((n,))
 
     @torch.library.register_fake(lib + "grad_input")
     def _grad_input(grad_y, weight, g, lambda_d, A, key0, key1, bound, drop_key0, drop_key1, drop_threshold,
-                    drop_scale):
+                    drop_scale, in_offset=0):
         return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
 
 
@@ -155,6 +158,8 @@ def availability(device_type: str) -> Optional[str]:
 class NativeBackend(Backend):
     """The ops of ``vera_kernels._C`` on one device type ("cpu" or "cuda")."""
 
+    supports_offsets = True  # the ops take in_offset / out_offset (global columns of A, rows of B)
+
     def __init__(self, name: str, device_type: str):
         self.name = name
         self.device_types = (device_type,)
@@ -167,20 +172,21 @@ class NativeBackend(Backend):
         b = projection_args(problem.projection, 1, problem.device)
         x2d = problem.x2d
         s = ops().shrink(x2d, a.stored, problem.projection.rank, a.key0, a.key1, a.bound,
-                         *dropout_args(problem.dropout))
+                         *dropout_args(problem.dropout), problem.in_offset)
         y = ops().expand_add(x2d, problem.weight, problem.bias, s, problem.lambda_d, problem.lambda_b,
-                             b.stored, b.key0, b.key1, b.bound)
+                             b.stored, b.key0, b.key1, b.bound, problem.out_offset)
         return y, s
 
     def backward(self, problem: Problem, grad_y2d, s, needs_input_grad):
         need_x, need_d, need_b = needs_input_grad
         b = projection_args(problem.projection, 1, problem.device)
         g, grad_d, grad_b = ops().adapter_backward(
-            grad_y2d, s, problem.lambda_d, problem.lambda_b, b.stored, b.key0, b.key1, b.bound, need_b
+            grad_y2d, s, problem.lambda_d, problem.lambda_b, b.stored, b.key0, b.key1, b.bound, need_b,
+            problem.out_offset,
         )
         grad_x = None
         if need_x:
             a = projection_args(problem.projection, 0, problem.device)
             grad_x = ops().grad_input(grad_y2d, problem.weight, g, problem.lambda_d, a.stored, a.key0, a.key1,
-                                      a.bound, *dropout_args(problem.dropout))
+                                      a.bound, *dropout_args(problem.dropout), problem.in_offset)
         return grad_x, (grad_d if need_d else None), (grad_b if need_b else None)

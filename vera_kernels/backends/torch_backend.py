@@ -16,21 +16,24 @@ from .base import Backend
 
 
 def _sliced_ab(problem: Problem, dtype):
+    """``A[:, in_offset : in_offset + K]`` and ``B[out_offset : out_offset + N]`` of the cached global A/B."""
     A, B = problem.projection.materialize(dtype, problem.device, cache=True)
-    return A[:, : problem.K], B[: problem.N]
+    i0, o0 = problem.in_offset, problem.out_offset
+    return A[:, i0 : i0 + problem.K], B[o0 : o0 + problem.N]
 
 
 class TorchBackend(Backend):
     name = "torch"
     device_types = ()
     dtypes = ACCEPTED_DTYPES
+    supports_offsets = True
 
     def forward(self, problem: Problem):
         cd = problem.compute_dtype
         A_K, B_N = _sliced_ab(problem, cd)
         return vera_forward_math(
             problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b,
-            A_K, B_N, problem.dropout, cd,
+            A_K, B_N, problem.dropout, cd, problem.in_offset,
         )
 
     def backward(self, problem: Problem, grad_y2d, s, needs_input_grad):
@@ -53,7 +56,8 @@ class TorchBackend(Backend):
             adapter = (g * lambda_d) @ A_K  # [M, K]
             dp = problem.dropout
             if dp is not None:
-                keep = dropout_keep_mask(dp.seed, dp.threshold, problem.M, problem.K, problem.device)
+                keep = dropout_keep_mask(dp.seed, dp.threshold, problem.M, problem.K, problem.device,
+                                         col0=problem.in_offset)
                 adapter = adapter * keep.to(cd) * dp.scale
             base = grad_y2d @ problem.weight  # in x.dtype, like the base layer's backward
             grad_x = (base.to(cd) + adapter).to(grad_y2d.dtype)
