@@ -6,6 +6,7 @@ See DESIGN.md for the contract and README.md for usage.
 
 from . import reference
 from .backends import BackendUnavailableError, backends, use_backend
+from .banks import adapter_ids
 from .functional import vera_linear
 from .layer import VeRALinear
 from .projection import Projection, philox4x32
@@ -17,6 +18,7 @@ __all__ = [
     "VeRALinear",
     "backends",
     "use_backend",
+    "adapter_ids",
     "BackendUnavailableError",
     "reference",
 ]

@@ -30,6 +30,10 @@ class VeRALinear(nn.Module):
         dropout: dropout probability on the adapter input while training.
         projection: a shared :class:`Projection`.
         device, dtype: of the frozen weight and bias.
+        num_adapters: ``n > 1`` keeps a bank of ``n`` adapters, ``lambda_d [n, rank]`` and
+            ``lambda_b [n, out_features]``, served together in one batch: each call takes its rows'
+            adapter ids from ``vk.adapter_ids(model, ids)`` (or ``forward(x, adapter_ids=...)``), and
+            calling such a layer without ids raises. A bank cannot be merged into the weight.
 
     The state dict holds ``weight``, ``bias``, the two lambdas, and (as extra state) the projection's
     parameters, the dropout and whether the layer is merged, so a saved layer reloads to identical outputs.
@@ -47,6 +51,7 @@ class VeRALinear(nn.Module):
         projection: Optional[Projection] = None,
         device=None,
         dtype=None,
+        num_adapters: int = 1,
     ):
         super().__init__()
         if projection is None:
@@ -54,10 +59,10 @@ class VeRALinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         b = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        self._setup(weight, b, projection, d_initial, dropout)
+        self._setup(weight, b, projection, d_initial, dropout, num_adapters)
         self.reset_parameters()
 
-    def _setup(self, weight, bias, projection, d_initial, dropout) -> None:
+    def _setup(self, weight, bias, projection, d_initial, dropout, num_adapters=1) -> None:
         """Shared by ``__init__`` and ``from_linear``: frozen base, projection, fresh lambdas."""
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self._set_projection(projection)
@@ -72,9 +77,14 @@ class VeRALinear(nn.Module):
             self.bias = bias
         else:
             self.register_parameter("bias", None)
+        if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
+            raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
+        self.num_adapters = num_adapters
+        self._adapter_ids = None  # set by vk.adapter_ids(model, ids) while a batch runs
+        bank = (num_adapters,) if num_adapters > 1 else ()
         dev = weight.device
-        self.lambda_d = nn.Parameter(torch.empty(projection.rank, device=dev, dtype=torch.float32))
-        self.lambda_b = nn.Parameter(torch.empty(self.out_features, device=dev, dtype=torch.float32))
+        self.lambda_d = nn.Parameter(torch.empty(*bank, projection.rank, device=dev, dtype=torch.float32))
+        self.lambda_b = nn.Parameter(torch.empty(*bank, self.out_features, device=dev, dtype=torch.float32))
         self.merged = False
         self.reset_adapter()
 
@@ -111,6 +121,7 @@ class VeRALinear(nn.Module):
         dropout: float = 0.0,
         rank: int = 256,
         seed: int = 0,
+        num_adapters: int = 1,
     ) -> "VeRALinear":
         """Wrap an existing ``nn.Linear``: its weight and bias are shared (not copied) and frozen."""
         if not isinstance(linear, nn.Linear):
@@ -119,11 +130,23 @@ class VeRALinear(nn.Module):
         nn.Module.__init__(layer)
         if projection is None:
             projection = Projection(seed, rank, linear.in_features, linear.out_features)
-        layer._setup(linear.weight, linear.bias, projection, d_initial, dropout)
+        layer._setup(linear.weight, linear.bias, projection, d_initial, dropout, num_adapters)
         return layer
 
     # --- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: Optional[str] = None,
+                adapter_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``adapter_ids`` (only with ``num_adapters > 1``): as ``vk.vera_linear``'s; default: the ids of
+        the enclosing ``vk.adapter_ids(model, ids)`` block."""
+        if self.num_adapters > 1 and adapter_ids is None:
+            adapter_ids = self._adapter_ids
+            if adapter_ids is None:
+                raise RuntimeError(
+                    f"this VeRALinear holds {self.num_adapters} adapters and needs each row's adapter id: run the "
+                    "model inside `with vk.adapter_ids(model, ids):` or pass adapter_ids= (-1 = base layer only)"
+                )
+        elif self.num_adapters == 1 and adapter_ids is not None:
+            raise ValueError("adapter_ids needs a layer built with num_adapters > 1")
         if self.merged:
             if self.training and torch.is_grad_enabled() and (
                 self.lambda_d.requires_grad or self.lambda_b.requires_grad
@@ -136,13 +159,16 @@ class VeRALinear(nn.Module):
             return nn.functional.linear(x, self.weight, self.bias)
         return vera_linear(
             x, self.weight, self.bias, self.lambda_d, self.lambda_b, self.projection,
-            dropout_p=self.dropout, training=self.training, backend=backend,
+            dropout_p=self.dropout, training=self.training, backend=backend, adapter_ids=adapter_ids,
         )
 
     # --- merge -------------------------------------------------------------------------------
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """``(lambda_b[:, None] * B_N) @ (lambda_d[:, None] * A_K)`` in float32, ``[N, K]``."""
+        if self.num_adapters > 1:
+            raise RuntimeError(f"a VeRALinear with a bank of {self.num_adapters} adapters has no single delta "
+                               "weight and cannot be merged; serve the bank with vk.adapter_ids instead")
         A, B = self.projection.materialize(torch.float32, self.weight.device)
         A_K = A[:, : self.in_features]
         B_N = B[: self.out_features]
@@ -186,4 +212,5 @@ class VeRALinear(nn.Module):
             f"bias={self.bias is not None}, rank={self.projection.rank}, "
             f"seed={self.projection.seed if self.projection.is_seeded else 'stored'}, "
             f"dropout={self.dropout}, merged={self.merged}"
+            + (f", num_adapters={self.num_adapters}" if self.num_adapters > 1 else "")
         )

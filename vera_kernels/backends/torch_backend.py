@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._helpers import ACCEPTED_DTYPES, Problem
+from ..banks import bank_sum, gather_rows
 from ..projection import dropout_keep_mask
 from ..reference import vera_forward_math
 from .base import Backend
@@ -24,14 +25,28 @@ class TorchBackend(Backend):
     name = "torch"
     device_types = ()
     dtypes = ACCEPTED_DTYPES
+    supports_adapter_ids = True
 
     def forward(self, problem: Problem):
         cd = problem.compute_dtype
         A_K, B_N = _sliced_ab(problem, cd)
+        lambda_d, lambda_b = problem.lambda_d, problem.lambda_b
+        if problem.adapter_ids is not None:  # per-row vectors [M, r], [M, N] (zero rows for id -1)
+            lambda_d = gather_rows(lambda_d, problem.adapter_ids, cd)
+            lambda_b = gather_rows(lambda_b, problem.adapter_ids, cd)
         return vera_forward_math(
-            problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b,
-            A_K, B_N, problem.dropout, cd,
+            problem.x2d, problem.weight, problem.bias, lambda_d, lambda_b, A_K, B_N, problem.dropout, cd,
         )
+
+    def _bank_backward(self, problem: Problem, gy, s, A_K, B_N, need_d, need_b):
+        """Per-row ``g`` and the bank gradients ``[n, r]``, ``[n, N]`` (reduced by ``bank_sum``)."""
+        ids, n = problem.adapter_ids, problem.num_adapters
+        cd = gy.dtype
+        lambda_d = gather_rows(problem.lambda_d, ids, cd)  # [M, r]
+        g = (gy * gather_rows(problem.lambda_b, ids, cd)) @ B_N  # [M, r]; zero rows for id -1
+        grad_d = bank_sum(s * g, ids, n) if need_d else None
+        grad_b = bank_sum(gy * ((lambda_d * s) @ B_N.t()), ids, n) if need_b else None
+        return g, lambda_d, grad_d, grad_b
 
     def backward(self, problem: Problem, grad_y2d, s, needs_input_grad):
         need_x, need_d, need_b = needs_input_grad
@@ -40,9 +55,13 @@ class TorchBackend(Backend):
         lambda_d = problem.lambda_d.to(cd)
         lambda_b = problem.lambda_b.to(cd)
         gy = grad_y2d.to(cd)
-        g = (gy * lambda_b) @ B_N  # [M, r]
-        grad_d = (s * g).sum(0) if need_d else None
-        grad_b = None
+        if problem.adapter_ids is not None:
+            g, lambda_d, grad_d, grad_b = self._bank_backward(problem, gy, s, A_K, B_N, need_d, need_b)
+            need_b = False
+        else:
+            g = (gy * lambda_b) @ B_N  # [M, r]
+            grad_d = (s * g).sum(0) if need_d else None
+            grad_b = None
         if need_b:  # two equal forms (DESIGN §1); take the one with the smaller transient
             if problem.M <= s.shape[1]:  # [M, N] intermediate
                 grad_b = (gy * ((lambda_d * s) @ B_N.t())).sum(0)
