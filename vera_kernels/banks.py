@@ -30,13 +30,19 @@ def bank_sum(rows: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
     the rows are stably sorted by id and each adapter's rows are summed in that order by
     ``torch.segment_reduce``. Bank rows no row uses stay zero.
     """
-    C = rows.shape[1]
-    out = rows.new_zeros((n, C))
+    if rows.device.type != "cpu":
+        return sorted_bank_sum(rows, ids, n)
+    out = rows.new_zeros((n, rows.shape[1]))
     keep = ids >= 0
-    if rows.device.type == "cpu":
-        if not bool(keep.all()):
-            rows, ids = rows[keep], ids[keep]
-        return out.index_add_(0, ids, rows)
+    if not bool(keep.all()):
+        rows, ids = rows[keep], ids[keep]
+    return out.index_add_(0, ids, rows)
+
+
+def sorted_bank_sum(rows: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """``bank_sum`` by a stable sort of the rows by id and a per-adapter ``segment_reduce`` (any device)."""
+    out = rows.new_zeros((n, rows.shape[1]))
+    keep = ids >= 0
     sorted_ids, order = torch.sort(torch.where(keep, ids, n), stable=True)  # id -1 rows sort last
     used, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     if used.numel() == 0:
