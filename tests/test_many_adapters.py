@@ -319,3 +319,48 @@ def test_num_adapters_validated_and_single_layer_refuses_ids():
     assert bank.lambda_d.shape == (3, 2)
     y = bank(torch.randn(2, 4), adapter_ids=torch.tensor([2, -1]))
     assert y.shape == (2, 4)
+
+
+# --- dropout, stored projections, and the native CPU ops' tiling --------------------------------------
+
+def _against_reference(backend, dtype, device, lead, K, N, r, n, ids, stored=False, dropout_p=0.0, gen_seed=8):
+    x, W, b, ld, lb, proj, gy = _bank_problem(lead, K, N, r, n, dtype, device, gen_seed)
+    if stored:
+        proj = vk.Projection.from_tensors(*proj.materialize())
+    ids = ids.to(device)
+    kw = dict(dropout_p=dropout_p, training=dropout_p > 0)
+
+    def fn(*a, **k):
+        torch.manual_seed(123)  # the same dropout seed for every call
+        return vk.vera_linear(*a, backend=backend, **k, **kw)
+
+    def ref(*a, **k):
+        torch.manual_seed(123)
+        return vk.reference.vera_linear(*a, **k, **kw)
+
+    out = _batched(fn, x, W, b, ld, lb, proj, ids, gy)
+    same = _batched(ref, x, W, b, ld, lb, proj, ids, gy)
+    d64 = lambda t: t.double()  # noqa: E731
+    ref64 = _batched(ref, d64(x), d64(W), d64(b), d64(ld), d64(lb), proj, ids, gy.double())
+    for what, o, s_, r64 in zip(("y", "grad_x", "grad_lambda_d", "grad_lambda_b"), out, same, ref64):
+        assert_parity(o, s_, r64, dtype, what=f"{backend} {dtype} {what}")
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["seeded", "stored"])
+def test_dropout_and_projection_kinds(backend, device, stored):
+    _need_support(backend)
+    ids = torch.randint(-1, 4, (5, 6), generator=torch.Generator().manual_seed(9))
+    _against_reference(backend, torch.float32, device, (5, 6), 24, 20, 8, 4, ids, stored=stored, dropout_p=0.25)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stored", [False, True], ids=["seeded", "stored"])
+def test_native_cpu_several_tiles_and_chunks(monkeypatch, dtype, stored):
+    """Tiny scratch sizes force several column tiles and row chunks in the native CPU bank paths."""
+    why = __import__("conftest").backend_skip_reason("cpu", torch.device("cpu"))
+    if why is not None:
+        pytest.skip(why)
+    monkeypatch.setenv("VERA_KERNELS_CPU_TILE_FLOATS", str(8 * 64))  # r = 8: 64 columns per tile
+    monkeypatch.setenv("VERA_KERNELS_CPU_CHUNK_FLOATS", str(64 * 24))  # 24 rows per chunk
+    ids = torch.randint(-1, 9, (130,), generator=torch.Generator().manual_seed(10))
+    _against_reference("cpu", dtype, "cpu", (130,), 200, 150, 8, 9, ids, stored=stored, dropout_p=0.2)
