@@ -364,3 +364,60 @@ def test_native_cpu_several_tiles_and_chunks(monkeypatch, dtype, stored):
     monkeypatch.setenv("VERA_KERNELS_CPU_CHUNK_FLOATS", str(64 * 24))  # 24 rows per chunk
     ids = torch.randint(-1, 9, (130,), generator=torch.Generator().manual_seed(10))
     _against_reference("cpu", dtype, "cpu", (130,), 200, 150, 8, 9, ids, stored=stored, dropout_p=0.2)
+
+
+# --- the native ops' bank variants: schema, fake kernels (opcheck), errors ------------------------------
+
+def _bank_op_samples():
+    from vera_kernels.backends import _native
+
+    if _native.availability("cpu") is not None:
+        pytest.skip(f"native extension unavailable: {_native.availability('cpu')}")
+    ops = torch.ops.vera_kernels
+    torch.manual_seed(0)
+    proj = vk.Projection(seed=2**63 + 3, rank=5, max_in_features=24, max_out_features=20)
+    k0, k1 = proj.key
+    A, B = proj.materialize()
+    out = []
+    for dtype, M, stored, drop in [(torch.float32, 6, False, (7, 9, 2**22, 4 / 3)),
+                                   (torch.bfloat16, 3, True, (0, 0, 0, 1.0)),
+                                   (torch.float32, 0, False, (0, 0, 0, 1.0))]:
+        K, N, r, n = 19, 17, 5, 4
+        x = torch.randn(M, 2 * K).to(dtype)[:, ::2]  # non-contiguous
+        weight = torch.randn(K, N).to(dtype).t()
+        ld, lb = torch.randn(n, r), torch.randn(n, N)
+        s, g = torch.randn(M, r), torch.randn(M, r)
+        gy = torch.randn(M, N).to(dtype)
+        ids = torch.randint(-1, n, (M,))
+        pa = (A, 0, 0, 0.0) if stored else (None, k0, k1, proj.bound_a)
+        pb = (B, 0, 0, 0.0) if stored else (None, k0, k1, proj.bound_b)
+        out += [
+            (ops.expand_add.default, (x, weight, torch.randn(N).to(dtype), s, ld, lb, *pb, ids)),
+            (ops.adapter_backward.default, (gy, s, ld, lb, *pb, True, ids)),
+            (ops.adapter_backward.default, (gy, s, ld, lb, *pb, False, ids)),
+            (ops.grad_input.default, (gy, weight, g, ld, *pa, *drop, ids)),
+        ]
+    return out
+
+
+@pytest.mark.parametrize("i", range(12))
+def test_bank_ops_opcheck(i):
+    op, args = _bank_op_samples()[i]
+    torch.library.opcheck(op, args)
+
+
+def test_bank_op_errors_are_clear():
+    _bank_op_samples()  # skips without the extension
+    ops = torch.ops.vera_kernels
+    x, W, s = torch.randn(3, 4), torch.randn(5, 4), torch.randn(3, 2)
+    ld, lb = torch.randn(3, 2), torch.randn(3, 5)
+    with pytest.raises(RuntimeError, match=r"adapter_ids must be in \[-1, 3\), got 3 at row 1"):
+        ops.expand_add(x, W, None, s, ld, lb, None, 1, 2, 0.5, torch.tensor([0, 3, 1]))
+    with pytest.raises(RuntimeError, match="adapter_ids must be int64"):
+        ops.expand_add(x, W, None, s, ld, lb, None, 1, 2, 0.5, torch.tensor([0, 1, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"adapter_ids must be \[3\]"):
+        ops.expand_add(x, W, None, s, ld, lb, None, 1, 2, 0.5, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match=r"lambda_b must be a contiguous bank \[n, 5\]"):
+        ops.expand_add(x, W, None, s, ld, lb[:, :4], None, 1, 2, 0.5, torch.tensor([0, 1, 1]))
+    with pytest.raises(RuntimeError, match="banks differ in size"):
+        ops.adapter_backward(torch.randn(3, 5), s, ld, lb[:2], None, 1, 2, 0.5, True, torch.tensor([0, 1, 1]))
