@@ -8,6 +8,7 @@ cached on the projection, as PEFT keeps them in buffers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .._helpers import ACCEPTED_DTYPES, Problem
 from ..banks import bank_sum, gather_rows
@@ -30,13 +31,36 @@ class TorchBackend(Backend):
     def forward(self, problem: Problem):
         cd = problem.compute_dtype
         A_K, B_N = _sliced_ab(problem, cd)
-        lambda_d, lambda_b = problem.lambda_d, problem.lambda_b
-        if problem.adapter_ids is not None:  # per-row vectors [M, r], [M, N] (zero rows for id -1)
-            lambda_d = gather_rows(lambda_d, problem.adapter_ids, cd)
-            lambda_b = gather_rows(lambda_b, problem.adapter_ids, cd)
+        if problem.adapter_ids is not None:
+            return self._bank_forward(problem, A_K, B_N, cd)
         return vera_forward_math(
-            problem.x2d, problem.weight, problem.bias, lambda_d, lambda_b, A_K, B_N, problem.dropout, cd,
+            problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b, A_K, B_N,
+            problem.dropout, cd,
         )
+
+    def _bank_forward(self, problem: Problem, A_K, B_N, cd):
+        """``vera_forward_math`` with each row's bank vectors, in as few full-size passes as the
+        single-adapter path plus one ``[M, N]`` gather (each pass is a parallel region on CPU)."""
+        x2d, ids = problem.x2d, problem.adapter_ids
+        base = F.linear(x2d, problem.weight, problem.bias)
+        xa = x2d.to(cd)
+        dp = problem.dropout
+        if dp is not None:
+            keep = dropout_keep_mask(dp.seed, dp.threshold, problem.M, problem.K, x2d.device)
+            xa = xa * keep.to(cd) * dp.scale
+        s = F.linear(xa, A_K)
+        idc = ids.clamp_min(0)
+        # rows with id -1 must add exactly nothing, even if bank row 0 holds inf/nan: mask them (on CPU
+        # only when present; checking would synchronise a GPU)
+        masked = ids.device.type != "cpu" or bool((ids < 0).any())
+        u = s * problem.lambda_d.index_select(0, idc).to(cd)
+        lambda_b = problem.lambda_b.index_select(0, idc).to(cd)
+        if masked:
+            used = (ids >= 0)[:, None]
+            u = u.masked_fill(~used, 0.0)
+            lambda_b = lambda_b.masked_fill(~used, 0.0)
+        adapter = F.linear(u, B_N.to(cd)).mul_(lambda_b)
+        return (base.to(cd) + adapter).to(x2d.dtype), s
 
     def _bank_backward(self, problem: Problem, gy, s, A_K, B_N, need_d, need_b):
         """Per-row ``g`` and the bank gradients ``[n, r]``, ``[n, N]`` (reduced by ``bank_sum``)."""
