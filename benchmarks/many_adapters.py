@@ -287,7 +287,11 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="on CPU, add M = 4096")
     ap.add_argument("--pairs", default=None, help="M:n pairs, e.g. 512:1,512:256")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (1 gives steadier numbers on an oversubscribed machine)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pairs = [tuple(int(v) for v in p.split(":")) for p in args.pairs.split(",")] if args.pairs else None
     print(report(args.device, args.backend, args.features, args.features, args.rank, args.full, pairs, args.repeats))
     return 0

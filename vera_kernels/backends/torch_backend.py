@@ -79,18 +79,17 @@ class TorchBackend(Backend):
         lambda_d = problem.lambda_d.to(cd)
         lambda_b = problem.lambda_b.to(cd)
         gy = grad_y2d.to(cd)
-        if problem.adapter_ids is not None:
+        if problem.adapter_ids is not None:  # lambda_d becomes the per-row [M, r]
             g, lambda_d, grad_d, grad_b = self._bank_backward(problem, gy, s, A_K, B_N, need_d, need_b)
-            need_b = False
         else:
             g = (gy * lambda_b) @ B_N  # [M, r]
             grad_d = (s * g).sum(0) if need_d else None
             grad_b = None
-        if need_b:  # two equal forms (DESIGN §1); take the one with the smaller transient
-            if problem.M <= s.shape[1]:  # [M, N] intermediate
-                grad_b = (gy * ((lambda_d * s) @ B_N.t())).sum(0)
-            else:  # rowsum(B_N * (gy^T (lambda_d * s))): [N, r] intermediate
-                grad_b = (B_N * (gy.t() @ (lambda_d * s))).sum(1)
+            if need_b:  # two equal forms (DESIGN §1); take the one with the smaller transient
+                if problem.M <= s.shape[1]:  # [M, N] intermediate
+                    grad_b = (gy * ((lambda_d * s) @ B_N.t())).sum(0)
+                else:  # rowsum(B_N * (gy^T (lambda_d * s))): [N, r] intermediate
+                    grad_b = (B_N * (gy.t() @ (lambda_d * s))).sum(1)
         grad_x = None
         if need_x:
             adapter = (g * lambda_d) @ A_K  # [M, K]
