@@ -13,6 +13,7 @@ from torch import nn
 import vera_kernels as vk
 from vera_kernels.backends import get_backend
 from vera_kernels.banks import bank_sum, sorted_bank_sum
+from conftest import backend_skip_reason
 from parity import assert_parity
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -357,7 +358,7 @@ def test_dropout_and_projection_kinds(backend, device, stored):
 @pytest.mark.parametrize("stored", [False, True], ids=["seeded", "stored"])
 def test_native_cpu_several_tiles_and_chunks(monkeypatch, dtype, stored):
     """Tiny scratch sizes force several column tiles and row chunks in the native CPU bank paths."""
-    why = __import__("conftest").backend_skip_reason("cpu", torch.device("cpu"))
+    why = backend_skip_reason("cpu", torch.device("cpu"))
     if why is not None:
         pytest.skip(why)
     monkeypatch.setenv("VERA_KERNELS_CPU_TILE_FLOATS", str(8 * 64))  # r = 8: 64 columns per tile
