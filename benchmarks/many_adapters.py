@@ -263,6 +263,28 @@ def ratio_table(rows: List[dict]) -> List[str]:
     return lines
 
 
+def table_from_json(path: str) -> str:
+    """The ratio table (markdown) of this group's rows in a pytest-benchmark ``--benchmark-json`` file
+    (``benchmarks/test_many_adapters.py``; medians); empty string when the file has none."""
+    import json
+
+    with open(path) as f:
+        data = json.load(f)
+    by_case: Dict[tuple, dict] = {}
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        if "many_impl" not in info:
+            continue
+        row = by_case.setdefault((info["M"], info["n"]), {k: info[k] for k in ("M", "n", "distinct", "K", "N", "r")})
+        row[f"{info['many_impl']}_ms"] = b["stats"]["median"] * 1e3
+    rows = [by_case[k] for k in sorted(by_case) if "vera_batched_ms" in by_case[k]]
+    if not rows:
+        return ""
+    w = rows[0]
+    head = [f"Many adapters in one batch (pytest-benchmark medians): K = {w['K']}, N = {w['N']}, r = {w['r']}.", ""]
+    return "\n".join(head + ratio_table(rows)) + "\n"
+
+
 def report(device="cpu", backend: Optional[str] = None, K: int = 1024, N: int = 1024, r: int = 256,
            full: bool = False, pairs=None, repeats: int = 7, users: int = 4096) -> str:
     """Run the group and return its markdown: the setting, the ratio table and the bank-bytes table."""

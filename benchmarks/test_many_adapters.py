@@ -4,7 +4,9 @@ Each test is one implementation on one (M, n) workload at K = N = 1024, r = 256;
 group is ``many-adapters M=<M> n=<n>``, so the four implementations of a workload print together.
 ``--vera-device`` picks the device as for the rest of the suite (on CPU the grid stops at M = 512,
 ``--vera-full`` adds M = 4096); ``-m smoke`` keeps M = 16 with n = 16. ``python -m benchmarks.many_adapters``
-prints the same group as one ratio table.
+prints the same group as one ratio table; ``benchmarks.many_adapters.table_from_json(path)`` renders this
+module's rows of a ``--benchmark-json`` file as that table. The rows carry ``many_impl`` (not ``impl``) in
+``extra_info``, so the main group's report leaves them alone.
 """
 
 import pytest
@@ -67,7 +69,7 @@ def test_many_adapters_forward(benchmark, many_case, many_impl, request):
     step()  # warm-up (A/B materialisation for the PyTorch paths)
     benchmark.group = f"many-adapters M={M} n={n}"
     benchmark.extra_info.update({"M": M, "n": n, "distinct": case.distinct, "K": case.K, "N": case.N, "r": case.r,
-                                 "impl": many_impl, "dtype": str(case.x.dtype).replace("torch.", "")})
+                                 "many_impl": many_impl, "dtype": str(case.x.dtype).replace("torch.", "")})
     out = benchmark(step)
     assert out.shape == (M, case.N)
 
@@ -102,3 +104,19 @@ def test_report_and_bank_bytes():
     assert b["vera"] == 32 * 2 * (256 + 4096) * 4 and b["lora"] == 32 * 2 * 16 * (4096 + 4096) * 2
     text = report("cpu", "torch", K=16, N=12, r=4, pairs=[(8, 1), (8, 16)], repeats=1)
     assert "| 8 | 16 (8) |" in text and "Llama-2-7B" in text and "batched / single" in text
+
+
+def test_table_from_json(tmp_path):
+    import json
+
+    from benchmarks.many_adapters import table_from_json
+
+    info = {"M": 16, "n": 4, "distinct": 4, "K": 8, "N": 8, "r": 2}
+    data = {"benchmarks": [
+        {"extra_info": dict(info, many_impl=impl), "stats": {"median": t}}
+        for impl, t in (("vera_batched", 0.002), ("vera_single", 0.001), ("peft_loop", 0.010))
+    ] + [{"extra_info": {"impl": "base"}, "stats": {"median": 1.0}}]}
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(data))
+    text = table_from_json(str(path))
+    assert "| 16 | 4 (4) | 2.00 | 1.00 | **2.000x** | 10.00 | 5.0x | - | - |" in text
