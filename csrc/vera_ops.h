@@ -85,9 +85,10 @@ inline DropoutSpec make_dropout(int64_t key0, int64_t key1, int64_t threshold, d
 
 // ---- many adapters in one batch ------------------------------------------------------------------
 // adapter_ids: int64 [M] on `like`'s device, one id per row, -1 = base layer only. With ids, each lambda
-// is a bank: a contiguous float32 [n, cols] (n adapters). On CPU the ids are range-checked here; the CUDA
-// kernels read no bank row for an id outside [0, n) (such a row gets the base layer only), so the check
-// costs no device synchronisation (vk.vera_linear validates the ids before any op runs).
+// is a bank: a contiguous float32 [n, cols] (n adapters). On CPU the ids are range-checked here. On CUDA
+// they are not (reading them would synchronise the device; vk.vera_linear validates them before any op
+// runs): the kernels give a row whose id is outside [0, n) the base layer only, and the lambda_d gather
+// (index_select) raises a device-side assertion for ids >= n.
 inline void check_ids(const std::optional<at::Tensor>& ids, int64_t M, const at::Tensor& like) {
   if (!ids.has_value()) return;
   const at::Tensor& t = *ids;
