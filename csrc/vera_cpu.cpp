@@ -96,13 +96,28 @@ void generate_tile(const ProjectionSource& src, int64_t row0, int64_t nrows, int
   });
 }
 
+// Many adapters in one batch: row m is scaled by bank row ids[m] (none: ids null; id < 0: the row has no adapter).
+struct RowScale {
+  const float* bank = nullptr;  // contiguous [n, ld]
+  int64_t ld = 0;
+  const int64_t* ids = nullptr;
+  bool active() const { return ids != nullptr; }
+  const float* row(int64_t m) const { return ids[m] < 0 ? nullptr : bank + ids[m] * ld; }
+};
+
+RowScale row_scale(const at::Tensor& bank, const std::optional<at::Tensor>& ids) {
+  if (!ids.has_value()) return RowScale{};
+  return RowScale{bank.const_data_ptr<float>(), bank.size(1), ids->const_data_ptr<int64_t>()};
+}
+
 // Rows are handed to threads in blocks of about this many elements.
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
-// out[m, j] = float(in[m0 + m, c0 + j]) (times keep * scale under dropout), out row-major [mb, cb].
+// out[m, j] = float(in[m0 + m, c0 + j]) (times keep * scale under dropout, times the row's bank row
+// rs.row(m0 + m)[c0 + j] when rs is active; zero for a row without adapter), out row-major [mb, cb].
 template <typename scalar_t>
 void load_chunk(const at::Tensor& in, int64_t m0, int64_t mb, int64_t c0, int64_t cb, const DropoutSpec& drop,
-                float* out) {
+                float* out, const RowScale& rs) {
   const scalar_t* base = in.const_data_ptr<scalar_t>();
   const int64_t s0 = in.stride(0), s1 = in.stride(1);
   at::parallel_for(0, mb, row_grain(cb), [&](int64_t begin, int64_t end) {
@@ -111,6 +126,14 @@ void load_chunk(const at::Tensor& in, int64_t m0, int64_t mb, int64_t c0, int64_
       const scalar_t* src = base + (m0 + m) * s0 + c0 * s1;
       float* o = out + m * cb;
       for (int64_t j = 0; j < cb; ++j) o[j] = static_cast<float>(src[j * s1]);
+      if (rs.active()) {
+        const float* r = rs.row(m0 + m);
+        if (r == nullptr) {
+          std::fill(o, o + cb, 0.0f);
+          continue;
+        }
+        for (int64_t j = 0; j < cb; ++j) o[j] *= r[c0 + j];
+      }
       if (!drop.active()) continue;
       philox_row(kDropout, m0 + m, drop.col0 + c0, cb, drop.key, words.data());
       for (int64_t j = 0; j < cb; ++j) o[j] = dropout_keep(words[j], drop.threshold) ? o[j] * drop.scale : 0.0f;
@@ -120,9 +143,10 @@ void load_chunk(const at::Tensor& in, int64_t m0, int64_t mb, int64_t c0, int64_
 
 // out[m0 + m, c0 + j] = scalar_t(float(out) + colscale[j] * keep * scale * z[m, j]); z row-major [mb, cb],
 // colscale may be null (1), the mask applies under dropout. The one rounding to out's dtype is here.
+// With rs active the column scale of row m is its bank row (rows without adapter are left as they are).
 template <typename scalar_t>
 void add_chunk(at::Tensor& out, int64_t m0, int64_t mb, int64_t c0, int64_t cb, const float* z,
-               const float* colscale, const DropoutSpec& drop) {
+               const float* colscale, const DropoutSpec& drop, const RowScale& rs) {
   scalar_t* base = out.mutable_data_ptr<scalar_t>();
   const int64_t s0 = out.stride(0), s1 = out.stride(1);
   at::parallel_for(0, mb, row_grain(cb), [&](int64_t begin, int64_t end) {
@@ -131,7 +155,11 @@ void add_chunk(at::Tensor& out, int64_t m0, int64_t mb, int64_t c0, int64_t cb, 
     for (int64_t m = begin; m < end; ++m) {
       const float* zr = z + m * cb;
       float* a = adapter.data();
-      if (colscale != nullptr) {
+      const float* cs_row = rs.active() ? rs.row(m0 + m) : nullptr;
+      if (rs.active() && cs_row == nullptr) continue;
+      if (cs_row != nullptr) {
+        for (int64_t j = 0; j < cb; ++j) a[j] = cs_row[c0 + j] * zr[j];
+      } else if (colscale != nullptr) {
         for (int64_t j = 0; j < cb; ++j) a[j] = colscale[j] * zr[j];
       } else {
         std::copy(zr, zr + cb, a);
@@ -187,11 +215,13 @@ class ProjectionTiles {
 // S[M, rank] += (in * mask * scale)[M, C] @ (P * colscale)^T, tile by tile. When grad_colscale is
 // given it also receives d/d colscale of sum(in . (u P)) = rowsum over rank of P^T . (in^T u), the
 // lambda_b gradient of the backward (in = grad_y, u = lambda_d * s).
+// With rs active, row m of `in` is scaled by its bank row instead of colscale (see load_chunk).
 void reduce_projected(at::Tensor& S, const at::Tensor& in, ProjectionTiles& P, const at::Tensor& colscale,
-                      const DropoutSpec& drop, const at::Tensor& u, at::Tensor* grad_colscale) {
+                      const DropoutSpec& drop, const at::Tensor& u, at::Tensor* grad_colscale,
+                      const RowScale& rs = RowScale{}) {
   const int64_t M = in.size(0), C = in.size(1);
   if (M == 0 || C == 0) return;
-  const bool direct = in.scalar_type() == at::kFloat && !drop.active();
+  const bool direct = in.scalar_type() == at::kFloat && !drop.active() && !rs.active();
   const int64_t cb_max = std::min(P.tile_cols(), C);
   const int64_t mb_max = direct ? M : std::clamp<int64_t>(chunk_floats() / cb_max, 1, M);
   at::Tensor chunk = direct ? at::Tensor() : at::empty({mb_max * cb_max}, S.options());
@@ -207,7 +237,7 @@ void reduce_projected(at::Tensor& S, const at::Tensor& in, ProjectionTiles& P, c
         L = in.narrow(0, m0, mb).narrow(1, c0, cb);
       } else {
         VERA_DISPATCH(in.scalar_type(), "vera_load_chunk", [&] {
-          load_chunk<scalar_t>(in, m0, mb, c0, cb, drop, chunk.mutable_data_ptr<float>());
+          load_chunk<scalar_t>(in, m0, mb, c0, cb, drop, chunk.mutable_data_ptr<float>(), rs);
         });
         L = chunk.narrow(0, 0, mb * cb).view({mb, cb});
       }
@@ -220,7 +250,7 @@ void reduce_projected(at::Tensor& S, const at::Tensor& in, ProjectionTiles& P, c
 
 // out[M, C] (holding the base product, in its dtype) += colscale * mask * scale * (U[M, rank] @ P), tile by tile.
 void add_expansion(at::Tensor& out, const at::Tensor& U, ProjectionTiles& P, const at::Tensor& colscale,
-                   const DropoutSpec& drop) {
+                   const DropoutSpec& drop, const RowScale& rs = RowScale{}) {
   const int64_t M = out.size(0), C = out.size(1);
   if (M == 0 || C == 0) return;
   const int64_t cb_max = std::min(P.tile_cols(), C);
@@ -235,7 +265,61 @@ void add_expansion(at::Tensor& out, const at::Tensor& U, ProjectionTiles& P, con
       at::Tensor z = zbuf.narrow(0, 0, mb * cb).view({mb, cb});
       at::mm_out(z, U.narrow(0, m0, mb), T);
       VERA_DISPATCH(out.scalar_type(), "vera_add_chunk", [&] {
-        add_chunk<scalar_t>(out, m0, mb, c0, cb, z.const_data_ptr<float>(), cs ? cs + c0 : nullptr, drop);
+        add_chunk<scalar_t>(out, m0, mb, c0, cb, z.const_data_ptr<float>(), cs ? cs + c0 : nullptr, drop, rs);
+      });
+    }
+  }
+}
+
+// bank[ids[m], :] += rows[m, :] for every row with ids[m] >= 0 (bank contiguous float32 [n, C], rows [M, C]).
+// Threads split the columns; each column sums its rows in row order, so the result is deterministic.
+void bank_add_rows(at::Tensor& bank, const at::Tensor& rows, const int64_t* ids) {
+  const int64_t M = rows.size(0), C = rows.size(1);
+  const at::Tensor r = rows.contiguous();
+  const float* src = r.const_data_ptr<float>();
+  float* dst = bank.mutable_data_ptr<float>();
+  at::parallel_for(0, C, std::max<int64_t>(1, 16384 / std::max<int64_t>(M, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t m = 0; m < M; ++m) {
+      if (ids[m] < 0) continue;
+      float* o = dst + ids[m] * C;
+      const float* s_row = src + m * C;
+      for (int64_t j = begin; j < end; ++j) o[j] += s_row[j];
+    }
+  });
+}
+
+// grad_b[ids[m], n] += grad_y[m, n] * (U[m] . B_N[n]) for every row with an adapter: the lambda_b bank
+// gradient. B_N comes tile by tile; each tile's expansion z = U B_N^T is formed for a chunk of rows and
+// accumulated column-parallel in row order (deterministic).
+void bank_grad_lambda_b(at::Tensor& grad_b, const at::Tensor& grad_y, const at::Tensor& U, ProjectionTiles& P,
+                        const int64_t* ids) {
+  const int64_t M = grad_y.size(0), N = grad_y.size(1);
+  if (M == 0 || N == 0) return;
+  const int64_t cb_max = std::min(P.tile_cols(), N);
+  const int64_t mb_max = std::clamp<int64_t>(chunk_floats() / cb_max, 1, M);
+  at::Tensor zbuf = at::empty({mb_max * cb_max}, U.options());
+  float* gb = grad_b.mutable_data_ptr<float>();
+  for (int64_t c0 = 0; c0 < N; c0 += cb_max) {
+    const int64_t cb = std::min(cb_max, N - c0);
+    const at::Tensor T = P.tile(c0, cb);
+    for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
+      const int64_t mb = std::min(mb_max, M - m0);
+      at::Tensor z = zbuf.narrow(0, 0, mb * cb).view({mb, cb});
+      at::mm_out(z, U.narrow(0, m0, mb), T);
+      const float* zp = z.const_data_ptr<float>();
+      VERA_DISPATCH(grad_y.scalar_type(), "vera_bank_grad_lambda_b", [&] {
+        const scalar_t* gy = grad_y.const_data_ptr<scalar_t>();
+        const int64_t s0 = grad_y.stride(0), s1 = grad_y.stride(1);
+        at::parallel_for(0, cb, std::max<int64_t>(1, 16384 / mb), [&](int64_t begin, int64_t end) {
+          for (int64_t m = 0; m < mb; ++m) {
+            const int64_t id = ids[m0 + m];
+            if (id < 0) continue;
+            float* o = gb + id * N + c0;
+            const scalar_t* g_row = gy + (m0 + m) * s0 + c0 * s1;
+            const float* z_row = zp + m * cb;
+            for (int64_t j = begin; j < end; ++j) o[j] += static_cast<float>(g_row[j * s1]) * z_row[j];
+          }
+        });
       });
     }
   }
@@ -259,11 +343,16 @@ at::Tensor shrink_cpu(const at::Tensor& x, const std::optional<at::Tensor>& A, i
 at::Tensor expand_add_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
                           const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound,
-                          int64_t out_offset) {
-  check_expand(x, weight, bias, s, lambda_d, lambda_b);
+                          int64_t out_offset, const std::optional<at::Tensor>& adapter_ids) {
+  check_expand(x, weight, bias, s, lambda_d, lambda_b, adapter_ids);
   const int64_t N = weight.size(0), rank = s.size(1);
   ProjectionTiles P(make_source(kMatrixB, B, key0, key1, bound, rank, N, x, out_offset), B, rank, N, x.options());
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  if (adapter_ids.has_value()) {  // per-row lambda_d (a small [M, rank] gather) and lambda_b (read in place)
+    add_expansion(y, s.mul(gather_bank_rows(lambda_d, *adapter_ids)), P, at::Tensor(), no_dropout(),
+                  row_scale(lambda_b, adapter_ids));
+    return y;
+  }
   add_expansion(y, s.mul(lambda_d), P, lambda_b, no_dropout());
   return y;
 }
@@ -272,12 +361,22 @@ at::Tensor expand_add_cpu(const at::Tensor& x, const at::Tensor& weight, const s
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
     const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound, bool need_lambda_b,
-    int64_t out_offset) {
-  check_adapter_backward(grad_y, s, lambda_d, lambda_b);
+    int64_t out_offset, const std::optional<at::Tensor>& adapter_ids) {
+  check_adapter_backward(grad_y, s, lambda_d, lambda_b, adapter_ids);
   const int64_t M = grad_y.size(0), N = grad_y.size(1), rank = s.size(1);
   ProjectionTiles P(make_source(kMatrixB, B, key0, key1, bound, rank, N, grad_y, out_offset), B, rank, N,
                     s.options());
   at::Tensor g = at::zeros({M, rank}, s.options());
+  if (adapter_ids.has_value()) {  // g per row; bank gradients reduced row by row into the ids' bank rows
+    const int64_t n = lambda_d.size(0);
+    const int64_t* ids = adapter_ids->const_data_ptr<int64_t>();
+    reduce_projected(g, grad_y, P, at::Tensor(), no_dropout(), at::Tensor(), nullptr, row_scale(lambda_b, adapter_ids));
+    at::Tensor grad_d = at::zeros({n, rank}, s.options());
+    bank_add_rows(grad_d, s.mul(g), ids);
+    at::Tensor grad_b = need_lambda_b ? at::zeros({n, N}, s.options()) : at::zeros({0}, s.options());
+    if (need_lambda_b) bank_grad_lambda_b(grad_b, grad_y, s.mul(gather_bank_rows(lambda_d, *adapter_ids)), P, ids);
+    return {g, grad_d, grad_b};
+  }
   at::Tensor grad_b = at::zeros({need_lambda_b ? N : 0}, s.options());
   const at::Tensor u = need_lambda_b ? s.mul(lambda_d) : at::Tensor();
   reduce_projected(g, grad_y, P, lambda_b, no_dropout(), u, need_lambda_b ? &grad_b : nullptr);
@@ -288,12 +387,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cpu(
 at::Tensor grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& g,
                           const at::Tensor& lambda_d, const std::optional<at::Tensor>& A, int64_t key0, int64_t key1,
                           double bound, int64_t drop_key0, int64_t drop_key1, int64_t drop_threshold,
-                          double drop_scale, int64_t in_offset) {
-  check_grad_input(grad_y, weight, g, lambda_d);
+                          double drop_scale, int64_t in_offset, const std::optional<at::Tensor>& adapter_ids) {
+  check_grad_input(grad_y, weight, g, lambda_d, adapter_ids);
   const int64_t K = weight.size(1), rank = g.size(1);
   ProjectionTiles P(make_source(kMatrixA, A, key0, key1, bound, rank, K, grad_y, in_offset), A, rank, K, g.options());
   at::Tensor grad_x = at::mm(grad_y, weight);
-  add_expansion(grad_x, g.mul(lambda_d), P, at::Tensor(),
+  const at::Tensor ld = adapter_ids.has_value() ? gather_bank_rows(lambda_d, *adapter_ids) : lambda_d;
+  add_expansion(grad_x, g.mul(ld), P, at::Tensor(),
                 make_dropout(drop_key0, drop_key1, drop_threshold, drop_scale, in_offset));
   return grad_x;
 }

@@ -26,20 +26,24 @@ TORCH_LIBRARY(vera_kernels, m) {
       "shrink(Tensor x, Tensor? A, int rank, int key0, int key1, float bound, int drop_key0, int drop_key1, "
       "int drop_threshold, float drop_scale, int in_offset=0) -> Tensor",
       tags);
-  // y = x W^T + bias + lambda_b * ((lambda_d * s) B_N^T), x's dtype [M, N]
+  // y = x W^T + bias + lambda_b * ((lambda_d * s) B_N^T), x's dtype [M, N]. With adapter_ids (int64 [M],
+  // -1 = base only) lambda_d/lambda_b are banks [n, rank]/[n, N] and row m uses bank row adapter_ids[m].
   m.def(
       "expand_add(Tensor x, Tensor weight, Tensor? bias, Tensor s, Tensor lambda_d, Tensor lambda_b, Tensor? B, "
-      "int key0, int key1, float bound, int out_offset=0) -> Tensor",
+      "int key0, int key1, float bound, int out_offset=0, Tensor? adapter_ids=None) -> Tensor",
       tags);
-  // (g [M, rank], grad_lambda_d [rank], grad_lambda_b [N], or [0] when need_lambda_b is false)
+  // (g [M, rank], grad_lambda_d [rank], grad_lambda_b [N], or [0] when need_lambda_b is false). With
+  // adapter_ids: g per row, and the bank gradients [n, rank], [n, N] (or [0]) reduced deterministically.
   m.def(
       "adapter_backward(Tensor grad_y, Tensor s, Tensor lambda_d, Tensor lambda_b, Tensor? B, int key0, int key1, "
-      "float bound, bool need_lambda_b, int out_offset=0) -> (Tensor, Tensor, Tensor)",
+      "float bound, bool need_lambda_b, int out_offset=0, Tensor? adapter_ids=None) -> (Tensor, Tensor, Tensor)",
       tags);
-  // grad_x = grad_y W + mask * scale * ((g * lambda_d) A_K), x's dtype [M, K]
+  // grad_x = grad_y W + mask * scale * ((g * lambda_d) A_K), x's dtype [M, K] (lambda_d a bank row per
+  // row with adapter_ids)
   m.def(
       "grad_input(Tensor grad_y, Tensor weight, Tensor g, Tensor lambda_d, Tensor? A, int key0, int key1, "
-      "float bound, int drop_key0, int drop_key1, int drop_threshold, float drop_scale, int in_offset=0) -> Tensor",
+      "float bound, int drop_key0, int drop_key1, int drop_threshold, float drop_scale, int in_offset=0, "
+      "Tensor? adapter_ids=None) -> Tensor",
       tags);
   // tests only: out = rows [row0, ..) x cols [col0, ..) of the generated matrix `stream` (0 = A, 1 = B)
   m.def("projection_tile(Tensor(a!) out, int stream, int row0, int col0, int key0, int key1, float bound) -> ()");

@@ -70,6 +70,11 @@ inline ProjectionSource make_source(uint32_t stream, const std::optional<at::Ten
   return src;
 }
 
+// bank[ids] as float32 [M, cols], zero rows where ids < 0 (the small per-row lambda_d; ATen ops, any device).
+inline at::Tensor gather_bank_rows(const at::Tensor& bank, const at::Tensor& ids) {
+  return bank.index_select(0, ids.clamp_min(0)).mul(ids.ge(0).unsqueeze(1).to(at::kFloat));
+}
+
 inline DropoutSpec no_dropout() { return DropoutSpec{Key{0u, 0u}, 0u, 1.0f, 0}; }
 
 // col0: the global column of the input's first column (in_offset of a row-parallel shard).
@@ -83,6 +88,47 @@ inline DropoutSpec make_dropout(int64_t key0, int64_t key1, int64_t threshold, d
 
 // ---- per-op shape checks (one set for the CPU and the CUDA implementations) -------------------
 
+// ---- many adapters in one batch ------------------------------------------------------------------
+// adapter_ids: int64 [M] on `like`'s device, one id per row, -1 = base layer only. With ids, each lambda
+// is a bank: a contiguous float32 [n, cols] (n adapters). On CPU the ids are range-checked here. On CUDA
+// they are not (reading them would synchronise the device; vk.vera_linear validates them before any op
+// runs): the kernels give a row whose id is outside [0, n) the base layer only, and the lambda_d gather
+// (index_select) raises a device-side assertion for ids >= n.
+inline void check_ids(const std::optional<at::Tensor>& ids, int64_t M, const at::Tensor& like) {
+  if (!ids.has_value()) return;
+  const at::Tensor& t = *ids;
+  TORCH_CHECK(t.scalar_type() == at::kLong, "vera_kernels: adapter_ids must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == M, "vera_kernels: adapter_ids must be [", M, "] (one id per row), got ",
+              t.sizes());
+  TORCH_CHECK(t.device() == like.device(), "vera_kernels: adapter_ids is on ", t.device(), ", expected ",
+              like.device());
+  TORCH_CHECK(t.is_contiguous(), "vera_kernels: adapter_ids must be contiguous");
+}
+
+inline void check_bank(const at::Tensor& t, const char* name, int64_t cols, const at::Tensor& like) {
+  check_fp32(t, name, 2, like);
+  TORCH_CHECK(t.size(1) == cols && t.is_contiguous(), "vera_kernels: with adapter_ids, ", name,
+              " must be a contiguous bank [n, ", cols, "], got ", t.sizes());
+}
+
+// lambda as a vector [cols] (no ids) or a bank [n, cols] (ids given).
+inline void check_lambda(const at::Tensor& t, const char* name, int64_t cols, const at::Tensor& like, bool bank) {
+  if (bank) {
+    check_bank(t, name, cols, like);
+  } else {
+    check_vector(t, name, cols, like);
+  }
+}
+
+// The ids' range on CPU: [-1, n).
+inline void check_ids_range_cpu(const at::Tensor& ids, int64_t n) {
+  if (!ids.is_cpu()) return;
+  const int64_t* p = ids.const_data_ptr<int64_t>();
+  for (int64_t m = 0; m < ids.numel(); ++m)
+    TORCH_CHECK(p[m] >= -1 && p[m] < n, "vera_kernels: adapter_ids must be in [-1, ", n, "), got ", p[m], " at row ",
+                m);
+}
+
 // x [M, K]; returns K.
 inline int64_t check_shrink(const at::Tensor& x) {
   check_float_matrix(x, "x");
@@ -91,7 +137,8 @@ inline int64_t check_shrink(const at::Tensor& x) {
 
 // x [M, K], weight [N, K], bias [N], s [M, r], lambda_d [r], lambda_b [N] (all on x's device).
 inline void check_expand(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                         const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b) {
+                         const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
+                         const std::optional<at::Tensor>& ids = std::nullopt) {
   check_float_matrix(x, "x");
   check_float_matrix(weight, "weight");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.size(1) == x.size(1) && weight.device() == x.device(),
@@ -104,24 +151,37 @@ inline void check_expand(const at::Tensor& x, const at::Tensor& weight, const st
   }
   check_fp32(s, "s", 2, x);
   TORCH_CHECK(s.size(0) == x.size(0), "vera_kernels: s must have x's ", x.size(0), " rows, got ", s.size(0));
-  check_vector(lambda_d, "lambda_d", s.size(1), x);
-  check_vector(lambda_b, "lambda_b", weight.size(0), x);
+  check_ids(ids, x.size(0), x);
+  const bool bank = ids.has_value();
+  check_lambda(lambda_d, "lambda_d", s.size(1), x, bank);
+  check_lambda(lambda_b, "lambda_b", weight.size(0), x, bank);
+  if (bank) {
+    TORCH_CHECK(lambda_b.size(0) == lambda_d.size(0), "vera_kernels: lambda_d and lambda_b banks differ in size");
+    check_ids_range_cpu(*ids, lambda_d.size(0));
+  }
 }
 
 // grad_y [M, N], s [M, r], lambda_d [r], lambda_b [N].
 inline void check_adapter_backward(const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& lambda_d,
-                                   const at::Tensor& lambda_b) {
+                                   const at::Tensor& lambda_b,
+                                   const std::optional<at::Tensor>& ids = std::nullopt) {
   check_float_matrix(grad_y, "grad_y");
   check_fp32(s, "s", 2, grad_y);
   TORCH_CHECK(s.size(0) == grad_y.size(0), "vera_kernels: s must have grad_y's ", grad_y.size(0), " rows, got ",
               s.size(0));
-  check_vector(lambda_d, "lambda_d", s.size(1), grad_y);
-  check_vector(lambda_b, "lambda_b", grad_y.size(1), grad_y);
+  check_ids(ids, grad_y.size(0), grad_y);
+  check_lambda(lambda_d, "lambda_d", s.size(1), grad_y, ids.has_value());
+  check_lambda(lambda_b, "lambda_b", grad_y.size(1), grad_y, ids.has_value());
+  if (ids.has_value()) {
+    TORCH_CHECK(lambda_b.size(0) == lambda_d.size(0), "vera_kernels: lambda_d and lambda_b banks differ in size");
+    check_ids_range_cpu(*ids, lambda_d.size(0));
+  }
 }
 
 // grad_y [M, N], weight [N, K], g [M, r], lambda_d [r].
 inline void check_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& g,
-                             const at::Tensor& lambda_d) {
+                             const at::Tensor& lambda_d,
+                             const std::optional<at::Tensor>& ids = std::nullopt) {
   check_float_matrix(grad_y, "grad_y");
   check_float_matrix(weight, "weight");
   TORCH_CHECK(weight.scalar_type() == grad_y.scalar_type() && weight.size(0) == grad_y.size(1) &&
@@ -130,7 +190,9 @@ inline void check_grad_input(const at::Tensor& grad_y, const at::Tensor& weight,
               " for grad_y ", grad_y.sizes());
   check_fp32(g, "g", 2, grad_y);
   TORCH_CHECK(g.size(0) == grad_y.size(0), "vera_kernels: g must have grad_y's rows");
-  check_vector(lambda_d, "lambda_d", g.size(1), grad_y);
+  check_ids(ids, grad_y.size(0), grad_y);
+  check_lambda(lambda_d, "lambda_d", g.size(1), grad_y, ids.has_value());
+  if (ids.has_value()) check_ids_range_cpu(*ids, lambda_d.size(0));
 }
 
 // projection_tile(out, stream, row0, col0, key0, key1, bound): out contiguous float32 [rows, cols].

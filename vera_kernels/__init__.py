@@ -6,6 +6,7 @@ See docs/DESIGN.md for the design and README.md for usage.
 
 from . import reference
 from .backends import BackendUnavailableError, backends, use_backend
+from .banks import adapter_ids
 from .functional import vera_linear
 from .layer import VeRALinear
 from .models import apply_vera, from_peft, merge_and_unload, print_trainable_parameters, trainable_summary
@@ -19,6 +20,7 @@ __all__ = [
     "VeRALinear",
     "backends",
     "use_backend",
+    "adapter_ids",
     "BackendUnavailableError",
     "reference",
     "apply_vera",

@@ -33,6 +33,10 @@ class VeRALinear(nn.Module):
         fan_in_fan_out: store ``weight`` as ``[in_features, out_features]`` (the layout of transformers'
             ``Conv1D``, e.g. GPT-2); the layer reads it as a transposed view (no copy), and its state dict
             keeps that layout.
+        num_adapters: ``n > 1`` keeps a bank of ``n`` adapters, ``lambda_d [n, rank]`` and
+            ``lambda_b [n, out_features]``, served together in one batch: each call takes its rows'
+            adapter ids from ``vk.adapter_ids(model, ids)`` (or ``forward(x, adapter_ids=...)``), and
+            calling such a layer without ids raises. A bank cannot be merged into the weight.
 
     The state dict holds ``weight``, ``bias``, the two lambdas, and (as extra state) the projection's
     parameters, the dropout and whether the layer is merged, so a saved layer reloads to identical outputs.
@@ -57,6 +61,7 @@ class VeRALinear(nn.Module):
         device=None,
         dtype=None,
         fan_in_fan_out: bool = False,
+        num_adapters: int = 1,
     ):
         super().__init__()
         if projection is None:
@@ -65,10 +70,10 @@ class VeRALinear(nn.Module):
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
         weight = nn.Parameter(torch.empty(*shape, **factory), requires_grad=False)
         b = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        self._setup(weight, b, projection, d_initial, dropout, fan_in_fan_out)
+        self._setup(weight, b, projection, d_initial, dropout, fan_in_fan_out, num_adapters)
         self.reset_parameters()
 
-    def _setup(self, weight, bias, projection, d_initial, dropout, fan_in_fan_out=False) -> None:
+    def _setup(self, weight, bias, projection, d_initial, dropout, fan_in_fan_out=False, num_adapters=1) -> None:
         """Shared by ``__init__`` and ``from_linear``: frozen base, projection, fresh lambdas."""
         self.fan_in_fan_out = bool(fan_in_fan_out)
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
@@ -86,9 +91,14 @@ class VeRALinear(nn.Module):
             self.bias = bias
         else:
             self.register_parameter("bias", None)
+        if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
+            raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
+        self.num_adapters = num_adapters
+        self._adapter_ids = None  # set by vk.adapter_ids(model, ids) while a batch runs
+        bank = (num_adapters,) if num_adapters > 1 else ()
         dev = weight.device
-        self.lambda_d = nn.Parameter(torch.empty(projection.rank, device=dev, dtype=torch.float32))
-        self.lambda_b = nn.Parameter(torch.empty(self.out_features, device=dev, dtype=torch.float32))
+        self.lambda_d = nn.Parameter(torch.empty(*bank, projection.rank, device=dev, dtype=torch.float32))
+        self.lambda_b = nn.Parameter(torch.empty(*bank, self.out_features, device=dev, dtype=torch.float32))
         self.merged = False
         self.reset_adapter()
 
@@ -126,6 +136,7 @@ class VeRALinear(nn.Module):
         rank: int = 256,
         seed: int = 0,
         fan_in_fan_out: bool = False,
+        num_adapters: int = 1,
     ) -> "VeRALinear":
         """Wrap an existing ``nn.Linear``: its weight and bias are shared (not copied) and frozen.
 
@@ -148,7 +159,7 @@ class VeRALinear(nn.Module):
         nn.Module.__init__(layer)
         if projection is None:
             projection = Projection(seed, rank, in_features, out_features)
-        layer._setup(linear.weight, linear.bias, projection, d_initial, dropout, fan_in_fan_out)
+        layer._setup(linear.weight, linear.bias, projection, d_initial, dropout, fan_in_fan_out, num_adapters)
         return layer
 
     def weight_nk(self) -> torch.Tensor:
@@ -156,7 +167,19 @@ class VeRALinear(nn.Module):
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     # --- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: Optional[str] = None,
+                adapter_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``adapter_ids`` (only with ``num_adapters > 1``): as ``vk.vera_linear``'s; default: the ids of
+        the enclosing ``vk.adapter_ids(model, ids)`` block."""
+        if self.num_adapters > 1 and adapter_ids is None:
+            adapter_ids = self._adapter_ids
+            if adapter_ids is None:
+                raise RuntimeError(
+                    f"this VeRALinear holds {self.num_adapters} adapters and needs each row's adapter id: run the "
+                    "model inside `with vk.adapter_ids(model, ids):` or pass adapter_ids= (-1 = base layer only)"
+                )
+        elif self.num_adapters == 1 and adapter_ids is not None:
+            raise ValueError("adapter_ids needs a layer built with num_adapters > 1")
         if self.merged:
             if self.training and torch.is_grad_enabled() and (
                 self.lambda_d.requires_grad or self.lambda_b.requires_grad
@@ -173,7 +196,7 @@ class VeRALinear(nn.Module):
             return sharded_forward(self, x, backend)
         return vera_linear(
             x, self.weight_nk(), self.bias, self.lambda_d, self.lambda_b, self.projection,
-            dropout_p=self.dropout, training=self.training, backend=backend,
+            dropout_p=self.dropout, training=self.training, backend=backend, adapter_ids=adapter_ids,
             in_offset=self.in_offset, out_offset=self.out_offset,
         )
 
@@ -185,6 +208,9 @@ class VeRALinear(nn.Module):
             raise NotImplementedError(
                 "a tensor-parallel shard of VeRALinear cannot be merged; merge the unsharded layer"
             )
+        if self.num_adapters > 1:
+            raise RuntimeError(f"a VeRALinear with a bank of {self.num_adapters} adapters has no single delta "
+                               "weight and cannot be merged; serve the bank with vk.adapter_ids instead")
         A, B = self.projection.materialize(torch.float32, self.weight.device)
         A_K = A[:, : self.in_features]
         B_N = B[: self.out_features]
@@ -237,4 +263,5 @@ class VeRALinear(nn.Module):
             f"seed={self.projection.seed if self.projection.is_seeded else 'stored'}, "
             f"dropout={self.dropout}, merged={self.merged}"
             + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
+            + (f", num_adapters={self.num_adapters}" if self.num_adapters > 1 else "")
         )

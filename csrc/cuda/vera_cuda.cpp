@@ -7,6 +7,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/unique_consecutive.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -43,6 +44,33 @@ void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "vera_kernels: ", name, " must be a CUDA tensor, got ", t.device());
 }
 
+cuda::RowBank row_bank(const at::Tensor& bank, const at::Tensor& ids) {
+  return cuda::RowBank{bank.const_data_ptr<float>(), bank.size(1), ids.const_data_ptr<int64_t>(), bank.size(0)};
+}
+
+// The rows of a batch grouped by adapter id for the deterministic bank reductions: a stable sort of the
+// ids, then one segment per distinct id (integer ops only; the -1 rows form a segment the kernels skip).
+struct Segments {
+  at::Tensor order, start, id;
+  int64_t count;
+};
+
+Segments segments_of(const at::Tensor& ids) {
+  const auto sorted = ids.sort(std::optional<bool>(true), 0, false);
+  const auto uc = at::unique_consecutive(std::get<0>(sorted), false, true);
+  const at::Tensor& id = std::get<0>(uc);
+  at::Tensor start = at::zeros({id.size(0) + 1}, ids.options());
+  start.narrow(0, 1, id.size(0)).copy_(std::get<2>(uc).cumsum(0));
+  return Segments{std::get<1>(sorted).contiguous(), start, id.contiguous(), id.size(0)};
+}
+
+// bank [n, C] (zero-filled) receives, per adapter, the sum of its rows of rows [M, C] (contiguous float32).
+void bank_reduce(at::Tensor& bank, const at::Tensor& rows, const Segments& seg, void* stream) {
+  check_launch(cuda::launch_segment_sum(rows.const_data_ptr<float>(), rows.size(1), seg.order.const_data_ptr<int64_t>(),
+                                        seg.start.const_data_ptr<int64_t>(), seg.id.const_data_ptr<int64_t>(),
+                                        seg.count, bank.size(0), bank.mutable_data_ptr<float>(), stream));
+}
+
 at::Tensor shrink_cuda(const at::Tensor& x, const std::optional<at::Tensor>& A, int64_t rank, int64_t key0,
                        int64_t key1, double bound, int64_t drop_key0, int64_t drop_key1, int64_t drop_threshold,
                        double drop_scale, int64_t in_offset) {
@@ -60,13 +88,20 @@ at::Tensor shrink_cuda(const at::Tensor& x, const std::optional<at::Tensor>& A, 
 at::Tensor expand_add_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
                            const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound,
-                           int64_t out_offset) {
-  check_expand(x, weight, bias, s, lambda_d, lambda_b);
+                           int64_t out_offset, const std::optional<at::Tensor>& adapter_ids) {
+  check_expand(x, weight, bias, s, lambda_d, lambda_b, adapter_ids);
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = weight.size(0), rank = s.size(1);
   const ProjectionSource src = make_source(kMatrixB, B, key0, key1, bound, rank, N, x, out_offset);
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  if (adapter_ids.has_value()) {  // u = s * lambda_d[ids] ([M, rank]); lambda_b read per row in the epilogue
+    const at::Tensor u = s.mul(gather_bank_rows(lambda_d, *adapter_ids)).contiguous();
+    check_launch(cuda::launch_expand_add_bank(y.mutable_data_ptr(), dtype_of(y), y.stride(0), y.stride(1), y.size(0), N,
+                                              u.const_data_ptr<float>(), rank, row_bank(lambda_b, *adapter_ids), src,
+                                              stream_of(x)));
+    return y;
+  }
   const at::Tensor sc = s.contiguous(), ld = lambda_d.contiguous(), lb = lambda_b.contiguous();
   check_launch(cuda::launch_expand_add(y.mutable_data_ptr(), dtype_of(y), y.stride(0), y.stride(1), y.size(0), N,
                                        sc.const_data_ptr<float>(), rank, ld.const_data_ptr<float>(),
@@ -77,13 +112,31 @@ at::Tensor expand_add_cuda(const at::Tensor& x, const at::Tensor& weight, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
     const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound, bool need_lambda_b,
-    int64_t out_offset) {
-  check_adapter_backward(grad_y, s, lambda_d, lambda_b);
+    int64_t out_offset, const std::optional<at::Tensor>& adapter_ids) {
+  check_adapter_backward(grad_y, s, lambda_d, lambda_b, adapter_ids);
   check_cuda(grad_y, "grad_y");
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const int64_t M = grad_y.size(0), N = grad_y.size(1), rank = s.size(1);
   const ProjectionSource src = make_source(kMatrixB, B, key0, key1, bound, rank, N, grad_y, out_offset);
   const at::Tensor sc = s.contiguous(), ld = lambda_d.contiguous(), lb = lambda_b.contiguous();
+  if (adapter_ids.has_value()) {  // g per row; bank gradients summed per adapter in sorted row order
+    const int64_t n = lambda_d.size(0);
+    void* stream = stream_of(grad_y);
+    at::Tensor g = at::empty({M, rank}, s.options());
+    check_launch(cuda::launch_adapter_backward_bank(activation(grad_y), M, N, rank, row_bank(lb, *adapter_ids), src,
+                                                    g.mutable_data_ptr<float>(), stream));
+    const Segments seg = segments_of(*adapter_ids);
+    at::Tensor grad_d = at::zeros({n, rank}, s.options());
+    bank_reduce(grad_d, sc.mul(g).contiguous(), seg, stream);
+    if (!need_lambda_b) return {g, grad_d, at::zeros({0}, s.options())};
+    const at::Tensor u = sc.mul(gather_bank_rows(ld, *adapter_ids)).contiguous();
+    at::Tensor rows = at::empty({M, N}, s.options());
+    check_launch(cuda::launch_bank_products(activation(grad_y), M, N, u.const_data_ptr<float>(), rank, src,
+                                            rows.mutable_data_ptr<float>(), stream));
+    at::Tensor grad_b = at::zeros({n, N}, s.options());
+    bank_reduce(grad_b, rows, seg, stream);
+    return {g, grad_d, grad_b};
+  }
   at::Tensor g = at::empty({M, rank}, s.options());
   at::Tensor grad_b = at::zeros({need_lambda_b ? N : 0}, s.options());
   check_launch(cuda::launch_adapter_backward(activation(grad_y), M, N, sc.const_data_ptr<float>(), rank,
@@ -97,17 +150,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cuda(
 at::Tensor grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& g,
                            const at::Tensor& lambda_d, const std::optional<at::Tensor>& A, int64_t key0, int64_t key1,
                            double bound, int64_t drop_key0, int64_t drop_key1, int64_t drop_threshold,
-                           double drop_scale, int64_t in_offset) {
-  check_grad_input(grad_y, weight, g, lambda_d);
+                           double drop_scale, int64_t in_offset, const std::optional<at::Tensor>& adapter_ids) {
+  check_grad_input(grad_y, weight, g, lambda_d, adapter_ids);
   check_cuda(grad_y, "grad_y");
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const int64_t K = weight.size(1), rank = g.size(1);
   const ProjectionSource src = make_source(kMatrixA, A, key0, key1, bound, rank, K, grad_y, in_offset);
   at::Tensor grad_x = at::mm(grad_y, weight);
-  const at::Tensor gc = g.contiguous(), ld = lambda_d.contiguous();
+  // with adapter_ids, each row of g is scaled by its own lambda_d here (a small [M, rank] product)
+  const at::Tensor gc = adapter_ids.has_value() ? g.mul(gather_bank_rows(lambda_d, *adapter_ids)).contiguous()
+                                                : g.contiguous();
+  const at::Tensor ld = lambda_d.contiguous();
   check_launch(cuda::launch_grad_input_add(grad_x.mutable_data_ptr(), dtype_of(grad_x), grad_x.stride(0),
                                            grad_x.stride(1), grad_x.size(0), K, gc.const_data_ptr<float>(), rank,
-                                           ld.const_data_ptr<float>(), src,
+                                           adapter_ids.has_value() ? nullptr : ld.const_data_ptr<float>(), src,
                                            make_dropout(drop_key0, drop_key1, drop_threshold, drop_scale, in_offset),
                                            stream_of(grad_y)));
   return grad_x;

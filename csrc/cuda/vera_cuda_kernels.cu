@@ -60,6 +60,27 @@ struct Dense {
   }
 };
 
+// Row m's bank row, or null when m is out of range or the row has no adapter.
+__device__ __forceinline__ const float* bank_row(const RowBank& rb, int64_t m, int64_t M) {
+  if (m >= M) return nullptr;
+  const int64_t id = rb.ids[m];
+  return (id < 0 || id >= rb.n) ? nullptr : rb.bank + id * rb.ld;
+}
+
+// A Dense operand whose row i is scaled elementwise by its bank row (zero for a row without adapter).
+template <typename T>
+struct BankScaled {
+  Dense<T> base;
+  RowBank rb;
+
+  __device__ void load4(int64_t i, int64_t j, int64_t ni, int64_t nj, float v[4]) const {
+    base.load4(i, j, ni, nj, v);
+    const float* row = bank_row(rb, i, ni);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) v[l] = (row != nullptr && j + l < nj) ? v[l] * row[j + l] : 0.0f;
+  }
+};
+
 // A generated projection P used as operand element (k, n): P[n, k] when PROJ_COL_IS_K (quads along k),
 // else P[k, n] (quads along n). One Philox call gives the 4 values of a quad (one per value when a
 // shard's column offset into A is not a multiple of 4). src.offset shifts the columns of A / rows of B.
@@ -123,6 +144,39 @@ struct AddCast {
       T* p = out + m * s0 + nn * s1;
       *p = from_float<T>(to_float(*p) + a);
     }
+  }
+};
+
+// out[m, n] = T(float(out[m, n]) + bank row of m [n] * acc): the expansion add with per-row lambda_b.
+template <typename T>
+struct AddCastBank {
+  T* out;
+  int64_t s0, s1;
+  RowBank rb;
+  __device__ void store4(int64_t m, int64_t n, const float acc[4], int64_t M, int64_t N) const {
+    const float* row = bank_row(rb, m, M);
+    if (row == nullptr) return;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t nn = n + l;
+      if (nn >= N) continue;
+      T* p = out + m * s0 + nn * s1;
+      *p = from_float<T>(to_float(*p) + row[nn] * acc[l]);
+    }
+  }
+};
+
+// out[m, n] = acc * float(gy[m, n]) (out contiguous float32 [M, N]): per-row lambda_b gradient terms.
+template <typename T>
+struct MulStore {
+  float* out;
+  const T* gy;
+  int64_t s0, s1;
+  __device__ void store4(int64_t m, int64_t n, const float acc[4], int64_t M, int64_t N) const {
+    if (m >= M) return;
+#pragma unroll
+    for (int l = 0; l < 4; ++l)
+      if (n + l < N) out[m * N + n + l] = acc[l] * to_float(gy[m * s0 + (n + l) * s1]);
   }
 };
 
@@ -237,6 +291,19 @@ __global__ void projection_tile_kernel(float* out, int64_t rows, int64_t cols, P
   out[idx] = projection_value(philox_word(src.stream, row0 + i, col0 + j, src.key), src.bound);
 }
 
+// One thread per (segment, column): the segment's rows summed in their sorted order.
+__global__ void segment_sum_kernel(const float* rows, int64_t C, const int64_t* order, const int64_t* seg_start,
+                                   const int64_t* seg_id, int64_t n, float* out) {
+  const int64_t seg = blockIdx.x;
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (j >= C) return;
+  const int64_t id = seg_id[seg];
+  if (id < 0 || id >= n) return;
+  float acc = 0.0f;
+  for (int64_t i = seg_start[seg]; i < seg_start[seg + 1]; ++i) acc += rows[order[i] * C + j];
+  out[id * C + j] = acc;
+}
+
 constexpr DropoutSpec kNoDropout{Key{0u, 0u}, 0u, 1.0f, 0};
 
 }  // namespace
@@ -290,6 +357,48 @@ const char* launch_grad_input_add(void* grad_x, DType dtype, int64_t sx0, int64_
     const AddCast<T> epi{static_cast<T*>(grad_x), sx0, sx1, nullptr, drop};
     return with_projection<false>(A, [&](auto right) { return run(M, K, rank, left, right, epi, stream); });
   });
+}
+
+const char* launch_expand_add_bank(void* y, DType dtype, int64_t sy0, int64_t sy1, int64_t M, int64_t N,
+                                   const float* u, int64_t rank, RowBank lambda_b, ProjectionSource B, void* stream) {
+  const Dense<float> left{u, rank, 1, nullptr, kNoDropout};
+  return with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    const AddCastBank<T> epi{static_cast<T*>(y), sy0, sy1, lambda_b};
+    return with_projection<true>(B, [&](auto right) { return run(M, N, rank, left, right, epi, stream); });
+  });
+}
+
+const char* launch_adapter_backward_bank(Activation grad_y, int64_t M, int64_t N, int64_t rank, RowBank lambda_b,
+                                         ProjectionSource B, float* g, void* stream) {
+  return with_dtype(grad_y.dtype, [&](auto t) {
+    using T = decltype(t);
+    const BankScaled<T> left{Dense<T>{static_cast<const T*>(grad_y.data), grad_y.stride0, grad_y.stride1, nullptr,
+                                      kNoDropout},
+                             lambda_b};
+    return with_projection<false>(B, [&](auto right) { return run(M, rank, N, left, right, StoreF32{g, rank}, stream); });
+  });
+}
+
+const char* launch_bank_products(Activation grad_y, int64_t M, int64_t N, const float* u, int64_t rank,
+                                 ProjectionSource B, float* out, void* stream) {
+  const Dense<float> left{u, rank, 1, nullptr, kNoDropout};
+  return with_dtype(grad_y.dtype, [&](auto t) {
+    using T = decltype(t);
+    const MulStore<T> epi{out, static_cast<const T*>(grad_y.data), grad_y.stride0, grad_y.stride1};
+    return with_projection<true>(B, [&](auto right) { return run(M, N, rank, left, right, epi, stream); });
+  });
+}
+
+const char* launch_segment_sum(const float* rows, int64_t C, const int64_t* order, const int64_t* seg_start,
+                               const int64_t* seg_id, int64_t num_segments, int64_t n, float* out, void* stream) {
+  if (num_segments <= 0 || C <= 0) return nullptr;
+  const int64_t col_blocks = (C + kThreads - 1) / kThreads;
+  if (num_segments > 0x7FFFFFFFll || col_blocks > 65535) return "vera_kernels: problem too large for the CUDA grid";
+  segment_sum_kernel<<<dim3(static_cast<unsigned>(num_segments), static_cast<unsigned>(col_blocks)), kThreads, 0,
+                       static_cast<cudaStream_t>(stream)>>>(rows, C, order, seg_start, seg_id, n, out);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 const char* launch_projection_tile(float* out, int64_t rows, int64_t cols, ProjectionSource src, int64_t row0,

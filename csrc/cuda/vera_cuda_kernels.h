@@ -43,6 +43,35 @@ const char* launch_grad_input_add(void* grad_x, DType dtype, int64_t sx0, int64_
                                   const float* g, int64_t rank, const float* lambda_d, ProjectionSource A,
                                   DropoutSpec drop, void* stream);
 
+// ---- many adapters in one batch ---------------------------------------------------------------------
+// A bank of per-adapter vectors: row m of a batch uses bank[ids[m] * ld + j]; a row whose id is outside
+// [0, n) (-1: base layer only) has no adapter.
+struct RowBank {
+  const float* bank;  // contiguous [n, ld]
+  int64_t ld;
+  const int64_t* ids;  // [M]
+  int64_t n;
+};
+
+// y [M, N] (holding x W^T + bias) += lambda_b[ids[m]] * (u B_N^T), u [M, rank] contiguous float32 (the
+// rows of s already scaled by their lambda_d); rows without adapter are left as they are.
+const char* launch_expand_add_bank(void* y, DType dtype, int64_t sy0, int64_t sy1, int64_t M, int64_t N,
+                                   const float* u, int64_t rank, RowBank lambda_b, ProjectionSource B, void* stream);
+
+// g [M, rank] = (grad_y * lambda_b[ids[m]]) B_N (zero rows for rows without adapter).
+const char* launch_adapter_backward_bank(Activation grad_y, int64_t M, int64_t N, int64_t rank, RowBank lambda_b,
+                                         ProjectionSource B, float* g, void* stream);
+
+// out [M, N] (contiguous float32) = grad_y * (u B_N^T): each row's contribution to the lambda_b gradient.
+const char* launch_bank_products(Activation grad_y, int64_t M, int64_t N, const float* u, int64_t rank,
+                                 ProjectionSource B, float* out, void* stream);
+
+// out[seg_id[k], :] = sum of rows[order[i], :] for i in [seg_start[k], seg_start[k + 1]), in that order
+// (deterministic: one thread per output element, no atomics); segments whose id is outside [0, n) are
+// skipped. rows [M, C] and out [n, C] contiguous float32; out's other rows are left as they are.
+const char* launch_segment_sum(const float* rows, int64_t C, const int64_t* order, const int64_t* seg_start,
+                               const int64_t* seg_id, int64_t num_segments, int64_t n, float* out, void* stream);
+
 // out [rows, cols] (contiguous float32) = rows [row0, ..) x cols [col0, ..) of a generated projection.
 const char* launch_projection_tile(float* out, int64_t rows, int64_t cols, ProjectionSource src, int64_t row0,
                                    int64_t col0, void* stream);

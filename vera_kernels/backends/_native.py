@@ -7,6 +7,10 @@ with CPU and, when built with CUDA, CUDA implementations:
 - ``expand_add``: ``y = x W^T + bias + lambda_b * ((lambda_d * s) B_N^T)``
 - ``adapter_backward``: ``(g, grad_lambda_d, grad_lambda_b)`` with ``g = (grad_y * lambda_b) B_N``
 - ``grad_input``: ``grad_x = grad_y W + mask * scale * ((g * lambda_d) A_K)``
+
+The last three take an optional ``adapter_ids`` (int64 ``[M]``, -1 = base layer only): ``lambda_d`` and
+``lambda_b`` are then banks ``[n, r]``, ``[n, N]``, each row uses its bank row, and ``adapter_backward``
+returns the bank gradients ``[n, r]``, ``[n, N]`` (reduced in a fixed order: no float atomics).
 - ``projection_tile``: a generated tile of ``A``/``B`` (tests only)
 
 The adapter ops end with a tensor-parallel shard's offset into the global projection (``in_offset``:
@@ -91,17 +95,21 @@ def register_fakes() -> None:
         return x.new_empty((x.shape[0], rank), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "expand_add")
-    def _expand_add(x, weight, bias, s, lambda_d, lambda_b, B, key0, key1, bound, out_offset=0):
+    def _expand_add(x, weight, bias, s, lambda_d, lambda_b, B, key0, key1, bound, out_offset=0, adapter_ids=None):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake(lib + "adapter_backward")
-    def _adapter_backward(grad_y, s, lambda_d, lambda_b, B, key0, key1, bound, need_lambda_b, out_offset=0):
+    def _adapter_backward(grad_y, s, lambda_d, lambda_b, B, key0, key1, bound, need_lambda_b, out_offset=0,
+                          adapter_ids=None):
+        if adapter_ids is not None:  # bank gradients
+            gb = (lambda_b.shape[0], grad_y.shape[1]) if need_lambda_b else (0,)
+            return s.new_empty(s.shape), s.new_empty(lambda_d.shape), s.new_empty(gb)
         n = grad_y.shape[1] if need_lambda_b else 0
         return s.new_empty(s.shape), s.new_empty((s.shape[1],)), s.new_empty((n,))
 
     @torch.library.register_fake(lib + "grad_input")
     def _grad_input(grad_y, weight, g, lambda_d, A, key0, key1, bound, drop_key0, drop_key1, drop_threshold,
-                    drop_scale, in_offset=0):
+                    drop_scale, in_offset=0, adapter_ids=None):
         return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
 
 
@@ -159,6 +167,7 @@ class NativeBackend(Backend):
     """The ops of ``vera_kernels._C`` on one device type ("cpu" or "cuda")."""
 
     supports_offsets = True  # the ops take in_offset / out_offset (global columns of A, rows of B)
+    supports_adapter_ids = True
 
     def __init__(self, name: str, device_type: str):
         self.name = name
@@ -173,20 +182,30 @@ class NativeBackend(Backend):
         x2d = problem.x2d
         s = ops().shrink(x2d, a.stored, problem.projection.rank, a.key0, a.key1, a.bound,
                          *dropout_args(problem.dropout), problem.in_offset)
-        y = ops().expand_add(x2d, problem.weight, problem.bias, s, problem.lambda_d, problem.lambda_b,
-                             b.stored, b.key0, b.key1, b.bound, problem.out_offset)
+        ids = problem.adapter_ids
+        if ids is None:
+            y = ops().expand_add(x2d, problem.weight, problem.bias, s, problem.lambda_d, problem.lambda_b,
+                                 b.stored, b.key0, b.key1, b.bound, problem.out_offset)
+        else:  # banks as the ops take them: contiguous float32
+            y = ops().expand_add(x2d, problem.weight, problem.bias, s, problem.lambda_d.contiguous(),
+                                 problem.lambda_b.contiguous(), b.stored, b.key0, b.key1, b.bound,
+                                 problem.out_offset, ids.contiguous())
         return y, s
 
     def backward(self, problem: Problem, grad_y2d, s, needs_input_grad):
         need_x, need_d, need_b = needs_input_grad
         b = projection_args(problem.projection, 1, problem.device)
+        ids = problem.adapter_ids
+        ld, lb = problem.lambda_d, problem.lambda_b
+        extra = ()
+        if ids is not None:  # banks: contiguous; the ids follow as the ops' last argument
+            ld, lb, extra = ld.contiguous(), lb.contiguous(), (ids.contiguous(),)
         g, grad_d, grad_b = ops().adapter_backward(
-            grad_y2d, s, problem.lambda_d, problem.lambda_b, b.stored, b.key0, b.key1, b.bound, need_b,
-            problem.out_offset,
+            grad_y2d, s, ld, lb, b.stored, b.key0, b.key1, b.bound, need_b, problem.out_offset, *extra
         )
         grad_x = None
         if need_x:
             a = projection_args(problem.projection, 0, problem.device)
-            grad_x = ops().grad_input(grad_y2d, problem.weight, g, problem.lambda_d, a.stored, a.key0, a.key1,
-                                      a.bound, *dropout_args(problem.dropout), problem.in_offset)
+            grad_x = ops().grad_input(grad_y2d, problem.weight, g, ld, a.stored, a.key0, a.key1,
+                                      a.bound, *dropout_args(problem.dropout), problem.in_offset, *extra)
         return grad_x, (grad_d if need_d else None), (grad_b if need_b else None)

@@ -8,8 +8,10 @@ cached on the projection, as PEFT keeps them in buffers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .._helpers import ACCEPTED_DTYPES, Problem
+from ..banks import bank_sum, gather_rows
 from ..projection import dropout_keep_mask
 from ..reference import vera_forward_math
 from .base import Backend
@@ -27,14 +29,51 @@ class TorchBackend(Backend):
     device_types = ()
     dtypes = ACCEPTED_DTYPES
     supports_offsets = True
+    supports_adapter_ids = True
 
     def forward(self, problem: Problem):
         cd = problem.compute_dtype
         A_K, B_N = _sliced_ab(problem, cd)
+        if problem.adapter_ids is not None:
+            return self._bank_forward(problem, A_K, B_N, cd)
         return vera_forward_math(
             problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b,
             A_K, B_N, problem.dropout, cd, problem.in_offset,
         )
+
+    def _bank_forward(self, problem: Problem, A_K, B_N, cd):
+        """``vera_forward_math`` with each row's bank vectors, in as few full-size passes as the
+        single-adapter path plus one ``[M, N]`` gather (each pass is a parallel region on CPU)."""
+        x2d, ids = problem.x2d, problem.adapter_ids
+        base = F.linear(x2d, problem.weight, problem.bias)
+        xa = x2d.to(cd)
+        dp = problem.dropout
+        if dp is not None:
+            keep = dropout_keep_mask(dp.seed, dp.threshold, problem.M, problem.K, x2d.device, problem.in_offset)
+            xa = xa * keep.to(cd) * dp.scale
+        s = F.linear(xa, A_K)
+        idc = ids.clamp_min(0)
+        # rows with id -1 must add exactly nothing, even if bank row 0 holds inf/nan: mask them (on CPU
+        # only when present; checking would synchronise a GPU)
+        masked = ids.device.type != "cpu" or bool((ids < 0).any())
+        u = s * problem.lambda_d.index_select(0, idc).to(cd)
+        lambda_b = problem.lambda_b.index_select(0, idc).to(cd)
+        if masked:
+            used = (ids >= 0)[:, None]
+            u = u.masked_fill(~used, 0.0)
+            lambda_b = lambda_b.masked_fill(~used, 0.0)
+        adapter = F.linear(u, B_N.to(cd)).mul_(lambda_b)
+        return (base.to(cd) + adapter).to(x2d.dtype), s
+
+    def _bank_backward(self, problem: Problem, gy, s, A_K, B_N, need_d, need_b):
+        """Per-row ``g`` and the bank gradients ``[n, r]``, ``[n, N]`` (reduced by ``bank_sum``)."""
+        ids, n = problem.adapter_ids, problem.num_adapters
+        cd = gy.dtype
+        lambda_d = gather_rows(problem.lambda_d, ids, cd)  # [M, r]
+        g = (gy * gather_rows(problem.lambda_b, ids, cd)) @ B_N  # [M, r]; zero rows for id -1
+        grad_d = bank_sum(s * g, ids, n) if need_d else None
+        grad_b = bank_sum(gy * ((lambda_d * s) @ B_N.t()), ids, n) if need_b else None
+        return g, lambda_d, grad_d, grad_b
 
     def backward(self, problem: Problem, grad_y2d, s, needs_input_grad):
         need_x, need_d, need_b = needs_input_grad
@@ -43,14 +82,17 @@ class TorchBackend(Backend):
         lambda_d = problem.lambda_d.to(cd)
         lambda_b = problem.lambda_b.to(cd)
         gy = grad_y2d.to(cd)
-        g = (gy * lambda_b) @ B_N  # [M, r]
-        grad_d = (s * g).sum(0) if need_d else None
-        grad_b = None
-        if need_b:  # two equal forms (docs/DESIGN.md §1); take the one with the smaller transient
-            if problem.M <= s.shape[1]:  # [M, N] intermediate
-                grad_b = (gy * ((lambda_d * s) @ B_N.t())).sum(0)
-            else:  # rowsum(B_N * (gy^T (lambda_d * s))): [N, r] intermediate
-                grad_b = (B_N * (gy.t() @ (lambda_d * s))).sum(1)
+        if problem.adapter_ids is not None:  # lambda_d becomes the per-row [M, r]
+            g, lambda_d, grad_d, grad_b = self._bank_backward(problem, gy, s, A_K, B_N, need_d, need_b)
+        else:
+            g = (gy * lambda_b) @ B_N  # [M, r]
+            grad_d = (s * g).sum(0) if need_d else None
+            grad_b = None
+            if need_b:  # two equal forms (docs/DESIGN.md §1); take the one with the smaller transient
+                if problem.M <= s.shape[1]:  # [M, N] intermediate
+                    grad_b = (gy * ((lambda_d * s) @ B_N.t())).sum(0)
+                else:  # rowsum(B_N * (gy^T (lambda_d * s))): [N, r] intermediate
+                    grad_b = (B_N * (gy.t() @ (lambda_d * s))).sum(1)
         grad_x = None
         if need_x:
             adapter = (g * lambda_d) @ A_K  # [M, K]

@@ -1,0 +1,107 @@
+"""Many adapters in one batch (DESIGN §5): per-row gathers from the banks, deterministic bank gradients,
+and ``adapter_ids``, which hands one batch's ids to every multi-adapter ``VeRALinear`` of a model.
+
+A bank holds ``n`` adapters of one layer: ``lambda_d [n, r]`` and ``lambda_b [n, N]``. A batch names one
+adapter per row (``-1``: the base layer only). ``s = x A_K^T`` is the same for every row; only the
+per-row scaling by ``lambda_d[id]`` and ``lambda_b[id]`` differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List
+
+import torch
+from torch import nn
+
+__all__ = ["gather_rows", "bank_sum", "adapter_ids"]
+
+
+def gather_rows(bank: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``bank[ids]`` in ``dtype`` (``[M, C]``), with zero rows where ``ids == -1``."""
+    rows = bank.index_select(0, ids.clamp_min(0)).to(dtype)
+    return rows * (ids >= 0).to(dtype)[:, None]
+
+
+def bank_sum(rows: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """``out[a] = sum of rows[m] over the rows m with ids[m] == a``, ``[n, C]``; rows with id -1 are dropped.
+
+    Deterministic (no float atomics): on CPU ``index_add_`` accumulates the rows in row order; elsewhere
+    the rows are stably sorted by id and each adapter's rows are summed in that order by
+    ``torch.segment_reduce``. Bank rows no row uses stay zero.
+    """
+    if rows.device.type != "cpu":
+        return sorted_bank_sum(rows, ids, n)
+    out = rows.new_zeros((n, rows.shape[1]))
+    keep = ids >= 0
+    if not bool(keep.all()):
+        rows, ids = rows[keep], ids[keep]
+    return out.index_add_(0, ids, rows)
+
+
+def sorted_bank_sum(rows: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """``bank_sum`` by a stable sort of the rows by id and a per-adapter ``segment_reduce`` (any device)."""
+    out = rows.new_zeros((n, rows.shape[1]))
+    keep = ids >= 0
+    sorted_ids, order = torch.sort(torch.where(keep, ids, n), stable=True)  # id -1 rows sort last
+    used, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    if used.numel() == 0:
+        return out
+    sums = torch.segment_reduce(rows.index_select(0, order), "sum", lengths=counts, axis=0)
+    valid = used < n
+    out[used[valid]] = sums[valid]  # distinct indices: a plain scatter, no accumulation
+    return out
+
+
+def _multi_adapter_layers(model: nn.Module) -> List[nn.Module]:
+    from .layer import VeRALinear
+
+    return [m for m in model.modules() if isinstance(m, VeRALinear) and m.num_adapters > 1]
+
+
+@contextlib.contextmanager
+def adapter_ids(model: nn.Module, ids: torch.Tensor) -> Iterator[None]:
+    """Run ``model`` inside the block with one adapter per sequence or per token of its batch.
+
+    Every ``VeRALinear`` of ``model`` built with ``num_adapters > 1`` uses ``ids`` as its ``adapter_ids``:
+    an integer tensor ``[batch]`` (one adapter per sequence) or ``[batch, seq]`` (one per token), values
+    in ``[-1, num_adapters)``, -1 meaning the base model for that sequence/token. The ids are checked
+    against every such layer before anything is changed; the previous ids are restored on exit (blocks
+    nest; an exception leaves the model as it was). The ids live on the layers, so one model object is
+    not meant to serve two threads' batches at once::
+
+        with vk.adapter_ids(model, torch.tensor([3, 17, -1, 3])):
+            logits = model(input_ids)  # input_ids [4, seq]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"adapter_ids expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be an integer torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"ids must be [batch] (per sequence) or [batch, seq] (per token), got shape "
+                         f"{tuple(ids.shape)}")
+    layers = _multi_adapter_layers(model)
+    if not layers:
+        raise ValueError("the model has no VeRALinear with num_adapters > 1; build layers with "
+                         "VeRALinear(..., num_adapters=n) to serve several adapters in one batch")
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        n_min = min(layer.num_adapters for layer in layers)
+        if lo < -1 or hi >= n_min:
+            raise ValueError(f"ids must be in [-1, {n_min}) (the smallest bank of the model's multi-adapter "
+                             f"layers; -1 = base model), got values in [{lo}, {hi}]")
+    ids = ids.to(torch.int64)
+    per_device = {}
+    previous = [layer._adapter_ids for layer in layers]
+    try:
+        for layer in layers:
+            dev = layer.lambda_d.device
+            if dev not in per_device:
+                per_device[dev] = ids.to(dev)
+            layer._adapter_ids = per_device[dev]
+        yield
+    finally:
+        for layer, prev in zip(layers, previous):
+            layer._adapter_ids = prev
