@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 import vera_kernels as vk  # noqa: E402
 from conftest import DEVICE, backend_skip_reason  # noqa: E402
@@ -51,4 +51,6 @@ def test_dot_args_follow_matmul_precision():
         assert dot_args(torch.float32)["DOT_PRECISION"] == "tf32"
     finally:
         torch.set_float32_matmul_precision(old)
-    assert dot_args(torch.bfloat16)["SPLIT"] and not dot_args(torch.float16)["SPLIT"]
+    # 16-bit inputs: products with float32-scaled operands run in TF32, never on 16-bit operands
+    assert dot_args(torch.bfloat16)["RANK_PRECISION"] == dot_args(torch.float16)["RANK_PRECISION"] == "tf32"
+    assert dot_args(torch.float16)["IN_DTYPE"] == triton.language.float16
