@@ -10,9 +10,9 @@ Importing this package imports ``triton``; ``vera_kernels`` itself imports it on
 backend runs.
 """
 
-from ._common import materialize_projection
 from .fused_forward import fused_forward
 from .grad_input import grad_input
+from .materialize import materialize_projection
 from .rank_grads import rank_grads
 from .segment_sum import segment_sum
 from .shrink import shrink

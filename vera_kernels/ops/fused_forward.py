@@ -14,41 +14,40 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton import Config
 import triton.language as tl
 
-from ._common import (
-    GEMM_HOST_CHOICES, GEMM_KEYS, MATRIX_B, build_tuners, dot_args, gemm_plan, grouped_tile, mma, projection_args,
-    rank_expand, rank_vector, vector_args,
-)
+from ._host import GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, gemm_plan, projection_args, vector_args
+from ._jit import MATRIX_B, gemm_main_loop, gemm_tile_program, rank_expand, rank_vector
 
 
-_C = triton.Config
 # GPU autotune lists per kind; the first config of each is the one used when autotuning is off.
 CONFIGS = {
     "prefill": [
         # Hopper (wgmma, two warpgroups, 228 KB shared memory)
-        _C({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        _C({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
         # Ampere (mma.sync, 164 KB shared memory on A100)
-        _C({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        _C({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ],
     "prefill-fp32": [
-        _C({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ],
     # decode: one row block streams W once; narrow column tiles spread it over every SM
     "decode": [
-        _C({"BLOCK_N": 32, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
-        _C({"BLOCK_N": 16, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=5),
-        _C({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        Config({"BLOCK_N": 32, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        Config({"BLOCK_N": 16, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=5),
+        Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
     ],
     "decode-fp32": [
-        _C({"BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        Config({"BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=4),
     ],
 }
 _INTERPRETER = {
-    "prefill": _C({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 2}, num_warps=4, num_stages=1),
-    "decode": _C({"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
+    "prefill": Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 2},
+                      num_warps=4, num_stages=1),
+    "decode": Config({"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
 }
 HOST_CHOICES, _KEYS = GEMM_HOST_CHOICES, GEMM_KEYS
 
@@ -66,24 +65,10 @@ def _fused_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    pid_m = pid_m.to(tl.int64)
-    pid_n = pid_n.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_start = pid_n * BLOCK_N
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, n_start, offs_n, mask_m, mask_n = gemm_tile_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(pid_m * 0, K, BLOCK_K):  # int64 induction: k * stride may pass 2**31
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = mma(x, wt, acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+    acc = gemm_main_loop(x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, offs_m, offs_n, mask_m, mask_n, K,
+                         IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_K)  # x Wᵀ
 
     if HAS_IDS:
         # per-row vectors: lambda_b[id] scales the rank product's own float32 accumulator

@@ -11,37 +11,39 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton import Config
 import triton.language as tl
 
-from ._common import (
-    GEMM_HOST_CHOICES, GEMM_KEYS, MATRIX_A, build_tuners, dot_args, dropout_args, dropout_keep_tile, gemm_plan,
-    grouped_tile, mma, projection_args, rank_expand, vector_args,
+from ._host import (
+    GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, dropout_args, gemm_plan, projection_args, vector_args,
 )
+from ._jit import MATRIX_A, dropout_keep_tile, gemm_main_loop, gemm_tile_program, rank_expand
 
 
-_C = triton.Config
-# GPU autotune lists per kind; the first config of each is the one used when autotuning is off.
+# GPU autotune lists per kind; the first config of each is the one used when autotuning is off. (The same
+# layout as fused_forward's table, other values: the output tile is [M, K] and the loop runs over N.)
 CONFIGS = {
     "prefill": [
-        _C({"BLOCK_M": 128, "BLOCK_K": 256, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        _C({"BLOCK_M": 256, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        _C({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        _C({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        Config({"BLOCK_M": 128, "BLOCK_K": 256, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        Config({"BLOCK_M": 256, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ],
     "prefill-fp32": [
-        _C({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ],
     "decode": [
-        _C({"BLOCK_K": 32, "BLOCK_N": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
-        _C({"BLOCK_K": 64, "BLOCK_N": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        Config({"BLOCK_K": 32, "BLOCK_N": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        Config({"BLOCK_K": 64, "BLOCK_N": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
     ],
     "decode-fp32": [
-        _C({"BLOCK_K": 32, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=3),
+        Config({"BLOCK_K": 32, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=3),
     ],
 }
 _INTERPRETER = {
-    "prefill": _C({"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 2}, num_warps=4, num_stages=1),
-    "decode": _C({"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
+    "prefill": Config({"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 2},
+                      num_warps=4, num_stages=1),
+    "decode": Config({"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
 }
 HOST_CHOICES, _KEYS = GEMM_HOST_CHOICES, GEMM_KEYS
 
@@ -59,46 +61,31 @@ def _grad_input_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-    pid_m = pid_m.to(tl.int64)
-    pid_k = pid_k.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    k_start = pid_k * BLOCK_K
-    offs_k = k_start + tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_k = offs_k < K
+    offs_m, k_start, offs_k, mask_m, mask_k = gemm_tile_program(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n_start in range(pid_m * 0, N, BLOCK_N):  # int64 induction: n * stride may pass 2**31
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        gy = tl.load(gy_ptr + offs_m[:, None] * stride_gym + offs_n[None, :] * stride_gyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = mma(gy, w, acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+    acc = gemm_main_loop(gy_ptr, stride_gym, stride_gyn, w_ptr, stride_wn, stride_wk, offs_m, offs_k, mask_m, mask_k,
+                         N, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_N)  # gy W
 
     if HAS_IDS:
         ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
     else:
         ids = offs_m  # unused
+    # with dropout the adapter part gets its own accumulator: mask and q apply to it in float32
     if DROPOUT:
-        # the adapter part gets its own accumulator: mask and q apply to it in float32
-        adapter = rank_expand(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, stride_gm, stride_gr,
-                              lamd_ptr, stride_lda, ids, offs_m, M, R, offs_k, k_start, in_offset, K, 1.0,
-                              key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
-                              MATRIX=MATRIX_A, GENERATE_AB=GENERATE_AB, ALIGNED=ALIGNED, HAS_IDS=HAS_IDS,
-                              SCALE_COLS=False, IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION,
-                              INTERPRETER=INTERPRETER, BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_K)
-        keep = dropout_keep_tile(drop_key0, drop_key1, drop_threshold, offs_m, k_start, BLOCK_K)
-        acc += tl.where(keep, adapter * drop_scale, 0.0)
+        start = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     else:
-        acc = rank_expand(acc, g_ptr, stride_gm, stride_gr,
-                          lamd_ptr, stride_lda, ids, offs_m, M, R, offs_k, k_start, in_offset, K, 1.0,
-                          key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
-                          MATRIX=MATRIX_A, GENERATE_AB=GENERATE_AB, ALIGNED=ALIGNED, HAS_IDS=HAS_IDS,
-                          SCALE_COLS=False, IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION,
-                          INTERPRETER=INTERPRETER, BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_K)
+        start = acc
+    out = rank_expand(start, g_ptr, stride_gm, stride_gr,
+                      lamd_ptr, stride_lda, ids, offs_m, M, R, offs_k, k_start, in_offset, K, 1.0,
+                      key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
+                      MATRIX=MATRIX_A, GENERATE_AB=GENERATE_AB, ALIGNED=ALIGNED, HAS_IDS=HAS_IDS,
+                      SCALE_COLS=False, IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION,
+                      INTERPRETER=INTERPRETER, BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_K)
+    if DROPOUT:
+        keep = dropout_keep_tile(drop_key0, drop_key1, drop_threshold, offs_m, k_start, BLOCK_K)
+        acc += tl.where(keep, out * drop_scale, 0.0)
+    else:
+        acc = out
     tl.store(gx_ptr + offs_m[:, None] * stride_gxm + offs_k[None, :] * stride_gxk,
              acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 

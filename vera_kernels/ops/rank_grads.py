@@ -13,27 +13,27 @@ from typing import NamedTuple, Optional
 
 import torch
 import triton
+from triton import Config
 import triton.language as tl
 
-from ._common import (
-    MATRIX_B, build_tuners, dot_args, interpreting, kind_of, next_pow2, projection_args, rank_factor_tile, rank_mma,
-    rank_tile_program, split_reduction, vector_args,
+from ._host import (
+    build_tuners, dot_args, interpreting, kind_of, next_pow2, projection_args, split_reduction, vector_args,
 )
+from ._jit import MATRIX_B, rank_factor_tile, rank_mma, rank_tile_program
 from .segment_sum import segment_sum
 
 N_SPLIT_ALIGN = 256
 
-_C = triton.Config
 # GPU autotune lists per kind (BLOCK_M, BLOCK_R and the N split are chosen on the host)
 CONFIGS = {
     "rank_grads": [
-        _C({"BLOCK_N": 64}, num_warps=8, num_stages=3),
-        _C({"BLOCK_N": 128}, num_warps=8, num_stages=3),
-        _C({"BLOCK_N": 32}, num_warps=4, num_stages=4),
+        Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
+        Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+        Config({"BLOCK_N": 32}, num_warps=4, num_stages=4),
     ],
-    "rank_grads-fp32": [_C({"BLOCK_N": 32}, num_warps=4, num_stages=3)],
+    "rank_grads-fp32": [Config({"BLOCK_N": 32}, num_warps=4, num_stages=3)],
 }
-_INTERPRETER = {"rank_grads": _C({"BLOCK_N": 16}, num_warps=4, num_stages=1)}
+_INTERPRETER = {"rank_grads": Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)}
 _KEYS = {"rank_grads": ["N", "R", "N_PER_SPLIT", "BLOCK_M", "BLOCK_R", "NEED_G", "NEED_GB", "HAS_IDS"]}
 
 
@@ -79,9 +79,10 @@ def _rank_grads_kernel(
         mask_n = offs_n < n_hi
         gy = tl.load(gy_ptr + rows[:, None] * stride_gym + offs_n[None, :] * stride_gyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        # B[n, j]ᵀ
         bt = rank_factor_tile(MATRIX_B, offs_j, j_start, offs_n, n_start, out_offset, R, N, key0, key1, bound_b,
                               b_ptr, stride_bj, stride_bn, GENERATE_AB=GENERATE_AB, ALIGNED=True,
-                              IN_DTYPE=IN_DTYPE, INTERPRETER=INTERPRETER, BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_N)  # B[n, j]ᵀ
+                              IN_DTYPE=IN_DTYPE, INTERPRETER=INTERPRETER, BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_N)
         if NEED_G:
             # lambda_b scales gy in float32; the product runs on float32/TF32 operands
             lamb = tl.load(lamb_row + offs_n, mask=mask_n, other=0.0)

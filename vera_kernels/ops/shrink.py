@@ -13,28 +13,26 @@ from typing import Optional
 
 import torch
 import triton
+from triton import Config
 import triton.language as tl
 
-from ._common import (
-    MATRIX_A, build_tuners, dot_args, dropout_args, dropout_keep_tile, kind_of, mma, next_pow2, projection_args,
-    rank_factor_tile, rank_tile_program, split_reduction,
-)
+from ._host import build_tuners, dot_args, dropout_args, kind_of, next_pow2, projection_args, split_reduction
+from ._jit import MATRIX_A, dropout_keep_tile, mma, rank_factor_tile, rank_tile_program
 
 # K ranges of split programs are multiples of this (every BLOCK_K divides it; keeps tiles 4-aligned).
 K_SPLIT_ALIGN = 256
 
-_C = triton.Config
 # GPU autotune lists per kind (BLOCK_M and the K split are chosen on the host, see shrink_launch_params)
 CONFIGS = {
     "shrink": [
-        _C({"BLOCK_R": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        _C({"BLOCK_R": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        _C({"BLOCK_R": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-        _C({"BLOCK_R": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        Config({"BLOCK_R": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        Config({"BLOCK_R": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        Config({"BLOCK_R": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        Config({"BLOCK_R": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
     ],
-    "shrink-fp32": [_C({"BLOCK_R": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3)],
+    "shrink-fp32": [Config({"BLOCK_R": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3)],
 }
-_INTERPRETER = {"shrink": _C({"BLOCK_R": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)}
+_INTERPRETER = {"shrink": Config({"BLOCK_R": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)}
 _KEYS = {"shrink": ["K", "R", "K_PER_SPLIT", "BLOCK_M"]}
 
 
