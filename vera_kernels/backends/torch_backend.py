@@ -16,7 +16,16 @@ from .base import Backend
 
 
 def _sliced_ab(problem: Problem, dtype):
-    A, B = problem.projection.materialize(dtype, problem.device, cache=True)
+    """``A_K``, ``B_N`` in ``dtype``; for 16-bit inputs their values are rounded to the input dtype first
+    (DESIGN §3, as the same-dtype reference and PEFT in a 16-bit model), cached on the projection."""
+    proj = problem.projection
+    if problem.dtype in (torch.float16, torch.bfloat16):
+        key = ("rounded", problem.dtype, dtype, problem.device)
+        if key not in proj._cache:
+            proj._cache[key] = tuple(t.to(dtype) for t in proj.materialize(problem.dtype, problem.device))
+        A, B = proj._cache[key]
+    else:
+        A, B = proj.materialize(dtype, problem.device, cache=True)
     return A[:, : problem.K], B[: problem.N]
 
 
