@@ -166,7 +166,7 @@ def _kernel_variants(op: str, full: bool) -> Iterator[Variant]:
             if source == "cached-input" and spec["ab"] not in none:
                 io.append(spec["ab"])
             constexprs = dict(config.kwargs, **host, **flags)
-            name = f"{op}[{kind}]/{mode}/{source}/{layout}/{constexprs}/w{config.num_warps}s{config.num_stages}"
+            name = f"{op}[{kind}]/{mode}/{layout}/{source}/{constexprs}/w{config.num_warps}s{config.num_stages}"
             yield Variant(name, module.TUNERS[kind], dtype, precision, constexprs, io, none,
                           spec["layouts"][layout], config.num_warps, config.num_stages, int_ptrs=spec["ints"])
 
