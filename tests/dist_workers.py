@@ -2,7 +2,7 @@
 
 Workers are spawned daemon processes on the gloo backend; they return plain Python values through a
 queue, free every model and wrapper and run ``gc.collect()`` before ``destroy_process_group()``, and the
-parent joins them with a timeout and kills stragglers (DESIGN §7).
+parent joins them with a timeout and kills stragglers (docs/DESIGN.md §7).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Many adapters in one batch (DESIGN §5): every backend against per-row single-adapter calls.
+"""Many adapters in one batch (docs/DESIGN.md §5): every backend against per-row single-adapter calls.
 
 A batched call with ``adapter_ids`` must equal, row by row, a single-adapter call with that row's
 vectors (the base layer alone for id -1), and its bank gradients must equal the sum of those calls'

@@ -231,10 +231,10 @@ def _forward_backward(tm, model, ids, lambdas, wts):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_parity_with_peft(tm, kind, dtype):
     """Logits and lambda gradients of ``from_peft(model)`` against PEFT itself (same dtype) and PEFT in
-    float64 (the oracle), under DESIGN §3's rule."""
+    float64 (the oracle), under docs/DESIGN.md §3's rule."""
     pm = tm.peft_twin(tm.base_model(kind, dtype=dtype))
     if dtype != torch.float32:
-        # DESIGN §3's same-dtype reference: A/B rounded to the model dtype (PEFT keeps them float32 here)
+        # docs/DESIGN.md §3's same-dtype reference: A/B rounded to the model dtype (PEFT keeps them float32 here)
         for buf in (pm.base_model.vera_A, pm.base_model.vera_B):
             for t in buf.values():
                 t.copy_(t.to(dtype).float())

@@ -1,9 +1,10 @@
-"""The Triton generator (vera_kernels/ops/_common.py) against the reference generator, bit for bit."""
+"""The Triton generator (vera_kernels/ops/_jit.py, materialize.py) against the reference generator, bit for bit,
+and the host helpers of vera_kernels/ops/_host.py."""
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 import vera_kernels as vk  # noqa: E402
 from conftest import DEVICE, backend_skip_reason  # noqa: E402
@@ -32,7 +33,7 @@ def test_generator_known_answers():
 
 
 def test_key_args_are_i32():
-    from vera_kernels.ops._common import key_args
+    from vera_kernels.ops._host import key_args
 
     for seed in (0, 2**31, 2**32 - 1, 2**63, 2**64 - 1):
         k0, k1 = key_args(seed)
@@ -41,7 +42,7 @@ def test_key_args_are_i32():
 
 
 def test_dot_args_follow_matmul_precision():
-    from vera_kernels.ops._common import dot_args
+    from vera_kernels.ops._host import dot_args
 
     old = torch.get_float32_matmul_precision()
     try:
@@ -51,4 +52,6 @@ def test_dot_args_follow_matmul_precision():
         assert dot_args(torch.float32)["DOT_PRECISION"] == "tf32"
     finally:
         torch.set_float32_matmul_precision(old)
-    assert dot_args(torch.bfloat16)["SPLIT"] and not dot_args(torch.float16)["SPLIT"]
+    # 16-bit inputs: products with float32-scaled operands run in TF32, never on 16-bit operands
+    assert dot_args(torch.bfloat16)["RANK_PRECISION"] == dot_args(torch.float16)["RANK_PRECISION"] == "tf32"
+    assert dot_args(torch.float16)["IN_DTYPE"] == triton.language.float16

@@ -26,7 +26,7 @@ def _reference(x, W, b, ld, lb, s, proj, dtype):
     N, K = W.shape
     out = []
     for cd in (torch.float32, torch.float64):
-        _, B = ab(proj, K, N, cd, x.device)
+        _, B = ab(proj, K, N, cd, x.device, rounded_to=dtype if cd == torch.float32 else None)
         base = x.to(cd) @ W.to(cd).T + (0 if b is None else b.to(cd))
         if cd == torch.float32:
             base = torch.nn.functional.linear(x, W, b).to(cd)  # rounded like torch's base layer

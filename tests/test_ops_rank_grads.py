@@ -28,16 +28,20 @@ def test_rank_grads_match_reference(poisoned, case, dtype):  # noqa: F811
         gy = gy.t().contiguous().t()
     s = torch.randn(M, r, device=DEVICE)
     ld, lb = torch.rand(r, device=DEVICE) + 0.5, torch.randn(N, device=DEVICE)
-    g, gb = rank_grads(gy, s, ld, lb, proj, split_n=split_n)
+    g, gd, gb = rank_grads(gy, s, ld, lb, proj, need_grad_d=True, split_n=split_n)
     outs = []
     for cd in (torch.float32, torch.float64):
-        _, B = ab(proj, 8, N, cd, DEVICE)
+        _, B = ab(proj, 8, N, cd, DEVICE, rounded_to=dtype if cd == torch.float32 else None)
         gyc = gy.to(cd)
         outs.append(((gyc * lb.to(cd)) @ B, (B * (gyc.T @ (ld.to(cd) * s.to(cd)))).sum(1)))
     assert_parity(g, outs[0][0], outs[1][0], dtype, "g")
     assert_parity(gb, outs[0][1], outs[1][1], dtype, "grad_lambda_b")
+    assert_parity(gd, (s * outs[0][0]).sum(0), (s.double() * outs[1][0]).sum(0), dtype, "grad_lambda_d")
     # each output alone
-    g_only, none = rank_grads(gy, s, ld, lb, proj, need_g=True, need_grad_b=False, split_n=split_n)
-    assert none is None and torch.equal(g_only, g)
-    none, gb_only = rank_grads(gy, s, ld, lb, proj, need_g=False, need_grad_b=True, split_n=split_n)
-    assert none is None and torch.equal(gb_only, gb)
+    g_only, none, none2 = rank_grads(gy, s, ld, lb, proj, need_g=True, need_grad_b=False, split_n=split_n)
+    assert none is None and none2 is None and torch.equal(g_only, g)
+    none, none2, gb_only = rank_grads(gy, s, ld, lb, proj, need_g=False, need_grad_b=True, split_n=split_n)
+    assert none is None and none2 is None and torch.equal(gb_only, gb)
+    none, gd_only, none2 = rank_grads(gy, s, ld, lb, proj, need_g=False, need_grad_d=True, need_grad_b=False,
+                                      split_n=split_n)
+    assert none is None and none2 is None and torch.equal(gd_only, gd)

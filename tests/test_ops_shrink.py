@@ -35,7 +35,7 @@ def test_shrink_matches_reference(poisoned, case, dtype):  # noqa: F811
     drop = make_dropout(p, True)
     s = shrink(x, proj, drop, split_k=split_k)
     A64, _ = ab(proj, K, 8, torch.float64, DEVICE)
-    A32, _ = ab(proj, K, 8, torch.float32, DEVICE)
+    A32, _ = ab(proj, K, 8, torch.float32, DEVICE, rounded_to=dtype)
     ref64 = adapter_input(x, drop, torch.float64) @ A64.T
     same = adapter_input(x, drop, torch.float32) @ A32.T
     assert s.dtype == torch.float32

@@ -1,4 +1,5 @@
-"""Shared pieces of the Triton op tests: NaN-poisoned outputs and float64 references with the same A/B."""
+"""Shared pieces of the Triton op tests: NaN-poisoned outputs and float64 references with the same A/B
+(the same-dtype references use A/B rounded to the input dtype, docs/DESIGN.md §3)."""
 
 import pytest
 import torch
@@ -29,7 +30,11 @@ def adapter_input(x2d, dropout, dtype):
     return xa
 
 
-def ab(projection, K, N, dtype, device):
-    """The layer's slices ``A_K``, ``B_N`` in ``dtype``."""
-    A, B = projection.materialize(dtype, device)
+def ab(projection, K, N, dtype, device, rounded_to=None):
+    """The layer's slices ``A_K``, ``B_N`` in ``dtype``; with a 16-bit ``rounded_to``, their values rounded
+    to it first (the same-dtype reference of docs/DESIGN.md §3)."""
+    if rounded_to in (torch.float16, torch.bfloat16):
+        A, B = (t.to(dtype) for t in projection.materialize(rounded_to, device))
+    else:
+        A, B = projection.materialize(dtype, device)
     return A[:, :K], B[:N]

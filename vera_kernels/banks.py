@@ -1,4 +1,4 @@
-"""Many adapters in one batch (DESIGN §5): per-row gathers from the banks, deterministic bank gradients,
+"""Many adapters in one batch (docs/DESIGN.md §5): per-row gathers from the banks, deterministic bank gradients,
 and ``adapter_ids``, which hands one batch's ids to every multi-adapter ``VeRALinear`` of a model.
 
 A bank holds ``n`` adapters of one layer: ``lambda_d [n, r]`` and ``lambda_b [n, N]``. A batch names one

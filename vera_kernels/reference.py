@@ -1,8 +1,10 @@
 """Naive PyTorch VeRA and LoRA: the test oracles and the "naive" baselines of the benchmarks.
 
-``vera_linear`` follows PEFT's VeRA layer: ``A``/``B`` are materialised, the adapter runs in float32
-(``x`` is cast to the lambdas' dtype), four separate operations, and PyTorch autograd saves whatever it
-needs (``x``, the fp32 copy of ``x``, ``s``, ``lambda_d * s`` and the ``[M, N]`` expansion).
+``vera_linear`` follows PEFT's VeRA layer: ``A``/``B`` are materialised (in the input dtype for 16-bit
+inputs, as PEFT stores them in a bf16/fp16 model), the adapter runs in float32 (``x``, ``A``, ``B`` are
+cast to the lambdas' dtype), four separate operations, and PyTorch autograd saves whatever it needs
+(``x``, the fp32 copy of ``x``, ``s``, ``lambda_d * s`` and the ``[M, N]`` expansion). For float64 inputs
+(the acceptance rule's ``ref64``) the exact float32-generated ``A``/``B`` are used.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def vera_forward_math(
     """PEFT's formula on a flattened input: returns ``(y2d, s)``.
 
     ``lambda_d``/``lambda_b`` are ``[r]``/``[N]``, or per row ``[M, r]``/``[M, N]`` (many adapters).
+    ``A_K``/``B_N`` are used as given, cast to ``compute_dtype`` (``vera_linear`` passes them rounded to
+    ``x.dtype`` for 16-bit inputs, docs/DESIGN.md §3).
 
     ``y = base(x) + lambda_b * ((lambda_d * s) B_N^T)`` with ``s = dropout(x) A_K^T`` in ``compute_dtype``,
     the base product in ``x.dtype`` and the sum cast back to ``x.dtype``. ``dropout_col0`` is the global
@@ -79,7 +83,9 @@ def vera_linear(
     validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
     dropout = make_dropout(dropout_p, training, dropout_seed)
     compute_dtype = torch.float64 if torch.float64 in (x.dtype, lambda_d.dtype, lambda_b.dtype) else torch.float32
-    A, B = projection.materialize(compute_dtype, x.device, cache=True)
+    # 16-bit inputs: A/B rounded to x.dtype, as PEFT keeps them in a bf16/fp16 model (docs/DESIGN.md §3)
+    ab_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else compute_dtype
+    A, B = projection.materialize(ab_dtype, x.device, cache=True)
     N, K = weight.shape
     if adapter_ids is not None:
         ids = flatten_adapter_ids(adapter_ids, x, lambda_d.shape[0])

@@ -18,8 +18,17 @@ from .base import Backend
 
 
 def _sliced_ab(problem: Problem, dtype):
-    """``A[:, in_offset : in_offset + K]`` and ``B[out_offset : out_offset + N]`` of the cached global A/B."""
-    A, B = problem.projection.materialize(dtype, problem.device, cache=True)
+    """``A[:, in_offset : in_offset + K]`` and ``B[out_offset : out_offset + N]`` of the cached global A/B in
+    ``dtype``; for 16-bit inputs their values are rounded to the input dtype first (docs/DESIGN.md §3, as the
+    same-dtype reference and PEFT in a 16-bit model), cached on the projection."""
+    proj = problem.projection
+    if problem.dtype in (torch.float16, torch.bfloat16):
+        key = ("rounded", problem.dtype, dtype, problem.device)
+        if key not in proj._cache:
+            proj._cache[key] = tuple(t.to(dtype) for t in proj.materialize(problem.dtype, problem.device))
+        A, B = proj._cache[key]
+    else:
+        A, B = proj.materialize(dtype, problem.device, cache=True)
     i0, o0 = problem.in_offset, problem.out_offset
     return A[:, i0 : i0 + problem.K], B[o0 : o0 + problem.N]
 

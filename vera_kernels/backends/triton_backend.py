@@ -24,6 +24,8 @@ def _interpreting() -> bool:
 class TritonBackend(Backend):
     name = "triton"
     dtypes = SUPPORTED_DTYPES
+    supports_adapter_ids = True
+    supports_offsets = True
 
     @property
     def device_types(self):
@@ -58,22 +60,22 @@ class TritonBackend(Backend):
     def forward(self, problem: Problem):
         from ..ops import fused_forward, shrink
 
-        s = shrink(problem.x2d, problem.projection, problem.dropout)
+        s = shrink(problem.x2d, problem.projection, problem.dropout, in_offset=problem.in_offset)
         y = fused_forward(problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b, s,
-                          problem.projection)
+                          problem.projection, adapter_ids=problem.adapter_ids, out_offset=problem.out_offset)
         return y, s
 
     def backward(self, problem: Problem, grad_y2d, s, needs_input_grad):
         from ..ops import grad_input, rank_grads
 
         need_x, need_d, need_b = needs_input_grad
-        g, grad_b = rank_grads(grad_y2d, s, problem.lambda_d, problem.lambda_b, problem.projection,
-                               need_g=need_x or need_d, need_grad_b=need_b)
-        grad_d = torch.linalg.vecdot(s, g, dim=0) if need_d else None
+        g, grad_d, grad_b = rank_grads(grad_y2d, s, problem.lambda_d, problem.lambda_b, problem.projection,
+                                       need_g=need_x, need_grad_d=need_d, need_grad_b=need_b,
+                                       adapter_ids=problem.adapter_ids, out_offset=problem.out_offset)
         grad_x = None
         if need_x:
             grad_x = grad_input(grad_y2d, problem.weight, g, problem.lambda_d, problem.projection,
-                                problem.dropout)
+                                problem.dropout, adapter_ids=problem.adapter_ids, in_offset=problem.in_offset)
         return grad_x, grad_d, grad_b
 
 

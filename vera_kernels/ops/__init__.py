@@ -2,17 +2,19 @@
 
 - ``shrink``: ``s = (x ⊙ mask · q) A_Kᵀ`` (float32), ``A`` generated once per row block.
 - ``fused_forward``: ``y = x Wᵀ + bias + lambda_b ⊙ ((lambda_d ⊙ s) B_Nᵀ)``, ``B`` generated in the epilogue.
-- ``rank_grads``: ``g = (gy ⊙ lambda_b) B_N`` and ``grad_lambda_b`` in one pass over ``gy``.
+- ``rank_grads``: ``g = (gy ⊙ lambda_b) B_N``, ``grad_lambda_d`` and ``grad_lambda_b`` in one pass over ``gy``.
+- ``segment_sum``: per-adapter sums of partial rows in a fixed order (the many-adapters backward).
 - ``grad_input``: ``grad_x = gy W + mask · q ⊙ ((g ⊙ lambda_d) A_K)``, ``A`` generated in the epilogue.
 
 Importing this package imports ``triton``; ``vera_kernels`` itself imports it only when the "triton"
 backend runs.
 """
 
-from ._common import materialize_projection
 from .fused_forward import fused_forward
 from .grad_input import grad_input
+from .materialize import materialize_projection
 from .rank_grads import rank_grads
+from .segment_sum import segment_sum
 from .shrink import shrink
 
-__all__ = ["shrink", "fused_forward", "rank_grads", "grad_input", "materialize_projection"]
+__all__ = ["shrink", "fused_forward", "rank_grads", "grad_input", "segment_sum", "materialize_projection"]

@@ -2,9 +2,11 @@
 
 One GEMM over K for ``x Wᵀ``; its epilogue continues the same float32 accumulator over the rank:
 ``(lambda_d ⊙ s) @ (B_Nᵀ ⊙ lambda_b)`` with the ``[BLOCK_R, BLOCK_N]`` tiles of ``B`` generated in
-registers (``lambda_b`` folded into the tile, so no second accumulator), then adds the bias, casts and
-stores. ``s`` (from the shrink) is the only intermediate. ``W`` may have any strides (a transposed view of
-a ``[K, N]`` matrix is read in place). Decode (M <= 64) uses a single row block of ``BLOCK_M`` rows, so
+registers and rounded to the input dtype, then adds the bias, casts and stores. The vectors are applied in
+float32: one ``lambda_b`` scales B's float32 tile (the product then runs on float32/TF32 operands, in the
+same accumulator); per-row ``lambda_b`` (many adapters) scales a second accumulator before it is added.
+``s`` (from the shrink) is the only intermediate. ``W`` may have any strides (a transposed view of a
+``[K, N]`` matrix is read in place). Decode (M <= 64) uses a single row block of ``BLOCK_M`` rows, so
 ``W`` is streamed exactly once, with narrow column tiles to spread it over every SM.
 """
 
@@ -12,81 +14,81 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton import Config
 import triton.language as tl
 
-from ._common import (
-    DECODE_MAX_M, GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, grouped_tile, kind_of, mma, next_pow2,
-    projection_args, rank_expand,
-)
+from ._host import GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, gemm_plan, projection_args, vector_args
+from ._jit import MATRIX_B, gemm_main_loop, gemm_tile_program, rank_expand, rank_vector
 
 
-_C = triton.Config
 # GPU autotune lists per kind; the first config of each is the one used when autotuning is off.
 CONFIGS = {
     "prefill": [
         # Hopper (wgmma, two warpgroups, 228 KB shared memory)
-        _C({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        _C({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
         # Ampere (mma.sync, 164 KB shared memory on A100)
-        _C({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        _C({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ],
     "prefill-fp32": [
-        _C({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ],
     # decode: one row block streams W once; narrow column tiles spread it over every SM
     "decode": [
-        _C({"BLOCK_N": 32, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
-        _C({"BLOCK_N": 16, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=5),
-        _C({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        Config({"BLOCK_N": 32, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        Config({"BLOCK_N": 16, "BLOCK_K": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=5),
+        Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
     ],
     "decode-fp32": [
-        _C({"BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        Config({"BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=4),
     ],
 }
 _INTERPRETER = {
-    "prefill": _C({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 2}, num_warps=4, num_stages=1),
-    "decode": _C({"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
+    "prefill": Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 2},
+                      num_warps=4, num_stages=1),
+    "decode": Config({"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
 }
 HOST_CHOICES, _KEYS = GEMM_HOST_CHOICES, GEMM_KEYS
 
 
-@triton.jit(do_not_specialize=["M", "key0", "key1"])
+@triton.jit(do_not_specialize=["M", "out_offset", "key0", "key1"])
 def _fused_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, s_ptr, lamd_ptr, lamb_ptr, b_ptr, y_ptr,
-    M, N, K, R,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
+    x_ptr, w_ptr, bias_ptr, s_ptr, lamd_ptr, lamb_ptr, ids_ptr, b_ptr, y_ptr,
+    M, N, K, R, out_offset,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_lda, stride_lba,
     stride_bn, stride_bj, stride_ym, stride_yn,
     key0, key1, bound_b,
-    HAS_BIAS: tl.constexpr, GENERATE_AB: tl.constexpr,
-    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, RANK_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GENERATE_AB: tl.constexpr, HAS_IDS: tl.constexpr,
+    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RANK_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    pid_m = pid_m.to(tl.int64)
-    pid_n = pid_n.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_start = pid_n * BLOCK_N
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, n_start, offs_n, mask_m, mask_n = gemm_tile_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(pid_m * 0, K, BLOCK_K):  # int64 induction: k * stride may pass 2**31
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = mma(x, wt, acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+    acc = gemm_main_loop(x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, offs_m, offs_n, mask_m, mask_n, K,
+                         IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_K)  # x Wᵀ
 
-    lamb = tl.load(lamb_ptr + offs_n, mask=mask_n, other=0.0)
-    acc = rank_expand(acc, s_ptr, stride_sm, stride_sr, lamd_ptr, offs_m, M, R, offs_n, n_start, N, lamb,
-                      key0, key1, bound_b, b_ptr, stride_bj, stride_bn,
-                      1, GENERATE_AB, True, BLOCK_R, BLOCK_N, RANK_DTYPE, DOT_PRECISION)
+    if HAS_IDS:
+        # per-row vectors: lambda_b[id] scales the rank product's own float32 accumulator
+        ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
+        rank = rank_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, stride_sm, stride_sr,
+                           lamd_ptr, stride_lda, ids, offs_m, M, R, offs_n, n_start, out_offset, N, 1.0,
+                           key0, key1, bound_b, b_ptr, stride_bj, stride_bn,
+                           MATRIX=MATRIX_B, GENERATE_AB=GENERATE_AB, ALIGNED=True, HAS_IDS=True, SCALE_COLS=False,
+                           IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION, INTERPRETER=INTERPRETER,
+                           BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_N)
+        acc += rank * rank_vector(lamb_ptr, ids, stride_lba, offs_n, N, HAS_IDS=True)
+    else:
+        # one lambda_b for every row: it scales B's float32 tile (never a 16-bit operand), same accumulator
+        lamb = rank_vector(lamb_ptr, offs_m, 0, offs_n, N, HAS_IDS=False)
+        acc = rank_expand(acc, s_ptr, stride_sm, stride_sr, lamd_ptr, 0, offs_m, offs_m, M, R,
+                          offs_n, n_start, out_offset, N, lamb,
+                          key0, key1, bound_b, b_ptr, stride_bj, stride_bn,
+                          MATRIX=MATRIX_B, GENERATE_AB=GENERATE_AB, ALIGNED=True, HAS_IDS=False, SCALE_COLS=True,
+                          IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION, INTERPRETER=INTERPRETER,
+                          BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -96,12 +98,16 @@ def _fused_forward_kernel(
 TUNERS = build_tuners(_fused_forward_kernel, CONFIGS, _INTERPRETER, _KEYS)
 
 
-def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decode=None) -> torch.Tensor:
+def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decode=None, adapter_ids=None,
+                  out_offset: int = 0) -> torch.Tensor:
     """``y2d [M, N]`` in ``x2d.dtype`` from ``x2d [M, K]``, ``weight [N, K]`` (any strides), ``s [M, r]``.
 
-    ``bias`` may be ``None``; ``lambda_d``/``lambda_b`` are float32; ``B`` is generated from
-    ``projection`` (or loaded when it holds tensors). ``decode`` forces (True) or forbids (False) the
-    single-row-block path; by default it is used for ``M <= 64``.
+    ``bias`` may be ``None``; ``lambda_d``/``lambda_b`` are float32 ``[r]``/``[N]``, or with
+    ``adapter_ids`` (int64 ``[M]``, -1 = no adapter for that row) banks ``[n, r]``/``[n, N]`` indexed per
+    row. ``B_N`` starts at global row ``out_offset`` (a tensor-parallel shard); it is generated from
+    ``projection`` (or loaded: a stored projection, or ``VERA_KERNELS_AB_SOURCE=load``), its values rounded
+    to ``x2d.dtype``, while the vectors are applied in float32. ``decode`` forces (True) or forbids
+    (False) the single-row-block path; by default it is used for ``M <= 64``.
     """
     M, K = x2d.shape
     N = weight.shape[0]
@@ -109,30 +115,19 @@ def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decod
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     if M == 0 or N == 0:
         return y
-    generate, key0, key1, _, bound_b, _, B = projection_args(projection, x2d.device)
-    if decode is None:
-        decode = M <= DECODE_MAX_M
-    kwargs = dict(HAS_BIAS=bias is not None, GENERATE_AB=generate, **dot_args(x2d.dtype))
-    if decode:
-        block_m = min(next_pow2(M), DECODE_MAX_M)
-        kernel = TUNERS[kind_of("decode", x2d.dtype)]
-        kwargs["BLOCK_M"] = block_m
-        num_m = triton.cdiv(M, block_m)
-
-        def grid(meta):
-            return (num_m * triton.cdiv(N, meta["BLOCK_N"]),)
-    else:
-        kernel = TUNERS[kind_of("prefill", x2d.dtype)]
-
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
+    generate, key0, key1, _, bound_b, _, B = projection_args(projection, x2d.device, x2d.dtype, (M, K, N),
+                                                             out_offset=out_offset)
+    lambda_d, stride_lda = vector_args(lambda_d, adapter_ids)
+    lambda_b, stride_lba = vector_args(lambda_b, adapter_ids)
+    kernel, host, grid = gemm_plan(TUNERS, M, N, x2d.dtype, "BLOCK_N", decode)
     kernel[grid](
-        x2d, weight, bias, s, lambda_d, lambda_b, B, y,
-        M, N, K, R,
+        x2d, weight, bias, s, lambda_d, lambda_b, adapter_ids, B, y,
+        M, N, K, R, out_offset,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
+        stride_lda, stride_lba,
         B.stride(0) if B is not None else 0, B.stride(1) if B is not None else 0, y.stride(0), y.stride(1),
         key0, key1, bound_b,
-        **kwargs,
+        HAS_BIAS=bias is not None, GENERATE_AB=generate, HAS_IDS=adapter_ids is not None, **host,
+        **dot_args(x2d.dtype),
     )
     return y

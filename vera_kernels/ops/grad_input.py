@@ -2,92 +2,91 @@
 
 The mirror of the fused forward: one GEMM ``gy W`` over N, whose epilogue (the same ``rank_expand``
 helper) adds ``(lambda_d ⊙ g) @ A_K`` with ``[BLOCK_R, BLOCK_K]`` tiles of ``A`` generated in registers.
-With dropout the adapter part goes to its own accumulator, is masked with the regenerated keep-mask and
-scaled by ``q`` before it joins the base part. No ``[M, N]`` or ``[M, K]`` intermediate exists.
+``lambda_d`` (per row with many adapters) scales ``g`` in float32 and the product runs on float32/TF32
+operands. With dropout the adapter part goes to its own accumulator, is masked with the regenerated
+keep-mask and scaled by ``q`` in float32 before it joins the base part. No ``[M, N]`` or ``[M, K]`` intermediate exists.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
+from triton import Config
 import triton.language as tl
 
-from ._common import (
-    DECODE_MAX_M, GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, dropout_args, dropout_keep_tile,
-    grouped_tile, kind_of, mma, next_pow2, projection_args, rank_expand,
+from ._host import (
+    GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, dropout_args, gemm_plan, projection_args, vector_args,
 )
+from ._jit import MATRIX_A, dropout_keep_tile, gemm_main_loop, gemm_tile_program, rank_expand
 
 
-_C = triton.Config
-# GPU autotune lists per kind; the first config of each is the one used when autotuning is off.
+# GPU autotune lists per kind; the first config of each is the one used when autotuning is off. (The same
+# layout as fused_forward's table, other values: the output tile is [M, K] and the loop runs over N.)
 CONFIGS = {
     "prefill": [
-        _C({"BLOCK_M": 128, "BLOCK_K": 256, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        _C({"BLOCK_M": 256, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        _C({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        _C({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        Config({"BLOCK_M": 128, "BLOCK_K": 256, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        Config({"BLOCK_M": 256, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ],
     "prefill-fp32": [
-        _C({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ],
     "decode": [
-        _C({"BLOCK_K": 32, "BLOCK_N": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
-        _C({"BLOCK_K": 64, "BLOCK_N": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        Config({"BLOCK_K": 32, "BLOCK_N": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        Config({"BLOCK_K": 64, "BLOCK_N": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
     ],
     "decode-fp32": [
-        _C({"BLOCK_K": 32, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=3),
+        Config({"BLOCK_K": 32, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=3),
     ],
 }
 _INTERPRETER = {
-    "prefill": _C({"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 2}, num_warps=4, num_stages=1),
-    "decode": _C({"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
+    "prefill": Config({"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 2},
+                      num_warps=4, num_stages=1),
+    "decode": Config({"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
 }
 HOST_CHOICES, _KEYS = GEMM_HOST_CHOICES, GEMM_KEYS
 
 
-@triton.jit(do_not_specialize=["M", "key0", "key1", "drop_key0", "drop_key1", "drop_threshold"])
+@triton.jit(do_not_specialize=["M", "in_offset", "key0", "key1", "drop_key0", "drop_key1", "drop_threshold"])
 def _grad_input_kernel(
-    gy_ptr, w_ptr, g_ptr, lamd_ptr, a_ptr, gx_ptr,
-    M, N, K, R,
-    stride_gym, stride_gyn, stride_wn, stride_wk, stride_gm, stride_gr,
+    gy_ptr, w_ptr, g_ptr, lamd_ptr, ids_ptr, a_ptr, gx_ptr,
+    M, N, K, R, in_offset,
+    stride_gym, stride_gyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_lda,
     stride_aj, stride_ak, stride_gxm, stride_gxk,
     key0, key1, bound_a, drop_key0, drop_key1, drop_threshold, drop_scale,
-    GENERATE_AB: tl.constexpr, DROPOUT: tl.constexpr,
-    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, RANK_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    GENERATE_AB: tl.constexpr, ALIGNED: tl.constexpr, DROPOUT: tl.constexpr, HAS_IDS: tl.constexpr,
+    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RANK_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-    pid_m = pid_m.to(tl.int64)
-    pid_k = pid_k.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    k_start = pid_k * BLOCK_K
-    offs_k = k_start + tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_k = offs_k < K
+    offs_m, k_start, offs_k, mask_m, mask_k = gemm_tile_program(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n_start in range(pid_m * 0, N, BLOCK_N):  # int64 induction: n * stride may pass 2**31
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        gy = tl.load(gy_ptr + offs_m[:, None] * stride_gym + offs_n[None, :] * stride_gyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = mma(gy, w, acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)
+    acc = gemm_main_loop(gy_ptr, stride_gym, stride_gyn, w_ptr, stride_wn, stride_wk, offs_m, offs_k, mask_m, mask_k,
+                         N, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_N)  # gy W
 
-    if DROPOUT:
-        adapter = rank_expand(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, stride_gm, stride_gr,
-                              lamd_ptr, offs_m, M, R, offs_k, k_start, K, 1.0,
-                              key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
-                              0, GENERATE_AB, False, BLOCK_R, BLOCK_K, RANK_DTYPE, DOT_PRECISION)
-        keep = dropout_keep_tile(drop_key0, drop_key1, drop_threshold, offs_m, k_start, BLOCK_K)
-        acc += tl.where(keep, adapter * drop_scale, 0.0)
+    if HAS_IDS:
+        ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
     else:
-        acc = rank_expand(acc, g_ptr, stride_gm, stride_gr, lamd_ptr, offs_m, M, R, offs_k, k_start, K, 1.0,
-                          key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
-                          0, GENERATE_AB, False, BLOCK_R, BLOCK_K, RANK_DTYPE, DOT_PRECISION)
+        ids = offs_m  # unused
+    # with dropout the adapter part gets its own accumulator: mask and q apply to it in float32
+    if DROPOUT:
+        start = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    else:
+        start = acc
+    out = rank_expand(start, g_ptr, stride_gm, stride_gr,
+                      lamd_ptr, stride_lda, ids, offs_m, M, R, offs_k, k_start, in_offset, K, 1.0,
+                      key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
+                      MATRIX=MATRIX_A, GENERATE_AB=GENERATE_AB, ALIGNED=ALIGNED, HAS_IDS=HAS_IDS,
+                      SCALE_COLS=False, IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION,
+                      INTERPRETER=INTERPRETER, BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_K)
+    if DROPOUT:
+        keep = dropout_keep_tile(drop_key0, drop_key1, drop_threshold, offs_m, in_offset + k_start, BLOCK_K,
+                                     ALIGNED)
+        acc += tl.where(keep, out * drop_scale, 0.0)
+    else:
+        acc = out
     tl.store(gx_ptr + offs_m[:, None] * stride_gxm + offs_k[None, :] * stride_gxk,
              acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
@@ -95,10 +94,13 @@ def _grad_input_kernel(
 TUNERS = build_tuners(_grad_input_kernel, CONFIGS, _INTERPRETER, _KEYS)
 
 
-def grad_input(gy2d, weight, g, lambda_d, projection, dropout=None, *, decode=None) -> torch.Tensor:
+def grad_input(gy2d, weight, g, lambda_d, projection, dropout=None, *, decode=None, adapter_ids=None,
+               in_offset: int = 0) -> torch.Tensor:
     """``grad_x2d [M, K]`` in ``gy2d.dtype`` from ``gy2d [M, N]``, ``weight [N, K]`` and ``g [M, r]``.
 
-    Any strides for ``gy2d`` and ``weight``; ``A`` is generated from ``projection`` (or loaded);
+    Any strides for ``gy2d`` and ``weight``; ``lambda_d`` is float32 ``[r]``, or with ``adapter_ids``
+    (int64 ``[M]``, -1 = no adapter) a bank ``[n, r]`` indexed per row. ``A_K`` starts at global column
+    ``in_offset``; it is generated from ``projection`` (or loaded), its values rounded to ``gy2d.dtype``.
     ``dropout`` (or ``None``) is the forward call's, its mask regenerated here.
     """
     M, N = gy2d.shape
@@ -107,30 +109,18 @@ def grad_input(gy2d, weight, g, lambda_d, projection, dropout=None, *, decode=No
     gx = torch.empty((M, K), dtype=gy2d.dtype, device=gy2d.device)
     if M == 0 or K == 0:
         return gx
-    generate, key0, key1, bound_a, _, A, _ = projection_args(projection, gy2d.device)
+    generate, key0, key1, bound_a, _, A, _ = projection_args(projection, gy2d.device, gy2d.dtype, (M, K, N),
+                                                             in_offset=in_offset)
     drop, dk0, dk1, threshold, scale = dropout_args(dropout)
-    if decode is None:
-        decode = M <= DECODE_MAX_M
-    kwargs = dict(GENERATE_AB=generate, DROPOUT=drop, **dot_args(gy2d.dtype))
-    if decode:
-        block_m = min(next_pow2(M), DECODE_MAX_M)
-        kernel = TUNERS[kind_of("decode", gy2d.dtype)]
-        kwargs["BLOCK_M"] = block_m
-
-        def grid(meta):
-            return (triton.cdiv(M, block_m) * triton.cdiv(K, meta["BLOCK_K"]),)
-    else:
-        kernel = TUNERS[kind_of("prefill", gy2d.dtype)]
-
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-
+    lambda_d, stride_lda = vector_args(lambda_d, adapter_ids)
+    kernel, host, grid = gemm_plan(TUNERS, M, K, gy2d.dtype, "BLOCK_K", decode)
     kernel[grid](
-        gy2d, weight, g, lambda_d, A, gx,
-        M, N, K, R,
-        gy2d.stride(0), gy2d.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
+        gy2d, weight, g, lambda_d, adapter_ids, A, gx,
+        M, N, K, R, in_offset,
+        gy2d.stride(0), gy2d.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1), stride_lda,
         A.stride(0) if A is not None else 0, A.stride(1) if A is not None else 0, gx.stride(0), gx.stride(1),
         key0, key1, bound_a, dk0, dk1, threshold, scale,
-        **kwargs,
+        GENERATE_AB=generate, ALIGNED=in_offset % 4 == 0, DROPOUT=drop, HAS_IDS=adapter_ids is not None, **host,
+        **dot_args(gy2d.dtype),
     )
     return gx

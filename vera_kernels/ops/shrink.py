@@ -13,40 +13,38 @@ from typing import Optional
 
 import torch
 import triton
+from triton import Config
 import triton.language as tl
 
-from ._common import (
-    build_tuners, dot_args, dropout_args, dropout_keep_tile, kind_of, mma_exact_left, next_pow2, projection_args,
-    rank_factor_tile, rank_tile_program, split_reduction,
-)
+from ._host import build_tuners, dot_args, dropout_args, kind_of, next_pow2, projection_args, split_reduction
+from ._jit import MATRIX_A, dropout_keep_tile, mma, rank_factor_tile, rank_tile_program
 
 # K ranges of split programs are multiples of this (every BLOCK_K divides it; keeps tiles 4-aligned).
 K_SPLIT_ALIGN = 256
 
-_C = triton.Config
 # GPU autotune lists per kind (BLOCK_M and the K split are chosen on the host, see shrink_launch_params)
 CONFIGS = {
     "shrink": [
-        _C({"BLOCK_R": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        _C({"BLOCK_R": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        _C({"BLOCK_R": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-        _C({"BLOCK_R": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        Config({"BLOCK_R": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        Config({"BLOCK_R": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        Config({"BLOCK_R": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        Config({"BLOCK_R": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
     ],
-    "shrink-fp32": [_C({"BLOCK_R": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3)],
+    "shrink-fp32": [Config({"BLOCK_R": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3)],
 }
-_INTERPRETER = {"shrink": _C({"BLOCK_R": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)}
+_INTERPRETER = {"shrink": Config({"BLOCK_R": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)}
 _KEYS = {"shrink": ["K", "R", "K_PER_SPLIT", "BLOCK_M"]}
 
 
-@triton.jit(do_not_specialize=["M", "key0", "key1", "drop_key0", "drop_key1", "drop_threshold"])
+@triton.jit(do_not_specialize=["M", "in_offset", "key0", "key1", "drop_key0", "drop_key1", "drop_threshold"])
 def _shrink_kernel(
     x_ptr, a_ptr, s_ptr,
-    M, K, R, K_PER_SPLIT,
+    M, K, R, K_PER_SPLIT, in_offset,
     stride_xm, stride_xk, stride_aj, stride_ak, stride_sp, stride_sm, stride_sr,
     key0, key1, bound_a, drop_key0, drop_key1, drop_threshold, drop_scale,
-    GENERATE_AB: tl.constexpr, DROPOUT: tl.constexpr,
-    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, RANK_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    GENERATE_AB: tl.constexpr, ALIGNED: tl.constexpr, DROPOUT: tl.constexpr,
+    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RANK_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     _, pid_split, offs_m, j_start, offs_j, k_lo, k_hi = rank_tile_program(M, R, K, K_PER_SPLIT, BLOCK_M, BLOCK_R)
@@ -58,11 +56,13 @@ def _shrink_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k[None, :] < k_hi), other=0.0)
         if DROPOUT:
-            keep = dropout_keep_tile(drop_key0, drop_key1, drop_threshold, offs_m, k_start, BLOCK_K)
+            keep = dropout_keep_tile(drop_key0, drop_key1, drop_threshold, offs_m, in_offset + k_start, BLOCK_K,
+                                     ALIGNED)
             x = tl.where(keep, x, 0.0)
-        a = rank_factor_tile(0, offs_j, j_start, offs_k, k_start, R, K, key0, key1, bound_a,
-                             a_ptr, stride_aj, stride_ak, GENERATE_AB, BLOCK_R, BLOCK_K)
-        acc = mma_exact_left(x, tl.trans(a), acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, SPLIT)
+        a = rank_factor_tile(MATRIX_A, offs_j, j_start, offs_k, k_start, in_offset, R, K, key0, key1, bound_a,
+                             a_ptr, stride_aj, stride_ak, GENERATE_AB=GENERATE_AB, ALIGNED=ALIGNED,
+                             IN_DTYPE=IN_DTYPE, INTERPRETER=INTERPRETER, BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_K)
+        acc = mma(x, tl.trans(a), acc, IN_DTYPE, DOT_DTYPE, DOT_PRECISION)  # A rounded to the input dtype
     if DROPOUT:
         acc = acc * drop_scale  # q applied once to the float32 sum (the mask only zeroes)
     s_ptrs = s_ptr + pid_split * stride_sp + offs_m[:, None] * stride_sm + offs_j[None, :] * stride_sr
@@ -94,18 +94,21 @@ def shrink_launch_params(M: int, K: int, R: int, device, dtype=torch.bfloat16, s
     return block_m, split_k, k_per_split
 
 
-def shrink(x2d: torch.Tensor, projection, dropout=None, *, split_k: Optional[int] = None) -> torch.Tensor:
+def shrink(x2d: torch.Tensor, projection, dropout=None, *, split_k: Optional[int] = None,
+           in_offset: int = 0) -> torch.Tensor:
     """``s = (x ⊙ mask · q) A_Kᵀ`` as float32 ``[M, r]`` for ``x2d`` ``[M, K]`` (any strides).
 
-    ``A`` is generated from ``projection``'s seed inside the kernel (or loaded when the projection
-    holds tensors); ``dropout`` is a ``vera_kernels._helpers.Dropout`` or ``None``. ``split_k``
-    overrides the number of K ranges (partials are summed in float32).
+    ``A`` is generated from ``projection``'s seed inside the kernel (or loaded: a stored projection, or
+    ``VERA_KERNELS_AB_SOURCE=load``), its values rounded to ``x2d.dtype``; ``A_K`` starts at global column
+    ``in_offset`` (a tensor-parallel shard). ``dropout`` is a ``vera_kernels._helpers.Dropout`` or
+    ``None``. ``split_k`` overrides the number of K ranges (partials are summed in float32).
     """
     M, K = x2d.shape
     R = projection.rank
     if M == 0:
         return torch.zeros((0, R), dtype=torch.float32, device=x2d.device)
-    generate, key0, key1, bound_a, _, A, _ = projection_args(projection, x2d.device)
+    generate, key0, key1, bound_a, _, A, _ = projection_args(projection, x2d.device, x2d.dtype, (M, K, 0),
+                                                             in_offset=in_offset)
     drop, dk0, dk1, threshold, scale = dropout_args(dropout)
     block_m, split_k, k_per_split = shrink_launch_params(M, K, R, x2d.device, x2d.dtype, split_k)
     out = torch.empty((split_k, M, R), dtype=torch.float32, device=x2d.device)
@@ -116,11 +119,11 @@ def shrink(x2d: torch.Tensor, projection, dropout=None, *, split_k: Optional[int
 
     TUNERS[kind_of("shrink", x2d.dtype)][grid](
         x2d, A, out,
-        M, K, R, k_per_split,
+        M, K, R, k_per_split, in_offset,
         x2d.stride(0), x2d.stride(1),
         A.stride(0) if A is not None else 0, A.stride(1) if A is not None else 0,
         out.stride(0), out.stride(1), out.stride(2),
         key0, key1, bound_a, dk0, dk1, threshold, scale,
-        GENERATE_AB=generate, DROPOUT=drop, BLOCK_M=block_m, **dot_args(x2d.dtype),
+        GENERATE_AB=generate, ALIGNED=in_offset % 4 == 0, DROPOUT=drop, BLOCK_M=block_m, **dot_args(x2d.dtype),
     )
     return out[0] if split_k == 1 else out.sum(0)

@@ -1,0 +1,193 @@
+"""Host-side helpers of the Triton launchers: kernel arguments (keys, dtypes, projection and dropout),
+where A/B tiles come from, autotuner construction and the launch choices shared by several ops."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotuning() -> bool:
+    """False under the interpreter or with ``VERA_KERNELS_AUTOTUNE=0``: then one config per kernel."""
+    return not interpreting() and os.environ.get("VERA_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def dot_args(dtype: torch.dtype) -> dict:
+    """The constexpr arguments that set how a kernel multiplies, for inputs of ``dtype``.
+
+    ``IN_DTYPE``: the input dtype (A/B tiles are rounded to it). ``DOT_DTYPE``: what ``IN_DTYPE``
+    products run in (float32 for bfloat16 under the interpreter, whose ``tl.dot`` multiplies raw
+    bfloat16 bits). ``DOT_PRECISION``: IEEE float32 products unless ``torch.get_float32_matmul_precision()``
+    allows TF32. ``RANK_PRECISION``: the products with a float32 scaled operand (``rank_mma``): TF32 for
+    16-bit inputs, else ``DOT_PRECISION``. ``INTERPRETER``: Triton's interpreter runs the kernel, which
+    then does the GPU's roundings (TF32 operands, float32 -> bfloat16) on the bits itself.
+    """
+    in_dtype = _TL_DTYPES[dtype]
+    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    dot_precision = "tf32" if tf32 else "ieee"
+    rank_precision = dot_precision if dtype == torch.float32 else "tf32"
+    return dict(
+        IN_DTYPE=in_dtype,
+        DOT_DTYPE=tl.float32 if (dtype == torch.bfloat16 and interpreting()) else in_dtype,
+        DOT_PRECISION=dot_precision,
+        RANK_PRECISION=rank_precision,
+        INTERPRETER=interpreting(),
+    )
+
+
+def to_i32(word: int) -> int:
+    """A uint32 word as the signed int32 with the same bits (kernel arguments are then always i32)."""
+    word &= 0xFFFFFFFF
+    return word - (1 << 32) if word >= (1 << 31) else word
+
+
+def key_args(seed: int) -> Tuple[int, int]:
+    """A 64-bit Philox seed split into key words ``(seed mod 2**32, seed >> 32)`` as i32 kernel args."""
+    return to_i32(seed), to_i32(seed >> 32)
+
+
+# Where the kernels take A/B tiles from for a seeded projection: "generate" them from the seed in
+# registers, or "load" them from a copy in the input dtype cached on the projection (2 * r * (K_max + N_max)
+# values shared by every layer). VERA_KERNELS_AB_SOURCE forces one; unset, ``default_ab_source`` decides.
+AB_SOURCE_ENV = "VERA_KERNELS_AB_SOURCE"
+AB_SOURCES = ("generate", "load")
+
+
+def default_ab_source(M: int, K: int, N: int, R: int, dtype: torch.dtype) -> str:
+    """The launchers' own choice per shape: "generate" everywhere until a GPU measurement says otherwise."""
+    return "generate"
+
+
+def ab_source(M: int, K: int, N: int, R: int, dtype: torch.dtype) -> str:
+    """``VERA_KERNELS_AB_SOURCE`` ("generate" or "load") when set, else ``default_ab_source``."""
+    env = os.environ.get(AB_SOURCE_ENV, "").strip().lower()
+    if env == "":
+        return default_ab_source(M, K, N, R, dtype)
+    if env not in AB_SOURCES:
+        raise ValueError(f"{AB_SOURCE_ENV} must be one of {', '.join(AB_SOURCES)} (or unset), got {env!r}")
+    return env
+
+
+def projection_args(projection, device, dtype=torch.float32, shape=(0, 0, 0), in_offset=0, out_offset=0) -> tuple:
+    """``(GENERATE_AB, key0, key1, bound_a, bound_b, A, B)`` kernel arguments for a projection.
+
+    Seeded projections pass their key and bounds (``A``/``B`` are then ``None``: never allocated),
+    unless ``ab_source`` for ``shape = (M, K, N)`` says "load": then the copy of ``A``/``B`` in ``dtype``
+    cached on the projection is passed. Stored projections pass their float32 tensors on ``device``.
+    Passed tensors start at the layer's shard: ``A[:, in_offset:]``, ``B[out_offset:]``.
+    """
+    if projection.is_seeded:
+        k0, k1 = key_args(projection.seed)
+        if ab_source(*shape, projection.rank, dtype) == "generate":
+            return True, k0, k1, projection.bound_a, projection.bound_b, None, None
+        A, B = projection.materialize(dtype, device, cache=True)
+    else:
+        A, B = projection.tensors_on(device)
+    return False, 0, 0, 1.0, 1.0, A[:, in_offset:], B[out_offset:]
+
+
+def dropout_args(dropout) -> tuple:
+    """``(DROPOUT, key0, key1, threshold, scale)`` kernel arguments (inert values without dropout)."""
+    if dropout is None:
+        return False, 0, 0, 0, 1.0
+    k0, k1 = key_args(dropout.seed)
+    return True, k0, k1, int(dropout.threshold), float(dropout.scale)
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of ``device`` (a small stand-in under the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def pick_configs(gpu_configs: List[triton.Config], interpreter_config: triton.Config) -> List[triton.Config]:
+    """The autotune list: every GPU config, or only ``interpreter_config`` / the first one when not tuning."""
+    if interpreting():
+        return [interpreter_config]
+    if not autotuning():
+        return gpu_configs[:1]
+    return gpu_configs
+
+
+# The two GEMMs with a rank-r epilogue (fused_forward, grad_input) run a "prefill" kernel (autotuned
+# tiles, tuned per M: a training run sees few distinct token counts) or, for M <= DECODE_MAX_M, a
+# "decode" kernel with one row block whose BLOCK_M the host picks (tuned per BLOCK_M).
+DECODE_MAX_M = 64
+GEMM_HOST_CHOICES = {"prefill": [{}], "prefill-fp32": [{}],
+                     "decode": [dict(BLOCK_M=b) for b in (16, 32, DECODE_MAX_M)],
+                     "decode-fp32": [dict(BLOCK_M=b) for b in (16, 32, DECODE_MAX_M)]}
+GEMM_KEYS = {"prefill": ["N", "K", "R", "M"], "decode": ["N", "K", "R", "BLOCK_M"]}
+
+
+def gemm_plan(tuners: dict, M: int, cols: int, dtype: torch.dtype, col_block: str, decode=None):
+    """``(autotuner, host constexprs, grid)`` of a GEMM with a rank-r epilogue (fused_forward, grad_input)
+    writing ``[M, cols]`` in column tiles of ``meta[col_block]``.
+
+    ``decode`` (default: ``M <= DECODE_MAX_M``) picks the kernel with one row block of a host-chosen
+    ``BLOCK_M`` (W streamed once); otherwise the autotuned prefill tiles.
+    """
+    if decode is None:
+        decode = M <= DECODE_MAX_M
+    if decode:
+        block_m = min(next_pow2(M), DECODE_MAX_M)
+        num_m = triton.cdiv(M, block_m)
+        return (tuners[kind_of("decode", dtype)], dict(BLOCK_M=block_m),
+                lambda meta: (num_m * triton.cdiv(cols, meta[col_block]),))
+    return (tuners[kind_of("prefill", dtype)], {},
+            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cols, meta[col_block]),))
+
+
+def vector_args(vec: torch.Tensor, ids) -> tuple:
+    """``(tensor, row stride)`` of a scaling vector ``[L]`` or, with per-row ``ids``, a bank ``[n, L]``
+    (made contiguous along L: the kernels index its rows)."""
+    if ids is None:
+        return vec.contiguous(), 0
+    vec = vec.contiguous()
+    return vec, vec.stride(0)
+
+
+def build_tuners(fn, configs: Dict[str, List[triton.Config]], interpreter: Dict[str, triton.Config],
+                 keys: Dict[str, List[str]]) -> dict:
+    """One autotuner of ``fn`` per kind (``"prefill"``, ``"decode-fp32"``, ...).
+
+    A kind's configs are ``configs[kind]``; its interpreter config and key are those of its base kind
+    (the part before ``-fp32``): float32 kernels get their own, smaller tiles.
+    """
+    out = {}
+    for kind, gpu in configs.items():
+        base = kind.split("-")[0]
+        out[kind] = triton.autotune(configs=pick_configs(gpu, interpreter[base]), key=keys[base])(fn)
+    return out
+
+
+def kind_of(base: str, dtype: torch.dtype) -> str:
+    """The tuner kind for ``base`` (e.g. ``"prefill"``) and inputs of ``dtype``."""
+    return base + "-fp32" if dtype == torch.float32 else base
+
+
+def split_reduction(length: int, programs: int, device, split, align: int) -> Tuple[int, int]:
+    """``(splits, span)``: how many ranges of ``span`` (a multiple of ``align``) cover ``length``.
+
+    With ``split=None``, enough ranges to give every SM a program when ``programs`` alone do not.
+    """
+    if split is None:
+        split = max(1, min(triton.cdiv(sm_count(device), programs), triton.cdiv(length, align)))
+    span = triton.cdiv(triton.cdiv(length, split), align) * align
+    return triton.cdiv(length, span), span
+
+
+def next_pow2(n: int, lo: int = 16) -> int:
+    """Smallest power of two >= max(n, lo)."""
+    return max(lo, triton.next_power_of_2(max(1, n)))
