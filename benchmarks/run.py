@@ -8,7 +8,10 @@
 Run it from the repository root (``python -m`` finds the ``benchmarks`` package there), or from any
 directory as ``python path/to/benchmarks/run.py``. While it runs it prints, per benchmark, the group, the
 implementation, n of N, the elapsed time and an estimate of the time left. Then it prints the tables of
-ratios to the base layer, and where everything went (paths relative to the repository root):
+ratios to the base layer, the many-adapters table (a batch mixing many users' adapters against one adapter,
+PEFT's per-adapter loop and gathered LoRA), the host-overhead group (``benchmarks/overhead.py``: µs per call
+at M = 1 against PEFT's formula, and a tiny Llama's training step against PEFT; ``--no-overhead`` skips it),
+and where everything went (paths relative to the repository root):
 
 * ``.benchmarks/latest.json``: pytest-benchmark's JSON (``--json`` to move it);
 * ``.benchmarks/latest.md``: the whole report (machine, versions, memory, storage table);
@@ -35,7 +38,7 @@ if ROOT not in sys.path:  # run as a script from another directory
 
 import pytest  # noqa: E402
 
-from benchmarks import report  # noqa: E402
+from benchmarks import many_adapters, overhead, report  # noqa: E402
 
 
 def _clock(seconds: float) -> str:
@@ -141,6 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", default=os.path.join(ROOT, ".benchmarks", "latest.json"),
                         help="pytest-benchmark JSON (default .benchmarks/latest.json)")
     parser.add_argument("--markdown", help="also write the report here (the PNG plot goes beside it)")
+    parser.add_argument("--no-overhead", action="store_true",
+                        help="skip the host-overhead group (benchmarks/overhead.py, about a minute)")
     args = parser.parse_args(argv)
 
     json_path = os.path.abspath(args.json)
@@ -176,11 +181,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     for path in sorted(glob.glob(os.path.join(report.DEFAULT_RESULTS_DIR, "*.json"))):
         sections += report.load_results_file(path)
     print(report.render_ratio_tables(sections))
+    many = many_adapters.table_from_json(json_path)
+    if many:
+        print(many)
+    if not args.no_overhead:
+        print(_overhead_tables(quick=args.smoke))
     print(f"whole report (machine, versions, memory, storage table): {_shown(report_path)}")
     print(f"pytest-benchmark JSON: {_shown(json_path)}; raw pytest-benchmark tables: {_shown(raw_path)}")
     if notes.getvalue():
         print(notes.getvalue().rstrip())
     return 0
+
+
+def _overhead_tables(quick: bool) -> str:
+    """The host-overhead group (per-call µs and the tiny-Llama ratio to PEFT), measured now, in this process."""
+    calls, reps, llama_calls = (300, 3, 3) if quick else (2000, 5, 20)
+    rows = overhead.per_call_table(calls, reps)
+    try:
+        llama = overhead.llama_table(llama_calls, reps, overhead.LLAMA_SHAPES[:2] if quick else overhead.LLAMA_SHAPES)
+    except ImportError:
+        llama = None  # transformers/peft (the [hf] extra) are not installed
+    return overhead.format_tables(rows, llama) + "\n"
 
 
 def _shown(path: str) -> str:
