@@ -243,6 +243,9 @@ def is_philox_multiply(ins: Instr) -> int:
     return 2 if ".WIDE" in ins.opcode else 1
 
 
+OPCODES_KEPT = 24  # the most frequent opcodes kept per loop in the JSON
+
+
 def mix(instrs: Iterable[Instr]) -> dict:
     """Instruction mix of a range (per warp): class counts, opcode histogram, MMA and Philox figures.
 
@@ -264,7 +267,7 @@ def mix(instrs: Iterable[Instr]) -> dict:
             macs[kind] += m * n * k // (4 if ins.base.endswith("GMMA") else 1)
     return {"instructions": total, "classes": dict(classes), "philox_products": philox,
             "philox_calls_per_warp": round(philox / 40, 2), "mma_macs_per_warp": sum(macs.values()),
-            "mma_kinds": dict(macs), "opcodes": dict(opcodes.most_common())}
+            "mma_kinds": dict(macs), "opcodes": dict(opcodes.most_common(OPCODES_KEPT))}
 
 
 def analyse_sass(text: str) -> dict:
@@ -544,23 +547,37 @@ def prediction_cases(M: int, dtype_mode: str) -> Dict[str, dict]:
     }
 
 
-def _source_loops(op: str, c: dict, M: int, R: int, fp16_rank: bool) -> Tuple[int, List[Tuple[str, int]]]:
-    """``(programs, [(loop name, iterations per program)])`` in source order for an op's kernel."""
+def _split(length: int, programs: int, sms: int, align: int = 256) -> Tuple[int, int]:
+    """``(splits, span)`` as the launchers' ``split_reduction`` picks them on a GPU with ``sms`` SMs."""
+    split = max(1, min(_cdiv(sms, programs), _cdiv(length, align)))
+    span = _cdiv(_cdiv(length, split), align) * align
+    return _cdiv(length, span), span
+
+
+def _source_loops(op: str, c: dict, M: int, R: int, sms: int) -> Tuple[int, List[Tuple[str, int]]]:
+    """``(programs, [(loop name, iterations per program)])`` in source order for an op's kernel at
+    ``M`` rows, rank ``R`` and K = N = 4096 (the reduction split of shrink/rank_grads included)."""
     K, N = K_SHAPE, N_SHAPE
-    if op == "shrink":
-        return _cdiv(M, c["BLOCK_M"]) * _cdiv(R, c["BLOCK_R"]), [("K loop (A generated)", _cdiv(K, c["BLOCK_K"]))]
-    if op == "rank_grads":
-        return _cdiv(M, c["BLOCK_M"]) * _cdiv(R, c["BLOCK_R"]), [("N loop (B generated)", _cdiv(N, c["BLOCK_N"]))]
-    out_cols, red, red_name = (N, K, "K") if op == "fused_forward" else (K, N, "N")
-    cols = c["BLOCK_N"] if op == "fused_forward" else c["BLOCK_K"]
-    loops = [(f"{red_name} loop (base GEMM)", _cdiv(red, c["BLOCK_K" if op == "fused_forward" else "BLOCK_N"]))]
-    if fp16_rank:
-        loops.append(("rank loop (row max)", _cdiv(R, c["BLOCK_R"])))
-    loops.append((f"rank loop ({'B' if op == 'fused_forward' else 'A'} generated)", _cdiv(R, c["BLOCK_R"])))
-    return _cdiv(M, c["BLOCK_M"]) * _cdiv(out_cols, cols), loops
+    if op in ("shrink", "rank_grads"):
+        length, block, name = (K, c["BLOCK_K"], "K loop (A generated)") if op == "shrink" else (
+            N, c["BLOCK_N"], "N loop (B generated)")
+        programs = _cdiv(M, c["BLOCK_M"]) * _cdiv(R, c["BLOCK_R"])
+        splits, span = _split(length, programs, sms)
+        return programs * splits, [(name, _cdiv(span, block))]
+    if op == "fused_forward":
+        programs = _cdiv(M, c["BLOCK_M"]) * _cdiv(N, c["BLOCK_N"])
+        main = ("K loop (base GEMM)", _cdiv(K, c["BLOCK_K"]))
+        gen = "rank loop (B generated)"
+    else:
+        programs = _cdiv(M, c["BLOCK_M"]) * _cdiv(K, c["BLOCK_K"])
+        main = ("N loop (base GEMM)", _cdiv(N, c["BLOCK_N"]))
+        gen = "rank loop (A generated)"
+    # 16-bit inputs: rank_expand's float16 operands take a row-max pass first
+    return programs, [main, ("rank loop (row max)", _cdiv(R, c["BLOCK_R"])), (gen, _cdiv(R, c["BLOCK_R"]))]
 
 
 def _hbm_bytes(op: str, M: int, R: int, elt: int) -> float:
+    """Compulsory HBM traffic of one call (each operand read once, each output written once)."""
     K, N = K_SHAPE, N_SHAPE
     return {"shrink": M * K * elt + M * R * 4,
             "fused_forward": N * K * elt + M * K * elt + M * N * elt + M * R * 4,
@@ -569,21 +586,27 @@ def _hbm_bytes(op: str, M: int, R: int, elt: int) -> float:
 
 
 def _occupancy(rec: dict) -> int:
+    """Programs of this variant one SM can hold (registers, shared memory, 64 warps)."""
     regs = max(rec["ptxas"]["registers"], 1)
     threads = 32 * rec["num_warps"]
-    by_regs = 65536 // (regs * threads) if regs * threads else 1
+    by_regs = 65536 // (regs * threads)
     by_smem = rec["shared_limit"] // rec["shared"] if rec["shared"] else 32
     return max(1, min(by_regs, by_smem, 64 // rec["num_warps"]))
 
 
 def predict(records: List[dict], arch: int) -> List[dict]:
-    """Per (op, dtype, M, r): cycles of the base-GEMM loop, the generating loop, their tensor and integer
-    parts, HBM time, and which one bounds the kernel (see ``NOTES-static.md`` for the model)."""
+    """Per (op, dtype, M, r): time of each loop at its slowest pipe, HBM time, and what bounds the call.
+
+    Each loop's time (all its iterations, on the busiest SM: ``ceil(programs / SMs)`` programs sharing its
+    pipes) is attributed to ``tensor`` when the tensor pipe is its slowest, else to ``generation`` when
+    the loop generates A/B (Philox multiplies in it), else to ``other`` (address/mask/row-max work).
+    ``bound`` is HBM when compulsory traffic takes longer than the loops, else the largest attribution.
+    Prologue/epilogue code outside loops, latency and launch overhead are not counted: lower bounds.
+    """
     rates = RATES[arch]
     ok = [r for r in records if "error" not in r and r["config_index"] == 0 and r["layout"] == "contiguous"]
     out = []
     for mode in ("fp16", "bf16"):
-        elt = 2
         for M, R in SHAPES:
             for op, case in prediction_cases(M, mode).items():
                 cands = [r for r in ok if r["op"] == op and r["kind"] == case["kind"] and r["dtype_mode"] == mode
@@ -593,41 +616,40 @@ def predict(records: List[dict], arch: int) -> List[dict]:
                     out.append(dict(row, error="variant not in the report"))
                     continue
                 rec = cands[0]
-                c = rec["constexprs"]
-                programs, src = _source_loops(op, c, M, R, fp16_rank=True)
+                programs, src = _source_loops(op, rec["constexprs"], M, R, rates["sms"])
                 loops = [lp for lp in rec["loops"] if lp["innermost"]]
-                row.update(variant=rec["variant"], registers=rec["ptxas"]["registers"], programs=programs)
+                row.update(variant=rec["variant"], registers=rec["ptxas"]["registers"],
+                           spills=rec["ptxas"]["spill_stores"] + rec["ptxas"]["spill_loads"], programs=programs)
                 if len(loops) != len(src):
                     out.append(dict(row, error=f"{len(loops)} innermost SASS loops, source has {len(src)}"))
                     continue
-                occ = _occupancy(rec)
-                per_sm = _cdiv(programs, rates["sms"])  # programs on the busiest SM (they share its pipes)
-                per_program = {"tensor": 0.0, "integer": 0.0, "issue": 0.0, "bound": 0.0, "gen_bound": 0.0,
-                               "gen_tensor": 0.0}
+                per_sm = _cdiv(programs, rates["sms"])
+                to_us = per_sm / (rates["clock_ghz"] * 1e3)  # cycles of one program -> µs on the busiest SM
+                share = {"tensor": 0.0, "generation": 0.0, "other": 0.0}
+                tensor_pipe = 0.0
                 loop_rows = []
                 for (name, trips), lp in zip(src, loops):
                     cyc = lp["cycles_per_iteration"]
-                    generated = lp["philox_products"] > 0
-                    bound = max(cyc[k] for k in ("tensor", "alu", "fma", "xu", "issue"))
-                    per_program["tensor"] += trips * cyc["tensor"]
-                    per_program["integer"] += trips * max(cyc["alu"], cyc["fma"])
-                    per_program["issue"] += trips * cyc["issue"]
-                    per_program["bound"] += trips * bound
-                    if generated:
-                        per_program["gen_bound"] += trips * bound
-                        per_program["gen_tensor"] += trips * cyc["tensor"]
-                    loop_rows.append({"loop": name, "iterations": trips, "generates": generated,
-                                      "cycles_per_iteration": cyc})
-                scale = per_sm / (rates["clock_ghz"] * 1e3)  # cycles per program -> microseconds
-                us = {k: round(v * scale, 2) for k, v in per_program.items()}
-                mem_us = round(_hbm_bytes(op, M, R, elt) / (rates["hbm_tb_s"] * 1e6), 2)
-                compute_us = us["bound"]
-                verdict = ("memory (HBM)" if mem_us >= compute_us else
-                           "generation (integer pipes)" if us["gen_bound"] > 0.5 * compute_us
-                           and us["gen_bound"] > us["gen_tensor"] else
-                           "tensor cores" if us["tensor"] >= 0.5 * compute_us else "instruction issue / integer")
-                out.append(dict(row, occupancy=occ, programs_per_sm=per_sm, loops=loop_rows, us=us, hbm_us=mem_us,
-                                predicted_us=round(max(mem_us, compute_us), 2), bound=verdict))
+                    generates = lp["philox_products"] > 0
+                    t = trips * cyc[cyc["bound"]] * to_us
+                    tensor_pipe += trips * cyc["tensor"] * to_us
+                    share["tensor" if cyc["bound"] == "tensor" else "generation" if generates else "other"] += t
+                    row_l = {"loop": name, "iterations": trips, "generates": generates,
+                             "cycles_per_iteration": cyc, "us": round(t, 2)}
+                    if generates:
+                        # Philox products per 4 values of the tile the source generates each iteration:
+                        # ~32-40 when each value is generated once, twice that when the compiler duplicates it
+                        cols = rec["constexprs"]["BLOCK_N" if op in ("fused_forward", "rank_grads") else "BLOCK_K"]
+                        calls = rec["constexprs"]["BLOCK_R"] * cols / 4
+                        row_l["products_per_call"] = round(lp["philox_products"] * 32 * rec["num_warps"] / calls, 1)
+                    loop_rows.append(row_l)
+                compute = sum(share.values())
+                mem = _hbm_bytes(op, M, R, 2) / (rates["hbm_tb_s"] * 1e6)
+                bound = "HBM" if mem >= compute else max(share, key=share.get)
+                out.append(dict(row, occupancy=_occupancy(rec), programs_per_sm=per_sm, loops=loop_rows,
+                                us={k: round(v, 2) for k, v in share.items()}, tensor_pipe_us=round(tensor_pipe, 2),
+                                compute_us=round(compute, 2), hbm_us=round(mem, 2),
+                                predicted_us=round(max(mem, compute), 2), bound=bound))
     return out
 
 
@@ -658,6 +680,12 @@ def markdown(report: dict) -> str:
         lines.append(f"| {op}[{kind}] | {mode} | {ci} | {rs[0]['num_warps']} | {len(rs)} | "
                      f"{regs[0]}–{regs[-1]} | {st}/{ld}{' **SPILLS**' if st or ld else ''} | "
                      f"{sh[0] / 1024:.0f}–{sh[-1] / 1024:.0f} |")
+    spills = [r for r in recs if r["config_index"] == 0 and (r["ptxas"]["spill_stores"] or r["ptxas"]["spill_loads"])]
+    lines += ["", f"First-choice variants that spill: {len(spills)} of "
+              f"{sum(r['config_index'] == 0 for r in recs)}" + (":" if spills else "."), ""]
+    for r in spills:
+        lines.append(f"- `{r['variant']}`: {r['ptxas']['registers']} registers, {r['ptxas']['spill_stores']} B "
+                     f"stores / {r['ptxas']['spill_loads']} B loads")
     preds = report.get("predictions", [])
     shown = {}
     for p in preds:
@@ -667,8 +695,9 @@ def markdown(report: dict) -> str:
         lines += ["", "Innermost loops of the variants the launchers pick at the prediction shapes (fp16 and "
                   "bf16, seeded projection, no dropout/bias): per iteration, per warp, static counts; "
                   "cycles per iteration of one program on one SM by pipe (`T` tensor, `A` ALU, `F` FMA "
-                  "pipe incl. IMAD, `I` issue).", "",
-                  "| variant | regs | loop | instrs | MMA (MACs/warp) | IMAD | ALU | FP32 | ld/st | Philox calls/warp | T / A / F / I cycles | bound |",
+                  "pipe incl. IMAD, `I` issue). Philox products per call: multiplies in the loop per 4 values "
+                  "of the tile the source generates (~32–40 once, ~64+ when the compiler generates twice).", "",
+                  "| variant | regs | loop | instrs | MMA (MACs/warp) | IMAD | ALU | FP32 | ld/st | Philox products per call | T / A / F / I cycles | bound |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         by_name = {r["variant"]: r for r in recs}
         for name, p in shown.items():
@@ -680,24 +709,25 @@ def markdown(report: dict) -> str:
                 c, cyc = lp["classes"], lp["cycles_per_iteration"]
                 lines.append(f"| {short} | {rec['ptxas']['registers']} | {lrow['loop']} | {lp['instructions']} | "
                              f"{lp['mma_macs_per_warp']} | {c['imad']} | {c['alu']} | {c['fp32']} | "
-                             f"{c['load']}/{c['store']} | {lp['philox_calls_per_warp']} | "
+                             f"{c['load']}/{c['store']} | {lrow.get('products_per_call', '—')} | "
                              f"{cyc['tensor']:.0f} / {cyc['alu']:.0f} / {cyc['fma']:.0f} / {cyc['issue']:.0f} | "
                              f"{cyc['bound']} |")
                 short = "〃"
-        lines += ["", f"Predicted time per call on {RATES[arch]['name']} at K = N = 4096 (µs; throughput lower "
-                  f"bounds at {RATES[arch]['clock_ghz']} GHz): `tensor` = tensor-pipe time of all loops, "
-                  "`gen` = time of the loops that generate A/B (each at its slowest pipe), `compute` = all "
-                  "loops at their slowest pipe, `HBM` = compulsory traffic.", "",
-                  "| kernel | dtype | M | r | programs (per SM) | tensor | gen | compute | HBM | bound |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"Predicted time per call on {RATES[arch]['name']}, K = N = 4096 (µs, throughput lower "
+                  f"bounds at {RATES[arch]['clock_ghz']} GHz). Each loop's time is charged to `tensor` when the "
+                  "tensor pipe is its slowest pipe, else to `gen` when it generates A/B, else to `other`; "
+                  "`T-pipe` is the tensor pipe's own busy time; `HBM` is compulsory traffic.", "",
+                  "| kernel | dtype | M | r | programs (per SM) | tensor | gen | other | T-pipe | HBM | bound |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in preds:
             if "error" in p:
-                lines.append(f"| {p['op']} | {p['dtype']} | {p['M']} | {p['r']} | — | — | — | — | — | "
+                lines.append(f"| {p['op']} | {p['dtype']} | {p['M']} | {p['r']} | — | — | — | — | — | — | "
                              f"n/a: {p['error']} |")
                 continue
             u = p["us"]
             lines.append(f"| {p['op']} | {p['dtype']} | {p['M']} | {p['r']} | {p['programs']} ({p['programs_per_sm']}) | "
-                         f"{u['tensor']} | {u['gen_bound']} | {u['bound']} | {p['hbm_us']} | {p['bound']} |")
+                         f"{u['tensor']} | {u['generation']} | {u['other']} | {p['tensor_pipe_us']} | {p['hbm_us']} | "
+                         f"**{p['bound']}** |")
     if errs:
         lines += ["", "Failures:", ""] + [f"- `{e['variant']}`: {e['error'][:300]}" for e in errs]
     return "\n".join(lines) + "\n"
