@@ -15,12 +15,13 @@ For each variant:
   assembled a second time through Triton's own ``make_cubin`` (same flags) with its log kept; the
   resulting cubin is compared with the compiled one (``ptxas.identical_cubin``).
 * ``shared``: the dynamic shared memory Triton launches the kernel with (``metadata.shared``, bytes).
-* ``loops``: the SASS (``nvdisasm -c`` on the cubin) is split into loops. A loop is a *backward branch*:
-  a ``BRA`` whose target label lies at or before the branch; the body is every instruction from the
-  target to the branch (several back edges to one header make one loop, ending at the last of them).
-  An unconditional self-branch (``.L: BRA .L`` after the last ``EXIT``, the end-of-code trap) is not a loop. Loops nested in
-  another get ``depth`` > 0; ``innermost`` loops contain no other loop. Counts are static (instructions
-  in the body, each executed once per iteration when no forward branch inside skips it), per warp.
+* ``loops``: the SASS (``nvdisasm -c`` on the cubin) is split into loops. A loop is a *backward
+  branch*: a ``BRA`` whose target label lies at or before the branch; the body is every instruction
+  from the target to the branch (several back edges to one header make one loop, ending at the last of
+  them). An unconditional self-branch (``.L: BRA .L`` after the last ``EXIT``, the end-of-code trap) is
+  not a loop. Loops nested in another get ``depth`` > 0; ``innermost`` loops contain no other loop.
+  Counts are static (instructions in the body, each executed once per iteration when no forward branch
+  inside skips it), per warp.
 * instruction classes (see ``classify``): tensor-core MMA (HMMA/HGMMA; MACs from the shape in the
   opcode), ``imad`` (IMAD/IMUL/IDP: the FMA-heavy pipe), ``alu`` (IADD3, LOP3, SHF, LEA, ISETP, SEL,
   PRMT, F2FP ...: the ALU pipe), ``fp32`` (FFMA/FMUL/FADD/HFMA2), ``xu`` (MUFU, I2F, F2I), loads,
@@ -40,7 +41,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import multiprocessing
 import os
 import re
@@ -89,7 +89,10 @@ def parse_ptxas_log(text: str) -> dict:
 # SASS parsing
 # ---------------------------------------------------------------------------------------------
 
-_INSTR = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(?:(@!?U?P(?:T|\d+))\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)\s*(.*?)\s*;")
+_INSTR = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+"          # /*address*/
+                    r"(?:(@!?U?P(?:T|\d+))\s+)?"                # optional guard predicate
+                    r"([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)"      # opcode with modifiers
+                    r"\s*(.*?)\s*;")                             # operands
 _LABEL = re.compile(r"^\s*([.$\w]+):\s*$")
 _TARGET = re.compile(r"`\(([^)]+)\)")
 
@@ -697,7 +700,8 @@ def markdown(report: dict) -> str:
                   "cycles per iteration of one program on one SM by pipe (`T` tensor, `A` ALU, `F` FMA "
                   "pipe incl. IMAD, `I` issue). Philox products per call: multiplies in the loop per 4 values "
                   "of the tile the source generates (~32–40 once, ~64+ when the compiler generates twice).", "",
-                  "| variant | regs | loop | instrs | MMA (MACs/warp) | IMAD | ALU | FP32 | ld/st | Philox products per call | T / A / F / I cycles | bound |",
+                  "| variant | regs | loop | instrs | MMA (MACs/warp) | IMAD | ALU | FP32 | ld/st "
+                  "| Philox products per call | T / A / F / I cycles | bound |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         by_name = {r["variant"]: r for r in recs}
         for name, p in shown.items():
@@ -725,7 +729,8 @@ def markdown(report: dict) -> str:
                              f"n/a: {p['error']} |")
                 continue
             u = p["us"]
-            lines.append(f"| {p['op']} | {p['dtype']} | {p['M']} | {p['r']} | {p['programs']} ({p['programs_per_sm']}) | "
+            lines.append(f"| {p['op']} | {p['dtype']} | {p['M']} | {p['r']} | "
+                         f"{p['programs']} ({p['programs_per_sm']}) | "
                          f"{u['tensor']} | {u['generation']} | {u['other']} | {p['tensor_pipe_us']} | {p['hbm_us']} | "
                          f"**{p['bound']}** |")
     if errs:
@@ -799,6 +804,9 @@ def main(argv=None) -> int:
         if args.reuse:
             report = json.loads(out.read_text())
             report["rates"] = RATES[arch]
+            for rec in report["variants"]:
+                for lp in rec.get("loops", []):
+                    lp["opcodes"] = dict(Counter(lp["opcodes"]).most_common(OPCODES_KEPT))
             report["predictions"] = predict(report["variants"], arch)
         else:
             report = build_report(arch, args.configs, args.match, args.jobs, args.quiet, not args.no_hints)
