@@ -168,6 +168,7 @@ def test_first_choice_variants_do_not_spill_on_sm90(tmp_path):
               f"spill loads, {r['ptxas']['registers']} registers" for r in recs
               if r["config_index"] == 0 and (r["ptxas"]["spill_stores"] or r["ptxas"]["spill_loads"])]
     assert not spills, "first-choice configs spill:\n" + "\n".join(spills)
+    assert all(r["hints"] for r in recs), "the report must compile with the run-time divisibility hints"
     for r in recs:
         assert r["ptxas"]["identical_cubin"], f"{r['variant']}: the ptxas rerun gave another cubin"
         assert r["shared"] <= r["shared_limit"], r["variant"]
