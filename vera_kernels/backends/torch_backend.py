@@ -21,16 +21,21 @@ def _sliced_ab(problem: Problem, dtype):
     """``A[:, in_offset : in_offset + K]`` and ``B[out_offset : out_offset + N]`` of the cached global A/B in
     ``dtype``; for 16-bit inputs their values are rounded to the input dtype first (docs/DESIGN.md §3, as the
     same-dtype reference and PEFT in a 16-bit model), cached on the projection."""
-    proj = problem.projection
-    if problem.dtype in (torch.float16, torch.bfloat16):
-        key = ("rounded", problem.dtype, dtype, problem.device)
-        if key not in proj._cache:
-            proj._cache[key] = tuple(t.to(dtype) for t in proj.materialize(problem.dtype, problem.device))
-        A, B = proj._cache[key]
-    else:
-        A, B = proj.materialize(dtype, problem.device, cache=True)
+    proj, device = problem.projection, problem.device
     i0, o0 = problem.in_offset, problem.out_offset
-    return A[:, i0 : i0 + problem.K], B[o0 : o0 + problem.N]
+    key = ("sliced", problem.dtype, dtype, device, problem.K, problem.N, i0, o0)
+    hit = proj._cache.get(key)  # the views themselves are cached: slicing costs more than a lookup at decode
+    if hit is not None:
+        return hit
+    if problem.dtype in (torch.float16, torch.bfloat16):
+        rkey = ("rounded", problem.dtype, dtype, device)
+        if rkey not in proj._cache:
+            proj._cache[rkey] = tuple(t.to(dtype) for t in proj.materialize(problem.dtype, device))
+        A, B = proj._cache[rkey]
+    else:
+        A, B = proj.materialize(dtype, device, cache=True)
+    out = proj._cache[key] = (A[:, i0 : i0 + problem.K], B[o0 : o0 + problem.N])
+    return out
 
 
 class TorchBackend(Backend):
@@ -45,6 +50,11 @@ class TorchBackend(Backend):
         A_K, B_N = _sliced_ab(problem, cd)
         if problem.adapter_ids is not None:
             return self._bank_forward(problem, A_K, B_N, cd)
+        x2d = problem.x2d
+        if problem.dropout is None and x2d.dtype == cd:  # float32 inputs: PEFT's formula with no casts
+            s = F.linear(x2d, A_K)
+            adapter = F.linear(problem.lambda_d * s, B_N)
+            return torch.addcmul(F.linear(x2d, problem.weight, problem.bias), problem.lambda_b, adapter), s
         return vera_forward_math(
             problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b,
             A_K, B_N, problem.dropout, cd, problem.in_offset,
