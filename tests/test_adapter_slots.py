@@ -3,6 +3,7 @@
 mixed batches under ``vk.adapter_ids`` against each user's single-adapter model, ``merge_and_unload(slot=k)``,
 and every slot error leaving the model unchanged."""
 
+import contextlib
 import json
 import os
 import warnings
@@ -60,8 +61,7 @@ def users(tmp_path_factory):
     """Three users' single-adapter models, each trained on its own data and saved to its own directory."""
     models, dirs = [], []
     for u in range(USERS):
-        with vk.use_backend("cpu"):
-            model = _train(_single(), u)
+        model = _train(_single(), u)
         directory = str(tmp_path_factory.mktemp(f"user{u}"))
         vk.save_adapter(model, directory)
         models.append(model)
@@ -78,8 +78,9 @@ def bank(users):
     return model
 
 
-def _logits(model, ids, adapter_ids=None, backend="cpu"):
-    with torch.no_grad(), vk.use_backend(backend):
+def _logits(model, ids, adapter_ids=None, backend=None):
+    """Logits under ``vk.adapter_ids`` when ids are given; ``backend=None``: the default backend."""
+    with torch.no_grad(), (vk.use_backend(backend) if backend else contextlib.nullcontext()):
         if adapter_ids is None:
             return tm.output(model, ids)
         with vk.adapter_ids(model, adapter_ids):
@@ -175,7 +176,7 @@ def test_bank_trains_many_users_in_one_batch(users):
     ids = tm.inputs(batch=3, seq=6, seed=5)
     which = torch.tensor([0, 2, -1])
     bank.train()
-    with vk.use_backend("cpu"), vk.adapter_ids(bank, which):
+    with vk.adapter_ids(bank, which):
         bank(input_ids=ids, labels=ids).loss.backward()
     name = "model.layers.1.mlp.down_proj"
     layer = vk.models.vera_layers(bank)[name]
@@ -185,8 +186,7 @@ def test_bank_trains_many_users_in_one_batch(users):
     single = models[0]
     single.zero_grad()
     single.train()
-    with vk.use_backend("cpu"):
-        logits = single(input_ids=ids[:1]).logits
+    logits = single(input_ids=ids[:1]).logits
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     n_tokens = 3 * (ids.shape[1] - 1)
     (loss_fn(logits[0, :-1], ids[0, 1:]) / n_tokens).backward()
@@ -195,6 +195,36 @@ def test_bank_trains_many_users_in_one_batch(users):
     torch.testing.assert_close(layer.lambda_d.grad[0], ref.lambda_d.grad, rtol=1e-4, atol=1e-6)
     single.zero_grad()
     single.eval()
+
+
+def test_bank_state_dict_round_trip(bank):
+    other = _bank().eval()
+    other.load_state_dict(bank.state_dict())
+    ids = tm.inputs(batch=3, seq=5, seed=9)
+    which = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(_logits(other, ids, which), _logits(bank, ids, which), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        _bank(n=2).load_state_dict(bank.state_dict())
+
+
+def test_gpt2_conv1d_bank(tmp_path):
+    """Conv1D (fan_in_fan_out) layers hold banks too; a GPT-2 user's file loads into a slot."""
+    single = vk.apply_vera(tm.base_model("gpt2"), rank=RANK, seed=SEED).eval()
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for d, b in tm.vk_lambdas(single).values():
+            d.copy_(torch.rand(d.shape, generator=g) + 0.5)
+            b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    vk.save_adapter(single, str(tmp_path / "u"))
+    bank = vk.apply_vera(tm.base_model("gpt2"), rank=RANK, seed=SEED, num_adapters=2).eval()
+    assert all(layer.fan_in_fan_out for layer in vk.models.vera_layers(bank).values())
+    vk.load_adapter(bank, str(tmp_path / "u"), slot=1)
+    ids = tm.inputs(batch=2, seq=6, seed=10)
+    y = _logits(bank, ids, torch.tensor([1, -1]))
+    torch.testing.assert_close(y[0], _logits(single, ids)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y[1], _logits(tm.base_model("gpt2"), ids)[1], rtol=1e-5, atol=1e-5)
+    vk.merge_and_unload(bank, slot=1)
+    torch.testing.assert_close(_logits(bank, ids), _logits(single, ids), rtol=1e-4, atol=1e-4)
 
 
 # --- slot files: round trips, PEFT directories ---------------------------------------------------
@@ -343,7 +373,7 @@ def test_slot_errors_leave_the_model_unchanged(users, tmp_path):
         (lambda: vk.merge_and_unload(bank, slot=SLOTS), ValueError, "out of range"),
     ]
     snap = tm.snapshot(bank)
-    for i, (call, exc, match) in enumerate(cases):
+    for call, exc, match in cases:
         with pytest.raises(exc, match=match):
             call()
         tm.assert_unchanged(bank, snap)
