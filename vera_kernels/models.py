@@ -2,8 +2,9 @@
 
 Every adapted layer becomes a :class:`VeRALinear` sharing ONE :class:`Projection` sized to the largest
 adapted layer, as in the VeRA paper and PEFT. With ``num_adapters=n`` every adapted layer holds a bank of
-``n`` adapters (many users' vectors over the one projection), addressed by slot ``0 <= k < n``. Module selection follows PEFT's ``target_modules`` rules.
-Nothing here imports ``transformers`` or ``peft`` unless the model or the call needs them.
+``n`` adapters (many users' vectors over the one projection), addressed by slot ``0 <= k < n``. Module
+selection follows PEFT's ``target_modules`` rules. Nothing here imports ``transformers`` or ``peft`` unless
+the model or the call needs them.
 """
 
 from __future__ import annotations
@@ -189,10 +190,11 @@ def check_slot(layers: Dict[str, VeRALinear], slot, action: str) -> Optional[int
     if slot is None:
         if banks:
             n = min(banks.values())
-            raise ValueError(
-                f"the model's VeRA layers hold banks of {n} adapters; pass slot=k (0 <= k < {n}) to {action} "
-                f"one adapter of the bank"
-            )
+            why = {
+                "merge": "a bank cannot be folded into one weight; pass slot=k (0 <= k < {n}) to fold adapter k in "
+                         "(the others are dropped)",
+            }.get(action, "an adapter file holds one adapter; pass slot=k (0 <= k < {n}) to {action} adapter k")
+            raise ValueError(f"the model's VeRA layers hold banks of {n} adapters: " + why.format(n=n, action=action))
         return None
     if isinstance(slot, bool) or not isinstance(slot, numbers.Integral):
         raise TypeError(f"slot must be an int, got {type(slot).__name__}")
