@@ -215,6 +215,44 @@ def test_merge_and_unload_plain():
         vk.merge_and_unload(model)
 
 
+def test_apply_vera_banks_plain():
+    """num_adapters=n on a plain model (no optional packages): banks over one projection, each row of a
+    mixed batch equal to the single-adapter model with that slot's vectors, merge of one slot."""
+    torch.manual_seed(2)
+    bank = vk.apply_vera(Net(), rank=4, seed=7, num_adapters=3)
+    layers = vk.models.vera_layers(bank)
+    assert len({id(m.projection) for m in layers.values()}) == 1
+    assert all(m.lambda_d.shape == (3, 4) and m.lambda_b.shape == (3, m.out_features) for m in layers.values())
+    with torch.no_grad():
+        for m in layers.values():
+            m.lambda_d.uniform_(0.5, 1.5)
+            m.lambda_b.normal_()
+    torch.manual_seed(2)
+    single = vk.apply_vera(Net(), rank=4, seed=7)
+    per_adapter = sum(p.numel() for p in single.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in bank.parameters() if p.requires_grad) == 3 * per_adapter
+    assert f"banks of 3 adapters ({per_adapter:,} params per adapter)" in vk.trainable_summary(bank)
+    ids = torch.randint(0, 11, (4, 5))
+    which = torch.tensor([2, -1, 0, 1])
+    with torch.no_grad(), vk.adapter_ids(bank, which):
+        y = bank(ids)
+    for row, k in enumerate(which.tolist()):
+        with torch.no_grad():
+            for name, m in vk.models.vera_layers(single).items():
+                m.lambda_d.copy_(layers[name].lambda_d[k] if k >= 0 else 0)
+                m.lambda_b.copy_(layers[name].lambda_b[k] if k >= 0 else 0)
+            torch.testing.assert_close(y[row], single(ids)[row], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot be folded into one weight"):
+        vk.merge_and_unload(bank)
+    assert len(vk.models.vera_layers(bank)) == len(layers)
+    with torch.no_grad():  # single holds slot 1's vectors now
+        expected = single(ids)
+    vk.merge_and_unload(bank, slot=1)
+    assert not vk.models.vera_layers(bank)
+    with torch.no_grad():
+        torch.testing.assert_close(bank(ids), expected, rtol=1e-5, atol=1e-5)
+
+
 # --- Hugging Face models against PEFT -----------------------------------------------------------
 def _loss_weights(shape, seed=3):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -330,13 +368,14 @@ def test_docs_models_md_runs(tm, tmp_path, monkeypatch, capsys):
 
     text = (pathlib.Path(__file__).parents[1] / "docs" / "models.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) >= 6
+    assert len(blocks) >= 4
     monkeypatch.chdir(tmp_path)
     ns = {"__name__": "docs_models"}
     for i, code in enumerate(blocks):
         exec(compile(code, f"docs/models.md[block {i}]", "exec"), ns)
     out = capsys.readouterr().out
     assert "same outputs: True" in out and "trainable params:" in out
+    assert "banks of 8 adapters" in out and "slot 1 round trip, same outputs: True" in out
 
 
 def test_state_dict_of_stored_projection_shares_one_copy(tmp_path):

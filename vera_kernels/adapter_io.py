@@ -19,6 +19,10 @@ writes ``projection.A``/``projection.B`` into the tensor file.
 
 PEFT directories (``peft_type: "VERA"``) hold ``base_model.model.<path>.vera_lambda_d``/``_b`` and,
 with ``save_projection`` true, ``base_model.vera_A``/``base_model.vera_B``.
+
+A file always holds ONE adapter. A model whose layers hold banks of adapters
+(``apply_vera(..., num_adapters=n)``) reads and writes them one slot at a time (``slot=k``), so a user's
+adapter file moves unchanged between a single-adapter model and any slot of a bank.
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ from torch import nn
 from .layer import VeRALinear
 from .models import (
     _in_out,
+    check_slot,
     install,
     linear_kind,
     plan_layers,
     require,
     shared_projection,
+    slot_vectors,
     target_matches,
     vera_layers,
 )
@@ -140,13 +146,17 @@ def _check_vector(t: torch.Tensor, shape: Tuple[int, ...], key: str, where: str)
 
 
 # --- saving -------------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, directory: str) -> None:
+def save_adapter(model: nn.Module, directory: str, *, slot: Optional[int] = None) -> None:
     """Write the model's VeRA adapter to ``directory`` (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     A seeded projection is stored as its seed: the files hold the seed and the trained vectors only.
+    For a model whose layers hold banks of adapters, ``slot=k`` (required there) writes adapter ``k``
+    as an ordinary single-adapter file, which :func:`load_adapter` reads into a single-adapter model or
+    into any slot of a bank.
     """
     layers = vera_layers(model)
     proj = shared_projection(layers)
+    slot = check_slot(layers, slot, "save")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("the model's VeRA layers are merged; save the adapter before merging (or unmerge)")
     tensors: Dict[str, torch.Tensor] = {}
@@ -167,8 +177,9 @@ def save_adapter(model: nn.Module, directory: str) -> None:
             "dropout": layer.dropout,
             "d_initial": layer.d_initial,
         }
-        tensors[f"{name}.lambda_d"] = layer.lambda_d.detach().float()
-        tensors[f"{name}.lambda_b"] = layer.lambda_b.detach().float()
+        lambda_d, lambda_b = slot_vectors(layer, slot)
+        tensors[f"{name}.lambda_d"] = lambda_d.detach().float()
+        tensors[f"{name}.lambda_b"] = lambda_b.detach().float()
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -183,16 +194,18 @@ def save_adapter(model: nn.Module, directory: str) -> None:
     _write(directory, config, tensors)
 
 
-def save_peft_adapter(model: nn.Module, directory: str) -> None:
+def save_peft_adapter(model: nn.Module, directory: str, *, slot: Optional[int] = None) -> None:
     """Write a PEFT VeRA adapter directory that ``peft.PeftModel.from_pretrained(base, directory)`` loads.
 
     ``save_projection`` is true: ``A``/``B`` are materialised (float32, sliced to the largest adapted
     layer, as PEFT sizes them), because PEFT regenerates its own projection from a torch generator, not
-    from this package's seed. ``target_modules`` lists the full module paths.
+    from this package's seed. ``target_modules`` lists the full module paths. For a model whose layers
+    hold banks of adapters, ``slot=k`` (required there) writes adapter ``k``.
     """
     peft = require("peft")
     layers = vera_layers(model)
     proj = shared_projection(layers)
+    slot = check_slot(layers, slot, "save")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("the model's VeRA layers are merged; save the adapter before merging (or unmerge)")
     dropout, d_initial = _uniform(layers, "dropout"), _uniform(layers, "d_initial")
@@ -216,8 +229,9 @@ def save_peft_adapter(model: nn.Module, directory: str) -> None:
     )
     tensors = {"base_model.vera_A": A[:, :max_in], "base_model.vera_B": B[:max_out]}
     for name, layer in layers.items():
-        tensors[f"{_PEFT_PREFIX}{name}.vera_lambda_d"] = layer.lambda_d.detach().float()
-        tensors[f"{_PEFT_PREFIX}{name}.vera_lambda_b"] = layer.lambda_b.detach().float()
+        lambda_d, lambda_b = slot_vectors(layer, slot)
+        tensors[f"{_PEFT_PREFIX}{name}.vera_lambda_d"] = lambda_d.detach().float()
+        tensors[f"{_PEFT_PREFIX}{name}.vera_lambda_b"] = lambda_b.detach().float()
     config = cfg.to_dict()
     config["target_modules"] = sorted(layers)
     config["peft_type"] = "VERA"
@@ -413,7 +427,7 @@ def _resolve(model: nn.Module, spec: _Spec, where: str) -> Dict[str, nn.Module]:
     return modules
 
 
-def load_adapter(model: nn.Module, directory: str) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str, *, slot: Optional[int] = None) -> nn.Module:
     """Load a VeRA adapter directory into ``model``; returns ``model``.
 
     ``directory`` is this package's format (:func:`save_adapter`) or a PEFT VeRA adapter
@@ -422,11 +436,25 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     paths (every other parameter frozen, as :func:`apply_vera`); a model that already has VeRA layers must
     have exactly the adapter's layers and the same projection, and receives the vectors.
 
+    A model whose layers hold banks of adapters (``apply_vera(..., num_adapters=n)``) takes one adapter
+    file per slot: ``slot=k`` writes the file's vectors into row ``k`` of every layer's banks and leaves the
+    other slots alone (the banks keep their own dropout and ``d_initial``). The file must cover exactly the
+    model's VeRA layers, with the same projection (seed or PEFT key or stored matrices, rank, sizes) and
+    shapes. ``slot`` is required for such a model and refused for any other (``ValueError``).
+
     Everything is checked before the model is touched: an unknown format or version, missing or
     unexpected tensors, wrong shapes, a module path the model lacks, or a different seed/rank raise
     :class:`AdapterFileError` and leave the model unchanged.
     """
     where = str(directory)
+    adapted = vera_layers(model)
+    if adapted:
+        slot = check_slot(adapted, slot, "load")
+    elif slot is not None:
+        raise ValueError(
+            f"slot={slot!r} loads into a model whose VeRA layers hold banks of adapters; this model has no "
+            f"VeRA layers: build the banks first with vk.apply_vera(model, ..., num_adapters=n)"
+        )
     cfg = _read_config(directory)
     if "peft_type" in cfg:
         tensors = _read_tensors(directory)
@@ -439,7 +467,6 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
             f"{where}: unknown adapter format {cfg.get('format')!r} (expected {FORMAT!r} or a PEFT VeRA "
             f"adapter with peft_type 'VERA')"
         )
-    adapted = vera_layers(model)
     modules = _resolve(model, spec, where)
     if adapted:
         current = shared_projection(adapted)
@@ -453,10 +480,12 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
             raise AdapterFileError(f"{where}: VeRA layers {merged[:4]} are merged; unmerge them first")
         with torch.no_grad():
             for path, layer in modules.items():
-                layer.lambda_d.copy_(spec.lambda_d[path])
-                layer.lambda_b.copy_(spec.lambda_b[path])
-                layer.dropout = spec.dropout[path]
-                layer.d_initial = spec.d_initial[path]
+                lambda_d, lambda_b = slot_vectors(layer, slot)
+                lambda_d.copy_(spec.lambda_d[path])
+                lambda_b.copy_(spec.lambda_b[path])
+                if slot is None:
+                    layer.dropout = spec.dropout[path]
+                    layer.d_initial = spec.d_initial[path]
         return model
     plan = plan_layers(list(modules.items()), spec.projection, spec.d_initial, spec.dropout)
     with torch.no_grad():

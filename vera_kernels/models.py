@@ -1,13 +1,16 @@
 """VeRA on whole models: ``apply_vera``, ``merge_and_unload``, ``from_peft`` and a parameter summary.
 
 Every adapted layer becomes a :class:`VeRALinear` sharing ONE :class:`Projection` sized to the largest
-adapted layer, as in the VeRA paper and PEFT. Module selection follows PEFT's ``target_modules`` rules.
-Nothing here imports ``transformers`` or ``peft`` unless the model or the call needs them.
+adapted layer, as in the VeRA paper and PEFT. With ``num_adapters=n`` every adapted layer holds a bank of
+``n`` adapters (many users' vectors over the one projection), addressed by slot ``0 <= k < n``. Module
+selection follows PEFT's ``target_modules`` rules. Nothing here imports ``transformers`` or ``peft`` unless
+the model or the call needs them.
 """
 
 from __future__ import annotations
 
 import importlib
+import numbers
 import re
 import sys
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -159,12 +162,66 @@ def _parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def build_layer(module: nn.Module, projection: Projection, d_initial: float, dropout: float) -> VeRALinear:
+def build_layer(module: nn.Module, projection: Projection, d_initial: float, dropout: float,
+                num_adapters: int = 1) -> VeRALinear:
     """A :class:`VeRALinear` wrapping ``module`` (its weight and bias shared, not copied)."""
     fif = linear_kind(module) == "conv1d"
     return VeRALinear.from_linear(
-        module, projection=projection, d_initial=d_initial, dropout=dropout, fan_in_fan_out=fif
+        module, projection=projection, d_initial=d_initial, dropout=dropout, fan_in_fan_out=fif,
+        num_adapters=num_adapters,
     )
+
+
+def _check_num_adapters(num_adapters) -> int:
+    if isinstance(num_adapters, bool) or not isinstance(num_adapters, numbers.Integral) or num_adapters < 1:
+        raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
+    return int(num_adapters)
+
+
+def check_slot(layers: Dict[str, VeRALinear], slot, action: str) -> Optional[int]:
+    """Validate ``slot`` against the model's VeRA layers for ``action`` ("load", "save", "merge").
+
+    Returns ``None`` for a single-adapter model called without a slot, else the slot as an int. Raises
+    ``ValueError`` for a bank model without a slot, a slot on a single-adapter model, a model that mixes
+    banks and single adapters, or a slot out of range, and ``TypeError`` for a slot that is not an int.
+    """
+    sizes = {name: layer.num_adapters for name, layer in layers.items()}
+    banks = {name: n for name, n in sizes.items() if n > 1}
+    if slot is None:
+        if banks:
+            n = min(banks.values())
+            why = {
+                "merge": "a bank cannot be folded into one weight; pass slot=k (0 <= k < {n}) to fold adapter k in "
+                         "(the others are dropped)",
+            }.get(action, "an adapter file holds one adapter; pass slot=k (0 <= k < {n}) to {action} adapter k")
+            raise ValueError(f"the model's VeRA layers hold banks of {n} adapters: " + why.format(n=n, action=action))
+        return None
+    if isinstance(slot, bool) or not isinstance(slot, numbers.Integral):
+        raise TypeError(f"slot must be an int, got {type(slot).__name__}")
+    slot = int(slot)
+    if not banks:
+        raise ValueError(
+            f"slot={slot} needs a model whose VeRA layers hold banks of adapters "
+            f"(vk.apply_vera(model, ..., num_adapters=n)); this model's layers hold a single adapter each: "
+            f"{action} without slot="
+        )
+    singles = sorted(name for name, n in sizes.items() if n == 1)
+    if singles:
+        raise ValueError(
+            f"slot={slot}: the model mixes adapter banks and single-adapter VeRA layers (e.g. {singles[0]!r}); "
+            f"a slot addresses one adapter in every layer"
+        )
+    n = min(banks.values())
+    if not 0 <= slot < n:
+        raise ValueError(f"slot={slot} is out of range: the model's VeRA layers hold {n} adapters (0 <= slot < {n})")
+    return slot
+
+
+def slot_vectors(layer: VeRALinear, slot: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(lambda_d, lambda_b)`` of one adapter: the layer's own, or row ``slot`` of its banks (views)."""
+    if slot is None:
+        return layer.lambda_d, layer.lambda_b
+    return layer.lambda_d[slot], layer.lambda_b[slot]
 
 
 def _reshare_projections(model: nn.Module, incompatible_keys=None) -> None:
@@ -199,6 +256,7 @@ def plan_layers(
     projection: Projection,
     d_initial: Union[float, Dict[str, float]],
     dropout: Union[float, Dict[str, float]],
+    num_adapters: int = 1,
 ) -> List[Tuple[str, VeRALinear]]:
     """New layers for ``targets``; the model is not touched (on error the shared weights' ``requires_grad``
     flags are put back as they were)."""
@@ -209,7 +267,7 @@ def plan_layers(
             d = d_initial[name] if isinstance(d_initial, dict) else d_initial
             p = dropout[name] if isinstance(dropout, dict) else dropout
             try:
-                plan.append((name, build_layer(module, projection, d, p)))
+                plan.append((name, build_layer(module, projection, d, p, num_adapters)))
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{name}: {e}") from None
     except BaseException:
@@ -227,6 +285,7 @@ def apply_vera(
     seed: int = 0,
     d_initial: float = 0.1,
     dropout: float = 0.0,
+    num_adapters: int = 1,
     projection: Optional[Projection] = None,
 ) -> nn.Module:
     """Put a VeRA adapter on every selected linear layer of ``model``, in place; returns ``model``.
@@ -240,6 +299,10 @@ def apply_vera(
             ``projection`` is given).
         d_initial: initial ``lambda_d`` (``lambda_b`` starts at 0, so the model's outputs are unchanged).
         dropout: dropout probability on the adapter input while training.
+        num_adapters: ``n > 1`` gives every adapted layer a bank of ``n`` adapters (``lambda_d [n, rank]``,
+            ``lambda_b [n, out_features]``) over the one shared projection: many users' adapters served in
+            one batch with ``vk.adapter_ids(model, ids)``, filled one slot at a time with
+            ``vk.load_adapter(model, directory, slot=k)`` and saved with ``vk.save_adapter(..., slot=k)``.
         projection: an explicit shared :class:`Projection` (at least as large as every selected layer).
 
     ``nn.Linear`` layers and transformers' ``Conv1D`` layers (GPT-2; ``fan_in_fan_out``, the weight read
@@ -254,6 +317,7 @@ def apply_vera(
             f"the model already has VeRA layers (e.g. {next(iter(existing))!r}); use vk.load_adapter to "
             f"load other vectors or vk.merge_and_unload first"
         )
+    num_adapters = _check_num_adapters(num_adapters)
     targets = find_targets(model, target_modules)
     if projection is None:
         max_in = max(_in_out(m)[0] for _, m in targets)
@@ -261,7 +325,7 @@ def apply_vera(
         projection = Projection(seed, rank, max_in, max_out)
     elif not isinstance(projection, Projection):
         raise TypeError(f"projection must be a vera_kernels.Projection, got {type(projection).__name__}")
-    plan = plan_layers(targets, projection, d_initial, dropout)
+    plan = plan_layers(targets, projection, d_initial, dropout, num_adapters)
     install(model, plan)
     return model
 
@@ -284,6 +348,12 @@ def trainable_summary(model: nn.Module) -> str:
         )
         if len(projs) > 1:
             line += f" ({len(projs)} projections)"
+        sizes = {layer.num_adapters for layer in layers.values()}
+        if sizes != {1}:
+            per = sum(layer.lambda_d[0].numel() + layer.lambda_b[0].numel() if layer.num_adapters > 1
+                      else layer.lambda_d.numel() + layer.lambda_b.numel() for layer in layers.values())
+            n = f"{min(sizes)}" if len(sizes) == 1 else f"{min(sizes)}-{max(sizes)}"
+            line += f", banks of {n} adapters ({per:,} params per adapter)"
     return line
 
 
@@ -317,20 +387,43 @@ def _plain_module(layer: VeRALinear) -> nn.Module:
 
 
 @torch.no_grad()
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def _merge_slot(layer: VeRALinear, slot: int) -> None:
+    """Fold adapter ``slot`` of a bank layer into its weight (float32 delta, as ``VeRALinear.merge``)."""
+    lambda_d, lambda_b = slot_vectors(layer, slot)
+    A, B = layer.projection.materialize(torch.float32, layer.weight.device)
+    delta = (lambda_b.float()[:, None] * B[: layer.out_features]) @ (
+        lambda_d.float()[:, None] * A[:, : layer.in_features])
+    w = layer.weight_nk()
+    w.copy_((w.float() + delta).to(w.dtype))
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, *, slot: Optional[int] = None) -> nn.Module:
     """Fold every VeRA adapter into its base weight and put plain modules back; returns ``model``.
 
     Each :class:`VeRALinear` becomes an ``nn.Linear`` (``Conv1D`` for ``fan_in_fan_out`` layers) whose
     weight is ``W + (lambda_b B_N)(lambda_d A_K)`` (computed in float32), the same weight tensor updated
     in place. The base parameters stay frozen.
+
+    A model whose layers hold banks of adapters (``apply_vera(..., num_adapters=n)``) has no single
+    adapter to fold in: pass ``slot=k`` to fold adapter ``k`` (the other adapters of the banks are
+    dropped with the VeRA layers); without it a ``ValueError`` is raised and the model is unchanged.
     """
     layers = vera_layers(model)
     if not layers:
         raise ValueError("the model has no VeRA layers to merge")
+    slot = check_slot(layers, slot, "merge")
+    sharded = [name for name, layer in layers.items() if layer.tensor_parallel is not None]
+    if sharded:
+        raise NotImplementedError(
+            f"tensor-parallel shards of VeRALinear cannot be merged (e.g. {sharded[0]!r}); merge the unsharded model"
+        )
     plan = [(name, layer, _plain_module(layer)) for name, layer in layers.items()]
     parents = [_parent(model, name) for name, _, _ in plan]
     for (parent, child), (_, layer, plain) in zip(parents, plan):
-        if not layer.merged:
+        if slot is not None:
+            _merge_slot(layer, slot)
+        elif not layer.merged:
             layer.merge()
         setattr(parent, child, plain)
     return model
