@@ -122,6 +122,20 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _override.name = previous
 
 
+# os.environ.get costs about a microsecond (it encodes the key each time); this reads the same mapping
+# (so a change made through os.environ, e.g. monkeypatch.setenv, is seen at once) without that cost.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
+def env_backend() -> Optional[str]:
+    """``$VERA_KERNELS_BACKEND`` (None when unset or empty)."""
+    if _ENV_DATA is None or _ENV_KEY is None:
+        return os.environ.get(ENV_VAR) or None
+    value = _ENV_DATA.get(_ENV_KEY)
+    return os.environ.decodevalue(value) if value else None
+
+
 def current_override() -> Optional[str]:
     """The backend named by the innermost active ``use_backend`` block of this thread, or None."""
     return getattr(_override, "name", None)
@@ -131,7 +145,7 @@ def select(problem: Problem, requested: Optional[str] = None) -> Backend:
     """Pick the backend for ``problem``: ``requested``, else ``use_backend``'s, else ``$VERA_KERNELS_BACKEND``,
     else the first of the device's priority list that can run it."""
     if requested is None:
-        requested = current_override() or os.environ.get(ENV_VAR) or None
+        requested = current_override() or env_backend()
     if requested is not None:
         _check_name(requested)
         b = get_backend(requested)
