@@ -16,7 +16,7 @@ __all__ = ["vera_linear"]
 
 def _autocast_inputs(x, weight, bias):
     dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
+    if dev == "meta" or not torch.is_autocast_enabled(dev):  # meta: refused by validate() with a clear error
         return x, weight, bias, None
     dtype = torch.get_autocast_dtype(dev)
 
@@ -73,6 +73,7 @@ def vera_linear(
     dropout = make_dropout(dropout_p, training)
     problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, ids, in_offset, out_offset)
     chosen = select(problem, backend)
+    chosen.prepare(problem)
     args = (x, weight, bias, lambda_d, lambda_b, projection, dropout, chosen, ids, in_offset, out_offset)
     if ac_device is None:
         return VeRAFunction.apply(*args)

@@ -49,6 +49,13 @@ class Backend:
             reasons.append("does not support tensor-parallel shard offsets into the projection")
         return reasons + self.extra_reasons(problem)
 
+    def prepare(self, problem: Problem) -> None:
+        """Run before the autograd Function (outside any ``torch.compile`` subgraph of it): create caches.
+
+        State built inside the Function's forward would be created in a higher-order-op subgraph while
+        ``torch.compile`` traces, which it cannot carry out of the graph; build it here instead (override).
+        """
+
     def forward(self, problem: Problem) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y2d [M, N] in x.dtype, s [M, r] in the compute dtype)``."""
         raise NotImplementedError

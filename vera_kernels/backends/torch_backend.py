@@ -20,14 +20,43 @@ def _sliced_ab(problem: Problem, dtype):
     return A[:, : problem.K], B[: problem.N]
 
 
+@torch.library.custom_op("vera_kernels_host::dropout_keep_mask", mutates_args=())
+def _keep_mask_op(seed: torch.Tensor, threshold: int, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """The dropout keep-mask for a seed held in a 0-d tensor (drawn inside a compiled graph)."""
+    return dropout_keep_mask(int(seed.item()), threshold, rows, cols, device)
+
+
+@_keep_mask_op.register_fake
+def _(seed, threshold, rows, cols, device):
+    return torch.empty((rows, cols), dtype=torch.bool, device=device)
+
+
+def keep_mask(dropout, rows: int, cols: int, device) -> torch.Tensor:
+    """Boolean keep-mask of ``dropout`` for a flattened ``[rows, cols]`` input, int or tensor seed."""
+    if dropout.seed_is_tensor:
+        return _keep_mask_op(dropout.seed, dropout.threshold, rows, cols, torch.device(device))
+    return dropout_keep_mask(dropout.seed, dropout.threshold, rows, cols, device)
+
+
 class TorchBackend(Backend):
     name = "torch"
     device_types = ()
     dtypes = ACCEPTED_DTYPES
 
+    def prepare(self, problem: Problem) -> None:
+        problem.projection.materialize(problem.compute_dtype, problem.device, cache=True)
+
     def forward(self, problem: Problem):
         cd = problem.compute_dtype
         A_K, B_N = _sliced_ab(problem, cd)
+        dp = problem.dropout
+        if dp is not None and dp.seed_is_tensor:  # vera_forward_math's formula with the mask from a tensor seed
+            x2d = problem.x2d
+            base = torch.nn.functional.linear(x2d, problem.weight, problem.bias)
+            xa = x2d.to(cd) * keep_mask(dp, problem.M, problem.K, problem.device).to(cd) * dp.scale
+            s = xa @ A_K.t()
+            adapter = problem.lambda_b.to(cd) * ((problem.lambda_d.to(cd) * s) @ B_N.t())
+            return (base.to(cd) + adapter).to(x2d.dtype), s
         return vera_forward_math(
             problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b,
             A_K, B_N, problem.dropout, cd,
@@ -53,7 +82,7 @@ class TorchBackend(Backend):
             adapter = (g * lambda_d) @ A_K  # [M, K]
             dp = problem.dropout
             if dp is not None:
-                keep = dropout_keep_mask(dp.seed, dp.threshold, problem.M, problem.K, problem.device)
+                keep = keep_mask(dp, problem.M, problem.K, problem.device)
                 adapter = adapter * keep.to(cd) * dp.scale
             base = grad_y2d @ problem.weight  # in x.dtype, like the base layer's backward
             grad_x = (base.to(cd) + adapter).to(grad_y2d.dtype)
