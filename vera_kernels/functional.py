@@ -45,8 +45,10 @@ def vera_linear(
 
     Args:
         x: ``[..., K]`` input, float32/float16/bfloat16 (float64 on the "torch" backend).
-        weight: frozen ``[N, K]`` base weight in ``x``'s dtype (any strides; ``requires_grad=False``).
-        bias: frozen ``[N]`` bias or ``None``.
+        weight: frozen ``[N, K]`` base weight in ``x``'s dtype (any strides). It gets no gradient, so it
+            must have ``requires_grad=False`` while grad mode is on; under ``torch.no_grad()`` or
+            ``torch.inference_mode()`` (where no gradient can reach it) any ``requires_grad`` is accepted.
+        bias: frozen ``[N]`` bias or ``None`` (the same rule).
         lambda_d: trainable ``[r]`` float32 vector, ``r = projection.rank``.
         lambda_b: trainable ``[N]`` float32 vector.
         projection: the shared :class:`Projection`; ``K``/``N`` must not exceed its max dims.
@@ -62,7 +64,11 @@ def vera_linear(
 
     Returns:
         ``[..., N]`` in ``x``'s dtype (the autocast dtype under ``torch.autocast``). Gradients flow to
-        ``x``, ``lambda_d`` and ``lambda_b`` only.
+        ``x``, ``lambda_d`` and ``lambda_b`` only, and once: differentiating them again (double backward,
+        ``create_graph=True``) raises a clear error.
+
+    Any strides are accepted for every tensor argument; ``K`` must be positive and meta tensors are
+    refused. Works under ``torch.compile(fullgraph=True)``, dropout included.
     """
     if isinstance(x, torch.Tensor):
         x, weight, bias, ac_device = _autocast_inputs(x, weight, bias)
