@@ -12,15 +12,18 @@ python -m venv --system-site-packages --without-pip "$WORK/venv"  # pip and setu
 PY="$WORK/venv/bin/python"
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
 cd "$WORK"  # another directory than the checkout
+touch "$WORK/started"  # the extension must be (re)built by these installs, not left over in the checkout
 for attempt in 1 2; do  # the second run is a re-install over the first
   echo "install_check: install $attempt: pip install --no-build-isolation -e \"$REPO[test]\""
   "$PY" -m pip install -q --no-build-isolation -e "$REPO[test]"
-  "$PY" - "$REPO" <<'PY'
-import os, sys
+  "$PY" - "$REPO" "$WORK/started" <<'PY'
+import importlib, os, sys
 import vera_kernels as vk
 repo = os.path.realpath(sys.argv[1])
 where = os.path.realpath(vk.__file__)
 assert where.startswith(repo + os.sep), f"imported {where}, not the checkout {repo}"
+ext = importlib.import_module("vera_kernels._C").__file__
+assert os.path.getmtime(ext) >= os.path.getmtime(sys.argv[2]), f"{ext} was not built by this install"
 report = vk.backends()
 assert report["cpu"] is None, f"the native 'cpu' backend is unavailable after install: {report['cpu']}"
 assert report["torch"] is None, report
