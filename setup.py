@@ -12,7 +12,11 @@ Environment variables (read at build time):
 - ``VERA_KERNELS_CUDA_ARCHS``: compute capabilities to compile for, default ``"80;90"`` (e.g. ``"80;86;90"``).
 - ``MAX_JOBS``: parallel compile jobs (torch's ninja build).
 
-Install with ``pip install --no-build-isolation -e .`` (the build imports the installed torch).
+Install with ``pip install --no-build-isolation -e .`` (the build imports the installed torch, so the
+extension matches it). Without ``VERA_KERNELS_NO_NATIVE=1`` the build fails loudly when torch cannot be
+imported or the native ops do not compile: a package that silently lacks its native backends is worse
+than an install error. ``pyproject.toml`` declares the build system (PEP 517/660), so a re-install or an
+install from another directory takes the same path.
 """
 
 import os
@@ -51,10 +55,12 @@ def native_extensions():
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:
-        print("vera_kernels: torch is not importable at build time (use --no-build-isolation); "
-              "building no native extension")
-        return [], {}
+    except ImportError as e:
+        raise RuntimeError(
+            f"vera_kernels: torch is not importable at build time ({e}). Install torch first, then build "
+            "against it with `pip install --no-build-isolation -e .` (pip's build isolation hides the installed "
+            "torch); or set VERA_KERNELS_NO_NATIVE=1 to install without the native extension"
+        ) from e
     want_cuda = _flag("VERA_KERNELS_CUDA")
     if want_cuda is None:
         want_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
@@ -71,7 +77,24 @@ def native_extensions():
             "vera_kernels._C", CPU_SOURCES, extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
     print(f"vera_kernels: building vera_kernels._C ({'CPU + CUDA' if want_cuda else 'CPU'} ops)")
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _loud_build_ext(cpp_extension.BuildExtension.with_options(use_ninja=True))}
+
+
+def _loud_build_ext(base):
+    """``base`` (torch's build_ext) that names the way out when the native build fails."""
+
+    class LoudBuildExtension(base):
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:
+                raise RuntimeError(
+                    f"vera_kernels: building the native extension vera_kernels._C failed ({type(e).__name__}: {e}). "
+                    "It needs a C++ compiler with OpenMP and ninja (see the log above); set VERA_KERNELS_NO_NATIVE=1 "
+                    "to install without it (the 'torch' and 'triton' backends still work)"
+                ) from e
+
+    return LoudBuildExtension
 
 
 if __name__ == "__main__":  # importable (tests read cuda_gencode_flags) without running setup()

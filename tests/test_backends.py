@@ -58,3 +58,51 @@ def test_forced_backend_that_cannot_run_the_call_says_why():
     for name in ("triton", "cuda", "cpu"):
         with pytest.raises(vk.BackendUnavailableError, match=name):
             select(problem, name)
+
+
+# --- the build fails loudly instead of installing a package without its native backends --------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _native_extensions_in_subprocess(code_before="", env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "VERA_KERNELS_NO_NATIVE"}
+    env.update(env_extra or {})
+    code = code_before + "import setup\nexts, cmds = setup.native_extensions()\nprint('EXTENSIONS', len(exts))\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_setup_fails_loudly_without_torch():
+    hide_torch = "import sys\nsys.modules['torch'] = None\n"  # `import torch` raises ImportError
+    r = _native_extensions_in_subprocess(hide_torch)
+    assert r.returncode != 0, r.stdout
+    assert "torch is not importable at build time" in r.stderr and "--no-build-isolation" in r.stderr
+    assert "VERA_KERNELS_NO_NATIVE=1" in r.stderr
+    # the documented way out still installs the pure-Python package
+    r = _native_extensions_in_subprocess(hide_torch, {"VERA_KERNELS_NO_NATIVE": "1"})
+    assert r.returncode == 0 and "EXTENSIONS 0" in r.stdout, r.stderr
+
+
+def test_setup_names_the_way_out_when_the_native_build_fails():
+    import setup
+
+    class Failing:
+        def run(self):
+            raise OSError("no compiler")
+
+    with pytest.raises(RuntimeError, match="building the native extension vera_kernels._C failed.*NO_NATIVE"):
+        setup._loud_build_ext(Failing)().run()
+
+
+def test_pyproject_declares_the_build_system():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        build = tomllib.load(f)["build-system"]
+    assert build["build-backend"] == "setuptools.build_meta"
+    assert any(req.startswith("setuptools") for req in build["requires"])

@@ -9,6 +9,7 @@ import torch
 
 import vera_kernels as vk
 from parity import assert_parity, make_inputs, reference_results, run
+from conftest import backend_skip_reason
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -196,3 +197,77 @@ def test_autocast_cpu_bfloat16():
         args["lambda_d"], args["lambda_b"], args["projection"],
     )
     torch.testing.assert_close(y, ref)
+
+
+# --- torch.compile of fresh models (compiled before any eager call) -----------------------------------
+
+def _fresh_model(dropout):
+    proj = vk.Projection(21, 6, 24, 20)  # a new projection: nothing cached yet
+    model = torch.nn.Sequential(vk.VeRALinear(24, 20, projection=proj, dropout=dropout), torch.nn.GELU(),
+                                vk.VeRALinear(20, 16, projection=proj, dropout=dropout))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lambda_b.normal_()
+    return model
+
+
+def _reference_model(model, x):
+    h = x
+    for layer in model:
+        if isinstance(layer, vk.VeRALinear):
+            h = vk.reference.vera_linear(h, layer.weight, layer.bias, layer.lambda_d, layer.lambda_b,
+                                         layer.projection, dropout_p=layer.dropout, training=layer.training)
+        else:
+            h = layer(h)
+    return h
+
+
+@pytest.mark.parametrize("training,dropout", [(False, 0.0), (False, 0.3), (True, 0.0), (True, 0.3)],
+                         ids=["eval", "eval-dropout", "train", "train-dropout"])
+def test_compile_fresh_model_fullgraph(backend, training, dropout):
+    """fullgraph=True on a model never run eagerly; outputs and gradients equal the reference's.
+
+    ``aot_eager`` runs the traced graph with eager kernels, so the dropout seed drawn inside the graph
+    comes from the same generator state as the reference's (``torch.manual_seed``)."""
+    torch._dynamo.reset()
+    model = _fresh_model(dropout).train(training)
+    assert not model[0].projection._cache
+
+    def step(x):
+        with vk.use_backend(backend):
+            return model(x)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 24, requires_grad=True)
+    for call in range(2):  # the second call runs the compiled graph again (with a fresh dropout seed)
+        torch.manual_seed(100 + call)
+        y = compiled(x)
+        gy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [x, model[0].lambda_d, model[0].lambda_b, model[2].lambda_b], gy)
+        torch.manual_seed(100 + call)
+        y_ref = _reference_model(model, x)
+        grads_ref = torch.autograd.grad(y_ref, [x, model[0].lambda_d, model[0].lambda_b, model[2].lambda_b], gy)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_inductor_fresh_model_train_with_dropout():
+    """The default compiler (inductor) too, which draws the dropout seed with its own generator: training
+    runs, gives a fresh mask per call and trains both vectors. (Slow: inductor compiles C++.)"""
+    be = "cpu"
+    if backend_skip_reason(be) is not None:
+        pytest.skip(backend_skip_reason(be))
+    torch._dynamo.reset()
+    model = _fresh_model(0.3)
+
+    def step(x):
+        with vk.use_backend(be):
+            return model(x)
+
+    compiled = torch.compile(step, fullgraph=True)
+    x = torch.randn(4, 24)
+    y1 = compiled(x)
+    y1.square().mean().backward()
+    assert model[0].lambda_d.grad is not None and model[2].lambda_b.grad is not None
+    assert not torch.equal(y1, compiled(x))  # a fresh mask per call

@@ -94,9 +94,11 @@ def test_state_dict_roundtrip_gives_identical_outputs(stored):
     buf = io.BytesIO()
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
-    fresh = vk.VeRALinear(16, 12, rank=4, seed=0)
+    # the same projection (an equal copy): loading keeps the layer's own object
+    same = vk.Projection.from_state(proj.state())
+    fresh = vk.VeRALinear(16, 12, projection=same)
     fresh.load_state_dict(torch.load(buf, weights_only=False))
-    assert fresh.projection == proj and fresh.dropout == 0.2
+    assert fresh.projection is same and fresh.dropout == 0.2
     x = torch.randn(3, 16)
     layer.eval()
     fresh.eval()
@@ -157,3 +159,179 @@ def test_training_reduces_loss_and_moves_both_vectors():
     assert losses[-1] < 0.2 * losses[0]
     assert not torch.equal(layer.lambda_d, d0) and not torch.equal(layer.lambda_b, b0)
     assert layer.weight.grad is None
+
+
+# --- lifecycle: merged-state edits, state loading, pickling, constructor checks -----------------------
+
+def _edit_reset(layer):
+    layer.reset_adapter()
+
+
+def _edit_inplace(layer):
+    with torch.no_grad():
+        layer.lambda_d.mul_(3.0)
+        layer.lambda_b.add_(0.5)
+
+
+def _edit_load_lambdas(layer):
+    other = _trained(vk.VeRALinear(24, 16, projection=layer.projection))
+    layer.load_state_dict({"lambda_d": other.lambda_d, "lambda_b": other.lambda_b}, strict=False)
+
+
+def _edit_optimizer(layer):
+    opt = torch.optim.SGD([layer.lambda_d, layer.lambda_b], lr=1.0)
+    layer.lambda_d.grad = torch.ones_like(layer.lambda_d)
+    layer.lambda_b.grad = torch.ones_like(layer.lambda_b)
+    opt.step()
+
+
+@pytest.mark.parametrize("edit", [_edit_reset, _edit_inplace, _edit_load_lambdas, _edit_optimizer],
+                         ids=["reset_adapter", "inplace", "load_lambdas", "optimizer_step"])
+def test_unmerge_restores_the_base_after_the_vectors_changed(edit):
+    layer = _trained(vk.VeRALinear(24, 16, rank=6, projection=vk.Projection(9, 6, 30, 20)))
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    edit(layer)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
+    # and a second merge folds in the vectors as they are now
+    x = torch.randn(4, 24)
+    layer.eval()
+    y = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerge_after_reloading_a_merged_state():
+    proj = vk.Projection(4, 3, 8, 6)
+    layer = _trained(vk.VeRALinear(8, 6, projection=proj))
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    fresh = vk.VeRALinear(8, 6, projection=proj)
+    fresh.load_state_dict(layer.state_dict())
+    fresh.reset_adapter()  # a change after loading, while merged
+    fresh.unmerge()
+    torch.testing.assert_close(fresh.weight, w0, rtol=0, atol=1e-6)
+
+
+def _model(proj, n=6):
+    return nn.Sequential(*[vk.VeRALinear(16, 16, projection=proj) for _ in range(n)])
+
+
+def test_loading_keeps_one_shared_projection():
+    proj = vk.Projection(5, 4, 16, 16)
+    src = _model(vk.Projection(5, 4, 16, 16))
+    for layer in src:
+        _trained(layer)
+    dst = _model(proj)
+    dst.load_state_dict(src.state_dict())
+    assert all(layer.projection is proj for layer in dst)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(dst.eval()(x), src.eval()(x), rtol=0, atol=0)
+
+
+def _snapshot(layer):
+    return {k: v.detach().clone() for k, v in layer.named_parameters()}, layer.projection, layer.dropout, layer.merged
+
+
+def _assert_unchanged(layer, snap):
+    params, proj, dropout, merged = snap
+    for k, v in layer.named_parameters():
+        assert torch.equal(v, params[k]), f"{k} changed by a failed load"
+    assert layer.projection is proj and layer.dropout == dropout and layer.merged == merged
+
+
+@pytest.mark.parametrize(
+    "other,match",
+    [
+        (lambda: vk.VeRALinear(16, 12, rank=4, seed=1, dropout=0.3), "seed=1"),  # another seed
+        (lambda: vk.VeRALinear(16, 12, rank=5, seed=0), "lambda_d"),  # another rank
+        (lambda: vk.VeRALinear(16, 12, projection=vk.Projection(0, 4, 32, 12)), "max_in_features=32"),
+        (lambda: vk.VeRALinear(16, 10, rank=4, seed=0), "lambda_b"),  # other out_features
+        (lambda: vk.VeRALinear(16, 12, projection=vk.Projection.from_tensors(torch.randn(4, 16),
+                                                                             torch.randn(12, 4))), "stored"),
+    ],
+    ids=["seed", "rank", "dims", "out_features", "stored"],
+)
+def test_mismatched_state_is_refused_and_changes_nothing(other, match):
+    layer = _trained(vk.VeRALinear(16, 12, rank=4, seed=0))
+    snap = _snapshot(layer)
+    state = _trained(other()).state_dict()
+    with pytest.raises(RuntimeError, match=match):
+        layer.load_state_dict(state)
+    _assert_unchanged(layer, snap)
+    with pytest.raises(RuntimeError):
+        layer.load_state_dict(state, strict=False)
+    _assert_unchanged(layer, snap)
+    layer(torch.randn(2, 16))  # still usable
+
+
+def test_seeded_extra_state_is_seed_and_dims_only():
+    layer = vk.VeRALinear(16, 12, rank=4, seed=7)
+    layer(torch.randn(2, 16))
+    extra = layer.state_dict()["_extra_state"]
+    assert extra["projection"] == {"seed": 7, "rank": 4, "max_in_features": 16, "max_out_features": 12}
+    assert not any(isinstance(v, torch.Tensor) for v in extra.values())
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_pickle_and_deepcopy_leave_the_cache_behind(how):
+    import copy
+    import pickle
+
+    layer = _trained(vk.VeRALinear(64, 64, rank=64, projection=vk.Projection(3, 64, 1024, 1024)))
+    x = torch.randn(2, 64)
+    y = layer(x, backend="torch")  # fills the projection's A/B cache (2 x 64 x 1024 floats)
+    assert layer.projection._cache
+    if how == "pickle":
+        blob = pickle.dumps(layer)
+        assert len(blob) < 100_000, f"pickle is {len(blob)} bytes"
+        copied = pickle.loads(blob)
+    else:
+        copied = copy.deepcopy(layer)
+    assert copied.projection._cache == {} and copied.projection == layer.projection
+    assert layer.projection._cache  # the original keeps its cache
+    torch.testing.assert_close(copied(x, backend="torch"), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"dropout": "0.1"}, TypeError, "dropout"),
+        ({"dropout": True}, TypeError, "dropout"),
+        ({"dropout": -0.1}, ValueError, "dropout"),
+        ({"dropout": float("nan")}, ValueError, "dropout"),
+        ({"d_initial": float("nan")}, ValueError, "d_initial"),
+        ({"d_initial": float("inf")}, ValueError, "d_initial"),
+        ({"d_initial": "0.1"}, TypeError, "d_initial"),
+        ({"dtype": torch.complex64}, TypeError, "dtype"),
+        ({"dtype": torch.int32}, TypeError, "dtype"),
+        ({"rank": 0}, ValueError, "rank"),
+        ({"seed": -1}, ValueError, "seed"),
+    ],
+)
+def test_constructor_validates(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        vk.VeRALinear(8, 8, **{"rank": 2, **kwargs})
+
+
+@pytest.mark.parametrize("in_f,out_f", [(0, 4), (4, 0), (-1, 4), (2.5, 4)])
+def test_constructor_validates_features(in_f, out_f):
+    with pytest.raises(ValueError, match="features"):
+        vk.VeRALinear(in_f, out_f, rank=2)
+
+
+def test_unfrozen_weight_in_eval_and_under_no_grad():
+    """The rule: requires_grad=True on W is accepted whenever no gradient can reach W."""
+    layer = _trained(vk.VeRALinear(8, 6, rank=3))
+    layer.requires_grad_(True)  # a model whose parameters were never frozen
+    x = torch.randn(2, 8)
+    ref = vk.reference.vera_linear(x, layer.weight.detach(), layer.bias.detach(), layer.lambda_d.detach(),
+                                   layer.lambda_b.detach(), layer.projection)
+    layer.eval()
+    torch.testing.assert_close(layer(x), ref)  # eval: the base is frozen
+    layer.train()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref)  # no grad mode: nothing can reach W
+    with pytest.raises(ValueError, match="requires_grad=True while grad mode is on"):
+        layer(x)  # training with grad: W would silently get no gradient

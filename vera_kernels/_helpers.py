@@ -35,7 +35,7 @@ class Dropout:
     """
 
     p: float
-    seed: int
+    seed: "int | torch.Tensor"
     threshold: int
     scale: float
 
@@ -45,9 +45,20 @@ class Dropout:
 
     @classmethod
     def draw(cls, p: float) -> "Dropout":
-        """A fresh dropout seed from torch's default generator (so ``torch.manual_seed`` reproduces it)."""
-        seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64).item())
+        """A fresh dropout seed from torch's default generator (so ``torch.manual_seed`` reproduces it).
+
+        Eagerly the seed is a Python int. While ``torch.compile`` traces, it stays a 0-d int64 tensor
+        (a ``.item()`` would break the graph); backends read it through ``seed_tensor_ops`` then.
+        """
+        seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+        if not torch.compiler.is_compiling():
+            seed = int(seed.item())
         return cls(p=float(p), seed=seed, threshold=cls.threshold_for(p), scale=1.0 / (1.0 - p))
+
+    @property
+    def seed_is_tensor(self) -> bool:
+        """True when the seed is a 0-d int64 tensor (drawn inside a compiled graph)."""
+        return isinstance(self.seed, torch.Tensor)
 
 
 def make_dropout(dropout_p: float, training: bool, seed: Optional[int] = None) -> Optional[Dropout]:
@@ -175,6 +186,8 @@ def validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids=None, 
     N, K = weight.shape
     if x.shape[-1] != K:
         raise ValueError(f"x's last dimension is {x.shape[-1]} but weight is [N={N}, K={K}]")
+    if K == 0:
+        raise ValueError(f"in_features K must be positive, got weight of shape [N={N}, K=0] (an empty layer)")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
     if bias is not None:
@@ -212,11 +225,28 @@ def validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids=None, 
     devices = {t.device for t in (x, weight, lambda_d, lambda_b, bias) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    if x.device.type == "meta":
+        raise ValueError("meta tensors hold no data: vera_linear needs x, weight and the lambdas on a real device "
+                         "(cpu or cuda); move the module with .to_empty()/.to() and load its weights first")
+    if (weight.requires_grad or (bias is not None and bias.requires_grad)) and torch.is_grad_enabled():
+        # The rule: a weight/bias with requires_grad=True is accepted whenever no gradient can reach it
+        # (grad mode off: torch.no_grad(), torch.inference_mode()); with grad mode on it is refused,
+        # since VeRA computes no gradient for the frozen base and the caller would silently get none.
         raise ValueError(
-            "weight and bias are frozen in VeRA and get no gradient; pass tensors with requires_grad=False "
-            "(VeRALinear does this for you)"
+            "weight and bias are frozen in VeRA and get no gradient, but they have requires_grad=True while "
+            "grad mode is on; freeze them (weight.requires_grad_(False); VeRALinear does this) or call under "
+            "torch.no_grad()/torch.inference_mode()"
         )
+
+
+def dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` itself when contiguous (or None), else a contiguous copy.
+
+    Backends take ``x`` and ``weight`` with any strides, but assume the small vectors (``bias``, the
+    lambdas, ``adapter_ids``) are dense: copying them is cheap and avoids a wrong read of a strided or
+    expanded (stride-0) view.
+    """
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, adapter_ids=None, in_offset=0,
@@ -226,15 +256,15 @@ def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, adapt
     return Problem(
         x2d=x2d,
         weight=weight,
-        bias=bias,
-        lambda_d=lambda_d,
-        lambda_b=lambda_b,
+        bias=dense(bias),
+        lambda_d=dense(lambda_d),
+        lambda_b=dense(lambda_b),
         projection=projection,
         dropout=dropout,
         M=x2d.shape[0],
         K=K,
         N=weight.shape[0],
-        adapter_ids=adapter_ids,
+        adapter_ids=dense(adapter_ids),
         in_offset=in_offset,
         out_offset=out_offset,
     )

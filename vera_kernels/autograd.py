@@ -9,7 +9,34 @@ from __future__ import annotations
 
 import torch
 
-from ._helpers import Problem
+from ._helpers import Dropout, Problem, dense
+
+DOUBLE_BACKWARD_ERROR = (
+    "vera_kernels: double backward is not supported: the gradients of vera_linear / VeRALinear are computed "
+    "once (create_graph=True gives them no graph of their own), so they cannot be differentiated again "
+    "(gradient penalties, Hessian-vector products); use vera_kernels.reference.vera_linear for that"
+)
+
+
+def _first_order_only(grads):
+    """Under ``create_graph=True``, make differentiating the returned gradients raise one clear error.
+
+    The backends compute the gradients with no graph, so a second differentiation would otherwise give
+    wrong (or cryptic) results. Like ``torch.autograd.function.once_differentiable``, with our message.
+    """
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    idx = [i for i, g in enumerate(grads) if g is not None]
+    if not idx:
+        return grads
+    err = torch._C._functions.DelayedError(DOUBLE_BACKWARD_ERROR.encode(), len(idx))
+    wrapped = err(*[grads[i].detach().requires_grad_() for i in idx])
+    if not isinstance(wrapped, tuple):
+        wrapped = (wrapped,)
+    out = list(grads)
+    for i, w in zip(idx, wrapped):
+        out[i] = w
+    return tuple(out)
 
 
 class VeRAFunction(torch.autograd.Function):
@@ -20,28 +47,36 @@ class VeRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lambda_d, lambda_b, problem, backend):
         y2d, s = backend.forward(problem)
-        ctx.save_for_backward(s, problem.weight, lambda_d, lambda_b, problem.adapter_ids)
+        dropout = problem.dropout
+        ctx.save_for_backward(s, problem.weight, lambda_d, lambda_b, problem.adapter_ids,
+                              dropout.seed if dropout is not None and dropout.seed_is_tensor else None)
         # what backward needs besides the saved tensors (never x: it is not kept alive for backward)
-        ctx.meta = (problem.projection, problem.dropout, problem.K, problem.N, problem.in_offset, problem.out_offset)
+        ctx.meta = (problem.projection, dropout, problem.K, problem.N, problem.in_offset, problem.out_offset)
         ctx.backend = backend
         ctx.x_shape = x.shape
         return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], problem.N)
 
     @staticmethod
     def backward(ctx, grad_y):
-        s, weight, lambda_d, lambda_b, adapter_ids = ctx.saved_tensors
+        s, weight, lambda_d, lambda_b, adapter_ids, seed = ctx.saved_tensors
         need_x, need_d, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if not (need_x or need_d or need_b):
             return None, None, None, None, None
         projection, dropout, K, N, in_offset, out_offset = ctx.meta
-        gy2d = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, N)
-        problem = Problem(
-            x2d=None, weight=weight, bias=None, lambda_d=lambda_d, lambda_b=lambda_b,
-            projection=projection, dropout=dropout, M=gy2d.shape[0], K=K, N=N,
-            adapter_ids=adapter_ids, in_offset=in_offset, out_offset=out_offset,
-        )
-        gx, gd, gb = ctx.backend.backward(problem, gy2d, s, (need_x, need_d, need_b))
-        gx = gx.reshape(ctx.x_shape) if (need_x and gx is not None) else None
-        gd = gd.to(lambda_d.dtype) if (need_d and gd is not None) else None
-        gb = gb.to(lambda_b.dtype) if (need_b and gb is not None) else None
+        if seed is not None:  # drawn inside a compiled graph: the saved tensor, not the traced one
+            dropout = Dropout(p=dropout.p, seed=seed, threshold=dropout.threshold, scale=dropout.scale)
+        with torch.no_grad():
+            gy2d = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, N)
+            if 0 in gy2d.stride() and gy2d.numel() > 1:  # an expanded grad (y.sum().backward()): kernels read it dense
+                gy2d = gy2d.contiguous()
+            problem = Problem(
+                x2d=None, weight=weight, bias=None, lambda_d=dense(lambda_d), lambda_b=dense(lambda_b),
+                projection=projection, dropout=dropout, M=gy2d.shape[0], K=K, N=N,
+                adapter_ids=dense(adapter_ids), in_offset=in_offset, out_offset=out_offset,
+            )
+            gx, gd, gb = ctx.backend.backward(problem, gy2d, s, (need_x, need_d, need_b))
+            gx = gx.reshape(ctx.x_shape) if (need_x and gx is not None) else None
+            gd = gd.to(lambda_d.dtype) if (need_d and gd is not None) else None
+            gb = gb.to(lambda_b.dtype) if (need_b and gb is not None) else None
+        gx, gd, gb = _first_order_only((gx, gd, gb))
         return gx, gd, gb, None, None

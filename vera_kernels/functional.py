@@ -60,7 +60,7 @@ def _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, i
 
 def _autocast_inputs(x, weight, bias):
     dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
+    if dev == "meta" or not torch.is_autocast_enabled(dev):  # meta: refused by validate() with a clear error
         return x, weight, bias, None
     dtype = torch.get_autocast_dtype(dev)
 
@@ -89,8 +89,10 @@ def vera_linear(
 
     Args:
         x: ``[..., K]`` input, float32/float16/bfloat16 (float64 on the "torch" backend).
-        weight: frozen ``[N, K]`` base weight in ``x``'s dtype (any strides; ``requires_grad=False``).
-        bias: frozen ``[N]`` bias or ``None``.
+        weight: frozen ``[N, K]`` base weight in ``x``'s dtype (any strides). It gets no gradient, so it
+            must have ``requires_grad=False`` while grad mode is on; under ``torch.no_grad()`` or
+            ``torch.inference_mode()`` (where no gradient can reach it) any ``requires_grad`` is accepted.
+        bias: frozen ``[N]`` bias or ``None`` (the same rule).
         lambda_d: trainable ``[r]`` float32 vector, ``r = projection.rank``.
         lambda_b: trainable ``[N]`` float32 vector.
         projection: the shared :class:`Projection`; ``K``/``N`` must not exceed its max dims.
@@ -106,7 +108,11 @@ def vera_linear(
 
     Returns:
         ``[..., N]`` in ``x``'s dtype (the autocast dtype under ``torch.autocast``). Gradients flow to
-        ``x``, ``lambda_d`` and ``lambda_b`` only.
+        ``x``, ``lambda_d`` and ``lambda_b`` only, and once: differentiating them again (double backward,
+        ``create_graph=True``) raises a clear error.
+
+    Any strides are accepted for every tensor argument; ``K`` must be positive and meta tensors are
+    refused. Works under ``torch.compile(fullgraph=True)``, dropout included.
     """
     ac_device = None
     if torch._C._is_any_autocast_enabled() and isinstance(x, torch.Tensor):
@@ -122,6 +128,8 @@ def vera_linear(
     problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, ids, in_offset, out_offset)
     if chosen is None:
         chosen = select(problem, backend)
+    if torch.compiler.is_compiling():  # caches must exist before the traced Function (see Backend.prepare)
+        chosen.prepare(problem)
     if ac_device is None:
         return _run(x, lambda_d, lambda_b, problem, chosen)
     with torch.autocast(ac_device, enabled=False):  # the inputs are cast; the backend's math is its own

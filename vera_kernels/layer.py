@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ._helpers import warn_once
+from ._helpers import ACCEPTED_DTYPES, warn_once
 from .functional import vera_linear
 from .projection import Projection
 
@@ -39,7 +40,15 @@ class VeRALinear(nn.Module):
             calling such a layer without ids raises. A bank cannot be merged into the weight.
 
     The state dict holds ``weight``, ``bias``, the two lambdas, and (as extra state) the projection's
-    parameters, the dropout and whether the layer is merged, so a saved layer reloads to identical outputs.
+    parameters (seed and dims, or the stored ``A``/``B``), the dropout and whether the layer is merged, so
+    a saved layer reloads to identical outputs. Loading keeps the layer's (shared) projection object and
+    refuses a state made with a different projection (seed, rank or dims) or of other shapes, with a clear
+    error and the layer left unchanged.
+
+    The base ``weight``/``bias`` get no gradient. If they were left with ``requires_grad=True`` (a model
+    whose parameters were never frozen), the layer treats them as frozen in eval mode (no gradient can reach
+    them from a VeRA layer) and refuses them in training mode with grad enabled, where a caller would
+    expect a gradient it would not get.
     """
 
     # Tensor parallelism (set by vk.ColwiseParallel / vk.RowwiseParallel): "colwise" or "rowwise" when this
@@ -64,6 +73,11 @@ class VeRALinear(nn.Module):
         num_adapters: int = 1,
     ):
         super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if dtype is not None and dtype not in ACCEPTED_DTYPES:
+            raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
         if projection is None:
             projection = Projection(seed, rank, in_features, out_features)
         factory = {"device": device, "dtype": dtype}
@@ -80,10 +94,19 @@ class VeRALinear(nn.Module):
         if self.fan_in_fan_out:
             self.out_features, self.in_features = self.in_features, self.out_features
         self._set_projection(projection)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if isinstance(d_initial, bool) or not isinstance(d_initial, numbers.Real):
+            raise TypeError(f"d_initial must be a finite float, got {type(d_initial).__name__} {d_initial!r}")
+        if not math.isfinite(float(d_initial)):
+            raise ValueError(f"d_initial must be finite, got {d_initial}")
+        if weight.dtype not in ACCEPTED_DTYPES:
+            raise TypeError(f"the base weight must be float32, float16, bfloat16 or float64, got {weight.dtype}")
         self.dropout = float(dropout)
         self.d_initial = float(d_initial)
+        self._merged_lambdas = None  # (lambda_d, lambda_b) as merge() folded them in, while merged
         weight.requires_grad_(False)
         self.weight = weight
         if bias is not None:
@@ -194,8 +217,12 @@ class VeRALinear(nn.Module):
             from .distributed import sharded_forward
 
             return sharded_forward(self, x, backend)
+        weight, bias = self.weight_nk(), self.bias
+        if not self.training and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+            weight = weight.detach()  # eval mode: the base is frozen whatever its requires_grad says
+            bias = None if bias is None else bias.detach()
         return vera_linear(
-            x, self.weight_nk(), self.bias, self.lambda_d, self.lambda_b, self.projection,
+            x, weight, bias, self.lambda_d, self.lambda_b, self.projection,
             dropout_p=self.dropout, training=self.training, backend=backend, adapter_ids=adapter_ids,
             in_offset=self.in_offset, out_offset=self.out_offset,
         )
@@ -204,6 +231,10 @@ class VeRALinear(nn.Module):
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """``(lambda_b[:, None] * B_N) @ (lambda_d[:, None] * A_K)`` in float32, ``[N, K]``."""
+        self._check_mergeable()
+        return self._delta(self.lambda_d, self.lambda_b)
+
+    def _check_mergeable(self) -> None:
         if self.tensor_parallel is not None:
             raise NotImplementedError(
                 "a tensor-parallel shard of VeRALinear cannot be merged; merge the unsharded layer"
@@ -211,27 +242,41 @@ class VeRALinear(nn.Module):
         if self.num_adapters > 1:
             raise RuntimeError(f"a VeRALinear with a bank of {self.num_adapters} adapters has no single delta "
                                "weight and cannot be merged; serve the bank with vk.adapter_ids instead")
+
+    def _delta(self, lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> torch.Tensor:
         A, B = self.projection.materialize(torch.float32, self.weight.device)
         A_K = A[:, : self.in_features]
         B_N = B[: self.out_features]
-        return (self.lambda_b.float()[:, None] * B_N) @ (self.lambda_d.float()[:, None] * A_K)
+        return (lambda_b.float()[:, None] * B_N) @ (lambda_d.float()[:, None] * A_K)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into ``weight`` (for inference at the base layer's cost)."""
+        """Fold the adapter into ``weight`` (for inference at the base layer's cost).
+
+        The vectors are remembered as merged, so ``unmerge()`` restores the base weight even if they
+        change while merged (``reset_adapter()``, an optimizer step, loading vectors).
+        """
         if self.merged:
             raise RuntimeError("VeRALinear is already merged")
+        self._check_mergeable()
+        snapshot = (self.lambda_d.detach().clone(), self.lambda_b.detach().clone())
         w = self.weight_nk()
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        w.copy_((w.float() + self._delta(*snapshot)).to(w.dtype))
+        self._merged_lambdas = snapshot
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo ``merge()`` (exact in float32 up to rounding; lossy for fp16/bf16 weights)."""
+        """Undo ``merge()``: subtract what it added (exact in float32 up to rounding; lossy for fp16/bf16).
+
+        What is subtracted comes from the vectors as they were merged, not their current values.
+        """
         if not self.merged:
             raise RuntimeError("VeRALinear is not merged")
+        snapshot = self._merged_lambdas or (self.lambda_d, self.lambda_b)
         w = self.weight_nk()
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        w.copy_((w.float() - self._delta(*snapshot)).to(w.dtype))
+        self._merged_lambdas = None
         self.merged = False
 
     # --- dtype handling and state ------------------------------------------------------------
@@ -240,21 +285,74 @@ class VeRALinear(nn.Module):
         for p in (self.lambda_d, self.lambda_b):
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()  # the trained vectors stay float32 whatever the base dtype
+        if self._merged_lambdas is not None:
+            self._merged_lambdas = tuple(t.to(self.lambda_d.device) for t in self._merged_lambdas)
         return self
 
     def get_extra_state(self):
-        return {"projection": self.projection.state(), "dropout": self.dropout, "merged": self.merged,
-                "fan_in_fan_out": self.fan_in_fan_out}
+        state = {"projection": self.projection.state(), "dropout": self.dropout, "merged": self.merged,
+                 "fan_in_fan_out": self.fan_in_fan_out}
+        if self.merged and self._merged_lambdas is not None:
+            state["merged_lambda_d"], state["merged_lambda_b"] = (t.clone() for t in self._merged_lambdas)
+        return state
+
+    def _extra_state_problem(self, state) -> Optional[str]:
+        """Why ``state`` (from ``get_extra_state``) cannot be loaded into this layer, or None."""
+        if not isinstance(state, dict) or not {"projection", "dropout", "merged"} <= set(state):
+            return f"extra state must be a dict with projection, dropout and merged, got {state!r:.100}"
+        try:
+            proj = Projection.from_state(state["projection"])
+        except (KeyError, TypeError, ValueError) as e:
+            return f"invalid projection in the state: {e}"
+        if proj != self.projection:
+            return (f"the state was saved with {proj!r} but this layer uses {self.projection!r}; VeRA's A/B "
+                    "differ, so the vectors would not fit: build the layer with that projection "
+                    "(VeRALinear(..., projection=Projection(...)) or the same seed/rank/dims) before loading")
+        if bool(state.get("fan_in_fan_out", False)) != self.fan_in_fan_out:
+            return (f"the state has fan_in_fan_out={bool(state.get('fan_in_fan_out', False))} but this layer has "
+                    f"fan_in_fan_out={self.fan_in_fan_out} (the weight layouts differ)")
+        d = state["dropout"]
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0.0 <= float(d) < 1.0:
+            return f"dropout in the state must be in [0, 1), got {d!r}"
+        return None
 
     def set_extra_state(self, state) -> None:
-        if bool(state.get("fan_in_fan_out", False)) != self.fan_in_fan_out:
-            raise ValueError(
-                f"state dict has fan_in_fan_out={bool(state.get('fan_in_fan_out', False))} but this layer has "
-                f"fan_in_fan_out={self.fan_in_fan_out} (the weight layouts differ)"
-            )
-        self._set_projection(Projection.from_state(state["projection"]))
+        """Load ``get_extra_state()``'s dict; the projection must equal this layer's (kept, not replaced)."""
+        why = self._extra_state_problem(state)
+        if why is not None:
+            raise ValueError(f"VeRALinear: cannot load this state: {why}")
         self.dropout = float(state["dropout"])
         self.merged = bool(state["merged"])
+        if self.merged:  # what merge() folded in: saved with the state, else the vectors just loaded
+            ld, lb = state.get("merged_lambda_d"), state.get("merged_lambda_b")
+            if ld is None or lb is None:
+                ld, lb = self.lambda_d, self.lambda_b
+            self._merged_lambdas = (ld.detach().to(self.lambda_d.device, torch.float32).clone(),
+                                    lb.detach().to(self.lambda_b.device, torch.float32).clone())
+        else:
+            self._merged_lambdas = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Check everything first, so that a refused state changes nothing (torch would copy the tensors
+        # that fit before reporting the ones that do not).
+        problems = []
+        for name, t in (("weight", self.weight), ("bias", self.bias), ("lambda_d", self.lambda_d),
+                        ("lambda_b", self.lambda_b)):
+            v = state_dict.get(prefix + name)
+            if t is not None and isinstance(v, torch.Tensor) and v.shape != t.shape:
+                problems.append(f"size mismatch for {prefix}{name}: the state has shape {tuple(v.shape)}, "
+                                f"this layer {tuple(t.shape)}")
+        extra = prefix + "_extra_state"
+        if extra in state_dict:
+            why = self._extra_state_problem(state_dict[extra])
+            if why is not None:
+                problems.append(f"{extra}: {why}")
+        if problems:
+            error_msgs.extend(problems)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return (

@@ -348,6 +348,12 @@ class Projection:
             return proj
         return cls(state["seed"], state["rank"], state["max_in_features"], state["max_out_features"])
 
+    def __getstate__(self):
+        """Pickle/deepcopy without the materialised-``A``/``B`` cache (it is rebuilt on first use)."""
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
+
     def __eq__(self, other) -> bool:
         if not isinstance(other, Projection):
             return NotImplemented

@@ -147,6 +147,52 @@ def dropout_args(dropout: Optional[Dropout]) -> Tuple[int, int, int, float]:
     return k0, k1, dropout.threshold, dropout.scale
 
 
+# A dropout seed drawn inside a compiled graph is a 0-d tensor; the ops take the key as ints. These
+# wrappers read the seed when they run (opaque to torch.compile, with fake kernels), so the graph
+# carries the tensor instead of breaking on ``.item()``.
+@torch.library.custom_op("vera_kernels_host::shrink_tensor_seed", mutates_args=())
+def _shrink_tensor_seed(x: torch.Tensor, A: Optional[torch.Tensor], rank: int, key0: int, key1: int,
+                        bound: float, seed: torch.Tensor, threshold: int, scale: float, in_offset: int) -> torch.Tensor:
+    d0, d1 = split_key(int(seed.item()) & 0xFFFFFFFFFFFFFFFF)
+    return ops().shrink(x, A, rank, key0, key1, bound, d0, d1, threshold, scale, in_offset)
+
+
+@_shrink_tensor_seed.register_fake
+def _(x, A, rank, key0, key1, bound, seed, threshold, scale, in_offset):
+    return x.new_empty((x.shape[0], rank), dtype=torch.float32)
+
+
+@torch.library.custom_op("vera_kernels_host::grad_input_tensor_seed", mutates_args=())
+def _grad_input_tensor_seed(grad_y: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, lambda_d: torch.Tensor,
+                            A: Optional[torch.Tensor], key0: int, key1: int, bound: float, seed: torch.Tensor,
+                            threshold: int, scale: float, in_offset: int,
+                            adapter_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    d0, d1 = split_key(int(seed.item()) & 0xFFFFFFFFFFFFFFFF)
+    return ops().grad_input(grad_y, weight, g, lambda_d, A, key0, key1, bound, d0, d1, threshold, scale, in_offset,
+                            adapter_ids)
+
+
+@_grad_input_tensor_seed.register_fake
+def _(grad_y, weight, g, lambda_d, A, key0, key1, bound, seed, threshold, scale, in_offset, adapter_ids):
+    return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
+
+
+def _shrink(x2d, a: "ProjectionArgs", rank: int, dropout: Optional[Dropout], in_offset: int):
+    if dropout is not None and dropout.seed_is_tensor:
+        return _shrink_tensor_seed(x2d, a.stored, rank, a.key0, a.key1, a.bound, dropout.seed, dropout.threshold,
+                                   dropout.scale, in_offset)
+    return ops().shrink(x2d, a.stored, rank, a.key0, a.key1, a.bound, *dropout_args(dropout), in_offset)
+
+
+def _grad_input(grad_y2d, weight, g, lambda_d, a: "ProjectionArgs", dropout: Optional[Dropout], in_offset: int,
+                adapter_ids: Optional[torch.Tensor]):
+    if dropout is not None and dropout.seed_is_tensor:
+        return _grad_input_tensor_seed(grad_y2d, weight, g, lambda_d, a.stored, a.key0, a.key1, a.bound,
+                                       dropout.seed, dropout.threshold, dropout.scale, in_offset, adapter_ids)
+    return ops().grad_input(grad_y2d, weight, g, lambda_d, a.stored, a.key0, a.key1, a.bound,
+                            *dropout_args(dropout), in_offset, adapter_ids)
+
+
 _availability: dict = {}
 
 
@@ -180,8 +226,7 @@ class NativeBackend(Backend):
         a = projection_args(problem.projection, 0, problem.device)
         b = projection_args(problem.projection, 1, problem.device)
         x2d = problem.x2d
-        s = ops().shrink(x2d, a.stored, problem.projection.rank, a.key0, a.key1, a.bound,
-                         *dropout_args(problem.dropout), problem.in_offset)
+        s = _shrink(x2d, a, problem.projection.rank, problem.dropout, problem.in_offset)
         ids = problem.adapter_ids
         if ids is None:
             y = ops().expand_add(x2d, problem.weight, problem.bias, s, problem.lambda_d, problem.lambda_b,
@@ -206,6 +251,6 @@ class NativeBackend(Backend):
         grad_x = None
         if need_x:
             a = projection_args(problem.projection, 0, problem.device)
-            grad_x = ops().grad_input(grad_y2d, problem.weight, g, ld, a.stored, a.key0, a.key1,
-                                      a.bound, *dropout_args(problem.dropout), problem.in_offset, *extra)
+            grad_x = _grad_input(grad_y2d, problem.weight, g, ld, a, problem.dropout, problem.in_offset,
+                                 extra[0] if extra else None)
         return grad_x, (grad_d if need_d else None), (grad_b if need_b else None)

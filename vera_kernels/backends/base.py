@@ -6,7 +6,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._helpers import SUPPORTED_DTYPES, Problem
+from .._helpers import SUPPORTED_DTYPES, Dropout, Problem
+from ..projection import Projection
 
 
 class Backend:
@@ -49,6 +50,13 @@ class Backend:
             reasons.append("does not support tensor-parallel shard offsets into the projection")
         return reasons + self.extra_reasons(problem)
 
+    def prepare(self, problem: Problem) -> None:
+        """Run before the autograd Function (outside any ``torch.compile`` subgraph of it): create caches.
+
+        State built inside the Function's forward would be created in a higher-order-op subgraph while
+        ``torch.compile`` traces, which it cannot carry out of the graph; build it here instead (override).
+        """
+
     def forward(self, problem: Problem) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y2d [M, N] in x.dtype, s [M, r] in the compute dtype)``."""
         raise NotImplementedError
@@ -68,3 +76,116 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<vera_kernels backend {self.name!r}>"
+
+
+# --- opaque calls for torch.compile ------------------------------------------------------------------
+# A backend whose host code torch.compile cannot trace (Triton launchers read global settings, pick
+# configs, cache on the projection) runs its forward/backward inside these custom ops while compiling:
+# the graph holds one opaque call with fake kernels for shapes, and the backend runs eagerly inside it.
+# The problem travels as tensors and plain numbers; the projection is rebuilt from its seed and dims
+# (or its stored A/B).
+
+def _projection_args(projection: Projection):
+    if projection.is_seeded:
+        lo, hi = projection.key
+        ints = [lo, hi, projection.rank, projection.max_in_features, projection.max_out_features]
+        return ints, None, None
+    A, B = projection.stored
+    return [0, 0, projection.rank, projection.max_in_features, projection.max_out_features], A, B
+
+
+_projections: dict = {}
+
+
+def _projection_from(ints: List[int], A: Optional[torch.Tensor], B: Optional[torch.Tensor]) -> Projection:
+    if A is not None:
+        return Projection.from_tensors(A, B)
+    key = tuple(ints)
+    if key not in _projections:
+        lo, hi, rank, max_in, max_out = ints
+        _projections[key] = Projection(lo | (hi << 32), rank, max_in, max_out)
+    return _projections[key]
+
+
+def _dropout_args(dropout: Optional[Dropout]):
+    if dropout is None:
+        return 0.0, None, 0, 1.0
+    seed = dropout.seed if dropout.seed_is_tensor else torch.tensor(dropout.seed, dtype=torch.int64)
+    return dropout.p, seed, dropout.threshold, dropout.scale
+
+
+def _dropout_from(p: float, seed: Optional[torch.Tensor], threshold: int, scale: float) -> Optional[Dropout]:
+    if seed is None:
+        return None
+    return Dropout(p=p, seed=int(seed.item()), threshold=threshold, scale=scale)
+
+
+@torch.library.custom_op("vera_kernels_host::backend_forward", mutates_args=())
+def _backend_forward(backend: str, x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     lambda_d: torch.Tensor, lambda_b: torch.Tensor, proj_ints: List[int],
+                     proj_a: Optional[torch.Tensor], proj_b: Optional[torch.Tensor], drop_p: float,
+                     drop_seed: Optional[torch.Tensor], drop_threshold: int, drop_scale: float,
+                     adapter_ids: Optional[torch.Tensor], in_offset: int,
+                     out_offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    from . import get_backend
+
+    problem = Problem(x2d=x2d, weight=weight, bias=bias, lambda_d=lambda_d, lambda_b=lambda_b,
+                      projection=_projection_from(proj_ints, proj_a, proj_b),
+                      dropout=_dropout_from(drop_p, drop_seed, drop_threshold, drop_scale),
+                      M=x2d.shape[0], K=x2d.shape[1], N=weight.shape[0], adapter_ids=adapter_ids,
+                      in_offset=in_offset, out_offset=out_offset)
+    y, s = get_backend(backend).forward(problem)
+    return y, s
+
+
+@_backend_forward.register_fake
+def _(backend, x2d, weight, bias, lambda_d, lambda_b, proj_ints, proj_a, proj_b, drop_p, drop_seed,
+      drop_threshold, drop_scale, adapter_ids, in_offset, out_offset):
+    return (x2d.new_empty((x2d.shape[0], weight.shape[0])),
+            x2d.new_empty((x2d.shape[0], proj_ints[2]), dtype=torch.float32))
+
+
+@torch.library.custom_op("vera_kernels_host::backend_backward", mutates_args=())
+def _backend_backward(backend: str, grad_y2d: torch.Tensor, s: torch.Tensor, weight: torch.Tensor,
+                      lambda_d: torch.Tensor, lambda_b: torch.Tensor, proj_ints: List[int],
+                      proj_a: Optional[torch.Tensor], proj_b: Optional[torch.Tensor], drop_p: float,
+                      drop_seed: Optional[torch.Tensor], drop_threshold: int, drop_scale: float,
+                      adapter_ids: Optional[torch.Tensor], in_offset: int, out_offset: int,
+                      needs: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from . import get_backend
+
+    problem = Problem(x2d=None, weight=weight, bias=None, lambda_d=lambda_d, lambda_b=lambda_b,
+                      projection=_projection_from(proj_ints, proj_a, proj_b),
+                      dropout=_dropout_from(drop_p, drop_seed, drop_threshold, drop_scale),
+                      M=grad_y2d.shape[0], K=weight.shape[1], N=weight.shape[0], adapter_ids=adapter_ids,
+                      in_offset=in_offset, out_offset=out_offset)
+    grads = get_backend(backend).backward(problem, grad_y2d, s, tuple(needs))
+    empty = grad_y2d.new_empty((0,), dtype=torch.float32)
+    gx, gd, gb = (empty if g is None or not n else g.contiguous() for g, n in zip(grads, needs))
+    return gx, gd, gb
+
+
+@_backend_backward.register_fake
+def _(backend, grad_y2d, s, weight, lambda_d, lambda_b, proj_ints, proj_a, proj_b, drop_p, drop_seed,
+      drop_threshold, drop_scale, adapter_ids, in_offset, out_offset, needs):
+    empty = grad_y2d.new_empty((0,), dtype=torch.float32)
+    gx = grad_y2d.new_empty((grad_y2d.shape[0], weight.shape[1])) if needs[0] else empty
+    gd = lambda_d.new_empty(lambda_d.shape, dtype=torch.float32) if needs[1] else empty
+    gb = lambda_b.new_empty(lambda_b.shape, dtype=torch.float32) if needs[2] else empty
+    return gx, gd, gb
+
+
+def opaque_forward(backend: Backend, problem: Problem) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``backend.forward(problem)`` as one custom op (for use while ``torch.compile`` traces)."""
+    return _backend_forward(backend.name, problem.x2d, problem.weight, problem.bias, problem.lambda_d,
+                            problem.lambda_b, *_projection_args(problem.projection), *_dropout_args(problem.dropout),
+                            problem.adapter_ids, problem.in_offset, problem.out_offset)
+
+
+def opaque_backward(backend: Backend, problem: Problem, grad_y2d, s, needs_input_grad):
+    """``backend.backward(...)`` as one custom op (for use while ``torch.compile`` traces)."""
+    needs = [bool(n) for n in needs_input_grad]
+    grads = _backend_backward(backend.name, grad_y2d, s, problem.weight, problem.lambda_d, problem.lambda_b,
+                              *_projection_args(problem.projection), *_dropout_args(problem.dropout),
+                              problem.adapter_ids, problem.in_offset, problem.out_offset, needs)
+    return tuple(g if n else None for g, n in zip(grads, needs))

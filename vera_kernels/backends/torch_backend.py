@@ -38,6 +38,26 @@ def _sliced_ab(problem: Problem, dtype):
     return out
 
 
+@torch.library.custom_op("vera_kernels_host::dropout_keep_mask", mutates_args=())
+def _keep_mask_op(seed: torch.Tensor, threshold: int, rows: int, cols: int, device: torch.device,
+                  col0: int) -> torch.Tensor:
+    """The dropout keep-mask for a seed held in a 0-d tensor (drawn inside a compiled graph)."""
+    return dropout_keep_mask(int(seed.item()), threshold, rows, cols, device, col0)
+
+
+@_keep_mask_op.register_fake
+def _(seed, threshold, rows, cols, device, col0):
+    return torch.empty((rows, cols), dtype=torch.bool, device=device)
+
+
+def keep_mask(dropout, rows: int, cols: int, device, col0: int = 0) -> torch.Tensor:
+    """Boolean keep-mask of ``dropout`` for a flattened ``[rows, cols]`` input whose first column is global
+    column ``col0`` (a row-parallel shard's ``in_offset``), int or tensor seed."""
+    if dropout.seed_is_tensor:
+        return _keep_mask_op(dropout.seed, dropout.threshold, rows, cols, torch.device(device), col0)
+    return dropout_keep_mask(dropout.seed, dropout.threshold, rows, cols, device, col0)
+
+
 class TorchBackend(Backend):
     name = "torch"
     device_types = ()
@@ -45,16 +65,27 @@ class TorchBackend(Backend):
     supports_offsets = True
     supports_adapter_ids = True
 
+    def prepare(self, problem: Problem) -> None:
+        _sliced_ab(problem, problem.compute_dtype)  # fills the cache outside any traced Function
+
     def forward(self, problem: Problem):
         cd = problem.compute_dtype
         A_K, B_N = _sliced_ab(problem, cd)
         if problem.adapter_ids is not None:
             return self._bank_forward(problem, A_K, B_N, cd)
         x2d = problem.x2d
-        if problem.dropout is None and x2d.dtype == cd:  # float32 inputs: PEFT's formula with no casts
+        dp = problem.dropout
+        if dp is None and x2d.dtype == cd:  # float32 inputs: PEFT's formula with no casts
             s = F.linear(x2d, A_K)
             adapter = F.linear(problem.lambda_d * s, B_N)
             return torch.addcmul(F.linear(x2d, problem.weight, problem.bias), problem.lambda_b, adapter), s
+        if dp is not None and dp.seed_is_tensor:  # vera_forward_math's formula with the mask from a tensor seed
+            base = torch.nn.functional.linear(x2d, problem.weight, problem.bias)
+            keep = keep_mask(dp, problem.M, problem.K, problem.device, problem.in_offset)
+            xa = x2d.to(cd) * keep.to(cd) * dp.scale
+            s = xa @ A_K.t()
+            adapter = problem.lambda_b.to(cd) * ((problem.lambda_d.to(cd) * s) @ B_N.t())
+            return (base.to(cd) + adapter).to(x2d.dtype), s
         return vera_forward_math(
             problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b,
             A_K, B_N, problem.dropout, cd, problem.in_offset,
@@ -68,7 +99,7 @@ class TorchBackend(Backend):
         xa = x2d.to(cd)
         dp = problem.dropout
         if dp is not None:
-            keep = dropout_keep_mask(dp.seed, dp.threshold, problem.M, problem.K, x2d.device, problem.in_offset)
+            keep = keep_mask(dp, problem.M, problem.K, x2d.device, problem.in_offset)
             xa = xa * keep.to(cd) * dp.scale
         s = F.linear(xa, A_K)
         idc = ids.clamp_min(0)
@@ -119,8 +150,7 @@ class TorchBackend(Backend):
             adapter = (g * lambda_d) @ A_K  # [M, K]
             dp = problem.dropout
             if dp is not None:
-                keep = dropout_keep_mask(dp.seed, dp.threshold, problem.M, problem.K, problem.device,
-                                         col0=problem.in_offset)
+                keep = keep_mask(dp, problem.M, problem.K, problem.device, problem.in_offset)
                 adapter = adapter * keep.to(cd) * dp.scale
             base = grad_y2d @ problem.weight  # in x.dtype, like the base layer's backward
             grad_x = (base.to(cd) + adapter).to(grad_y2d.dtype)

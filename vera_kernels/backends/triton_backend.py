@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 from .._helpers import SUPPORTED_DTYPES, Problem
-from .base import Backend
+from .base import Backend, opaque_backward, opaque_forward
 
 
 def _interpreting() -> bool:
@@ -58,6 +58,8 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, problem: Problem):
+        if torch.compiler.is_compiling():  # the launchers are host code torch.compile cannot trace
+            return opaque_forward(self, problem)
         from ..ops import fused_forward, shrink
 
         s = shrink(problem.x2d, problem.projection, problem.dropout, in_offset=problem.in_offset)
@@ -66,6 +68,8 @@ class TritonBackend(Backend):
         return y, s
 
     def backward(self, problem: Problem, grad_y2d, s, needs_input_grad):
+        if torch.compiler.is_compiling():
+            return opaque_backward(self, problem, grad_y2d, s, needs_input_grad)
         from ..ops import grad_input, rank_grads
 
         need_x, need_d, need_b = needs_input_grad
