@@ -72,13 +72,13 @@ def test_fan_in_fan_out_layer(backend, shape):
     # state dict: same layout, reloads to the same outputs; the other layout is refused
     sd = layer.state_dict()
     assert sd["weight"].shape == (K, N)
-    fresh = vk.VeRALinear(K, N, rank=3, seed=9, fan_in_fan_out=True)
+    fresh = vk.VeRALinear(K, N, projection=proj, fan_in_fan_out=True)
     fresh.load_state_dict(sd)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, backend=backend), layer(x, backend=backend), rtol=0, atol=0)
     if K == N:
-        with pytest.raises(ValueError, match="fan_in_fan_out"):
-            vk.VeRALinear(K, N, rank=3, seed=9).load_state_dict(sd)
+        with pytest.raises(RuntimeError, match="fan_in_fan_out"):
+            vk.VeRALinear(K, N, projection=proj).load_state_dict(sd)
 
 
 def test_from_linear_fan_in_fan_out_shares_weight():
@@ -158,12 +158,22 @@ def test_apply_vera_selects_freezes_and_shares():
     n_train = sum(4 + m.out_features for m in layers.values())
     assert "\n" not in line and f"trainable params: {n_train:,}" in line and "VeRA: 6 layers, rank 4" in line
 
-    # the shared projection survives a state_dict round trip into a model with another seed
+    # a state_dict round trip keeps one shared projection; a model built with another seed refuses the state
+    # (its A/B differ) and is left unchanged
     sd = model.state_dict()
-    other = vk.apply_vera(Net(), rank=4, seed=3)
+    other = vk.apply_vera(Net(), rank=4, seed=2**64 - 1)
     other.load_state_dict(sd)
     oprojs = {id(m.projection): m.projection for m in vk.models.vera_layers(other).values()}
     assert len(oprojs) == 1 and next(iter(oprojs.values())) == p
+    for name, t in other.state_dict().items():
+        if isinstance(t, torch.Tensor):
+            assert torch.equal(t, sd[name]), name
+    wrong = vk.apply_vera(Net(), rank=4, seed=3)
+    before = {k: v.clone() for k, v in wrong.state_dict().items() if "lambda" in k}
+    with pytest.raises(RuntimeError, match="seed=3"):
+        wrong.load_state_dict(sd)
+    # every VeRA layer refused as a whole (torch still loads the other modules' tensors, as it always does)
+    assert all(torch.equal(v, wrong.state_dict()[k]) for k, v in before.items())
 
 
 def test_apply_vera_target_rules():
@@ -387,7 +397,7 @@ def test_state_dict_of_stored_projection_shares_one_copy(tmp_path):
     assert len(states) == 6 and all(s["A"].data_ptr() == states[0]["A"].data_ptr() for s in states)
     torch.save(sd, tmp_path / "sd.pt")
     assert (tmp_path / "sd.pt").stat().st_size < 160_000 + 60_000  # one copy of A/B, not six
-    other = vk.apply_vera(Net(), rank=4, seed=1)
+    other = vk.apply_vera(Net(), projection=vk.Projection.from_tensors(proj.stored[0].clone(), proj.stored[1].clone()))
     other.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=False))
     projs = {id(m.projection): m.projection for m in vk.models.vera_layers(other).values()}
     assert len(projs) == 1 and next(iter(projs.values())) == proj
