@@ -53,6 +53,13 @@ def _as_uint32_tensor(v: IntOrTensor, name: str) -> torch.Tensor:
     return torch.tensor(int(v) & _MASK32, dtype=torch.int64)
 
 
+def _key_word(k, name: str) -> int:
+    """A key word as a Python int (plain ints never become tensors: no ``.item()`` while torch.compile traces)."""
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool):
+        return int(k) & _MASK32
+    return int(_as_uint32_tensor(k, name))
+
+
 def philox4x32(counter, key, rounds: int = 10) -> Tuple[torch.Tensor, ...]:
     """Random123's Philox4x32 block function, vectorised with PyTorch.
 
@@ -72,7 +79,7 @@ def philox4x32(counter, key, rounds: int = 10) -> Tuple[torch.Tensor, ...]:
         raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
     c = [_as_uint32_tensor(w, f"counter[{i}]") for i, w in enumerate(counter)]
     c = list(torch.broadcast_tensors(*c))
-    k0, k1 = (int(_as_uint32_tensor(k, f"key[{i}]")) for i, k in enumerate(key))
+    k0, k1 = (_key_word(k, f"key[{i}]") for i, k in enumerate(key))
     for r in range(rounds):
         if r > 0:
             k0 = (k0 + _PHILOX_W0) & _MASK32
