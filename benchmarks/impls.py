@@ -111,7 +111,7 @@ def skip_reason(impl: str, device: torch.device, inputs: "Inputs", interpreter: 
         backend = get_backend(name)
     except vk.BackendUnavailableError as e:
         return str(e)
-    problem = vk._helpers.make_problem(
+    problem = vk.core.make_problem(
         inputs.x, inputs.weight, inputs.bias, inputs.lambda_d, inputs.lambda_b, inputs.projection, None
     )
     reasons = backend.not_supported_reasons(problem)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import vera_kernels as vk
-from vera_kernels._helpers import make_problem
+from vera_kernels.core import make_problem
 from vera_kernels.backends import select
 
 IMPLS = ("vera_batched", "vera_single", "peft_loop", "lora_gathered")

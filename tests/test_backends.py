@@ -5,7 +5,7 @@ import torch
 
 import vera_kernels as vk
 from vera_kernels.backends import ENV_VAR, PRIORITY, get_backend, select
-from vera_kernels._helpers import make_problem
+from vera_kernels.core import make_problem
 from parity import make_inputs
 
 

@@ -153,7 +153,7 @@ def test_seeds_above_2_63_differ_from_low_words():
 
 def test_cpu_backend_is_listed_and_selectable():
     x, weight, b, ld, lb, proj = make(2, 4, 4, 2)
-    from vera_kernels._helpers import make_problem
+    from vera_kernels.core import make_problem
     from vera_kernels.backends import PRIORITY, select
     assert "cpu" in PRIORITY["cpu"]
     assert select(make_problem(x, weight, b, ld, lb, proj, None), "cpu").name == "cpu"
@@ -161,7 +161,7 @@ def test_cpu_backend_is_listed_and_selectable():
 
 def test_float64_falls_back_to_torch():
     x, weight, b, ld, lb, proj = make(2, 4, 4, 2)
-    from vera_kernels._helpers import make_problem
+    from vera_kernels.core import make_problem
     from vera_kernels.backends import select
     problem = make_problem(x.double(), weight.double(), b.double(), ld.double(), lb.double(), proj, None)
     assert select(problem).name == "torch"

@@ -73,9 +73,9 @@ def test_merge_equals_unmerged_forward_and_unmerge_restores(bias):
 
 
 def test_merged_training_warns():
-    from vera_kernels import _helpers
+    from vera_kernels import core
 
-    _helpers._warned.discard("merged-training")  # warn-once state is per process
+    core._warned.discard("merged-training")  # warn-once state is per process
     layer = _trained(vk.VeRALinear(8, 8, rank=2))
     layer.merge()
     layer.train()

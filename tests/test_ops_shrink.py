@@ -9,7 +9,7 @@ import vera_kernels as vk  # noqa: E402
 from conftest import DEVICE, backend_skip_reason  # noqa: E402
 from parity import assert_parity  # noqa: E402
 from triton_cases import ab, adapter_input, poisoned  # noqa: E402,F401
-from vera_kernels._helpers import make_dropout  # noqa: E402
+from vera_kernels.core import make_dropout  # noqa: E402
 
 pytestmark = pytest.mark.skipif(backend_skip_reason("triton") is not None, reason=str(backend_skip_reason("triton")))
 

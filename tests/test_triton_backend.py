@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import vera_kernels as vk
 from conftest import DEVICE, backend_skip_reason
 from vera_kernels.backends import select
-from vera_kernels._helpers import make_problem
+from vera_kernels.core import make_problem
 
 needs_triton = pytest.mark.skipif(backend_skip_reason("triton") is not None,
                                   reason=str(backend_skip_reason("triton")))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._helpers import Dropout, Problem, dense
+from .core import Dropout, Problem, dense
 
 DOUBLE_BACKWARD_ERROR = (
     "vera_kernels: double backward is not supported: the gradients of vera_linear / VeRALinear are computed "

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ._helpers import flatten_adapter_ids, make_dropout, make_problem, validate
+from .core import flatten_adapter_ids, make_dropout, make_problem, validate
 from .autograd import VeRAFunction
 from .backends import Backend, current_override, env_backend, select
 from .projection import Projection

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._helpers import ACCEPTED_DTYPES, warn_once
+from .core import ACCEPTED_DTYPES, warn_once
 from .functional import vera_linear
 from .projection import Projection
 

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._helpers import Dropout, flatten_adapter_ids, make_dropout, validate
+from .core import Dropout, flatten_adapter_ids, make_dropout, validate
 from .projection import Projection, dropout_keep_mask
 
 __all__ = ["vera_linear", "lora_linear", "vera_forward_math"]

@@ -15,19 +15,19 @@ from typing import Dict, Iterator, Optional
 
 import torch
 
-from .._helpers import Problem
+from ..core import Problem
 from .base import Backend
 
 __all__ = ["Backend", "backends", "get_backend", "select", "use_backend", "ENV_VAR", "PRIORITY"]
 
 ENV_VAR = "VERA_KERNELS_BACKEND"
 
-# name -> module defining BACKEND (a Backend instance)
+# name -> (module, attribute holding the Backend instance); the two native backends share one module
 _MODULES = {
-    "triton": "vera_kernels.backends.triton_backend",
-    "cuda": "vera_kernels.backends.cuda_backend",
-    "cpu": "vera_kernels.backends.cpu_backend",
-    "torch": "vera_kernels.backends.torch_backend",
+    "triton": ("vera_kernels.backends.triton_backend", "BACKEND"),
+    "cuda": ("vera_kernels.backends._native", "CUDA_BACKEND"),
+    "cpu": ("vera_kernels.backends._native", "CPU_BACKEND"),
+    "torch": ("vera_kernels.backends.torch_backend", "BACKEND"),
 }
 
 # device type -> backends tried in order
@@ -51,7 +51,7 @@ def _import_backend(name: str) -> Optional[str]:
         return None
     if name in _load_errors:
         return _load_errors[name]
-    module_name = _MODULES[name]
+    module_name, attribute = _MODULES[name]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -63,7 +63,7 @@ def _import_backend(name: str) -> Optional[str]:
     except Exception as e:  # a broken backend must not break the package
         _load_errors[name] = f"import failed: {type(e).__name__}: {e}"
         return _load_errors[name]
-    _loaded[name] = module.BACKEND
+    _loaded[name] = getattr(module, attribute)
     return None
 
 

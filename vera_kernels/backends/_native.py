@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .._helpers import Dropout, Problem, warn_once
+from ..core import Dropout, Problem, warn_once
 from ..projection import Projection, split_key
 from .base import Backend
 
@@ -254,3 +254,8 @@ class NativeBackend(Backend):
             grad_x = _grad_input(grad_y2d, problem.weight, g, ld, a, problem.dropout, problem.in_offset,
                                  extra[0] if extra else None)
         return grad_x, (grad_d if need_d else None), (grad_b if need_b else None)
+
+
+# The two backends on these ops: "cpu" (csrc/vera_cpu.cpp) and "cuda" (csrc/cuda/, when built with CUDA).
+CPU_BACKEND = NativeBackend("cpu", "cpu")
+CUDA_BACKEND = NativeBackend("cuda", "cuda")

@@ -6,7 +6,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._helpers import SUPPORTED_DTYPES, Dropout, Problem
+from ..core import SUPPORTED_DTYPES, Dropout, Problem
 from ..projection import Projection
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._helpers import ACCEPTED_DTYPES, Problem
+from ..core import ACCEPTED_DTYPES, Problem
 from ..banks import bank_sum, gather_rows
 from ..projection import dropout_keep_mask
 from ..reference import vera_forward_math

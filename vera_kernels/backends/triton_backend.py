@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from .._helpers import SUPPORTED_DTYPES, Problem
+from ..core import SUPPORTED_DTYPES, Problem
 from .base import Backend, opaque_backward, opaque_forward
 
 

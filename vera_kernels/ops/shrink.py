@@ -100,7 +100,7 @@ def shrink(x2d: torch.Tensor, projection, dropout=None, *, split_k: Optional[int
 
     ``A`` is generated from ``projection``'s seed inside the kernel (or loaded: a stored projection, or
     ``VERA_KERNELS_AB_SOURCE=load``), its values rounded to ``x2d.dtype``; ``A_K`` starts at global column
-    ``in_offset`` (a tensor-parallel shard). ``dropout`` is a ``vera_kernels._helpers.Dropout`` or
+    ``in_offset`` (a tensor-parallel shard). ``dropout`` is a ``vera_kernels.core.Dropout`` or
     ``None``. ``split_k`` overrides the number of K ranges (partials are summed in float32).
     """
     M, K = x2d.shape

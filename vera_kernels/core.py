@@ -1,4 +1,4 @@
-"""Small shared pieces: the problem description handed to backends, dropout, input validation."""
+"""The core of a call: the problem description handed to backends, its validation, and adapter dropout."""
 
 from __future__ import annotations
 
