@@ -58,6 +58,13 @@ def keep_mask(dropout, rows: int, cols: int, device, col0: int = 0) -> torch.Ten
     return dropout_keep_mask(dropout.seed, dropout.threshold, rows, cols, device, col0)
 
 
+def dropped(t: torch.Tensor, problem: Problem) -> torch.Tensor:
+    """``t`` (``[M, K]``, the adapter input or its gradient) times the call's dropout keep-mask and scale."""
+    dp = problem.dropout
+    keep = keep_mask(dp, problem.M, problem.K, t.device, problem.in_offset)
+    return t * keep.to(t.dtype) * dp.scale
+
+
 class TorchBackend(Backend):
     name = "torch"
     device_types = ()
@@ -81,8 +88,7 @@ class TorchBackend(Backend):
             return torch.addcmul(F.linear(x2d, problem.weight, problem.bias), problem.lambda_b, adapter), s
         if dp is not None and dp.seed_is_tensor:  # vera_forward_math's formula with the mask from a tensor seed
             base = torch.nn.functional.linear(x2d, problem.weight, problem.bias)
-            keep = keep_mask(dp, problem.M, problem.K, problem.device, problem.in_offset)
-            xa = x2d.to(cd) * keep.to(cd) * dp.scale
+            xa = dropped(x2d.to(cd), problem)
             s = xa @ A_K.t()
             adapter = problem.lambda_b.to(cd) * ((problem.lambda_d.to(cd) * s) @ B_N.t())
             return (base.to(cd) + adapter).to(x2d.dtype), s
@@ -97,10 +103,8 @@ class TorchBackend(Backend):
         x2d, ids = problem.x2d, problem.adapter_ids
         base = F.linear(x2d, problem.weight, problem.bias)
         xa = x2d.to(cd)
-        dp = problem.dropout
-        if dp is not None:
-            keep = keep_mask(dp, problem.M, problem.K, x2d.device, problem.in_offset)
-            xa = xa * keep.to(cd) * dp.scale
+        if problem.dropout is not None:
+            xa = dropped(xa, problem)
         s = F.linear(xa, A_K)
         idc = ids.clamp_min(0)
         # rows with id -1 must add exactly nothing, even if bank row 0 holds inf/nan: mask them (on CPU
@@ -148,10 +152,8 @@ class TorchBackend(Backend):
         grad_x = None
         if need_x:
             adapter = (g * lambda_d) @ A_K  # [M, K]
-            dp = problem.dropout
-            if dp is not None:
-                keep = keep_mask(dp, problem.M, problem.K, problem.device, problem.in_offset)
-                adapter = adapter * keep.to(cd) * dp.scale
+            if problem.dropout is not None:
+                adapter = dropped(adapter, problem)
             base = grad_y2d @ problem.weight  # in x.dtype, like the base layer's backward
             grad_x = (base.to(cd) + adapter).to(grad_y2d.dtype)
         return grad_x, grad_d, grad_b
