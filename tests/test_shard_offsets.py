@@ -98,14 +98,28 @@ def test_offsets_change_the_result():
     assert not torch.allclose(y0, vk.reference.vera_linear(x, W, b, ld, lb, proj, out_offset=5))
 
 
+def _unsharded_layer(backend, K, N, **kw):
+    """A K -> N layer's inputs (r = 4, 5 tokens), an output gradient, and the unsharded layer's
+    ``(y, grad_x, grad_lambda_d, grad_lambda_b)``; the dropout seed is drawn after ``manual_seed(3)``."""
+    _needs_offsets(backend)
+    x, W, b, ld, lb, proj = make_inputs((5,), K, N, 4, torch.float32, DEVICE)
+    gy = torch.randn(5, N).to(DEVICE)
+    torch.manual_seed(3)
+    return (x, W, b, ld, lb, proj), gy, run(_fn(backend), x, W, b, ld, lb, proj, gy=gy, **kw)
+
+
+def _assert_matches(got, full):
+    """The shards' combined ``(y, grad_x, grad_lambda_d, grad_lambda_b)`` equal the unsharded layer's."""
+    assert len(got) == len(full) == 4
+    for g, f in zip(got, full):
+        torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_column_shards_concatenate_to_the_layer(backend, world):
     """Output-feature shards with out_offset, concatenated, give the unsharded layer (and its vector grads)."""
-    _needs_offsets(backend)
-    K, N, r = 10, 14, 4
-    x, W, b, ld, lb, proj = make_inputs((5,), K, N, r, torch.float32, DEVICE)
-    gy = torch.randn(5, N).to(DEVICE)
-    full = run(_fn(backend), x, W, b, ld, lb, proj, gy=gy)
+    N = 14
+    (x, W, b, ld, lb, proj), gy, full = _unsharded_layer(backend, 10, N)
     ys, gxs, gds, gbs = [], 0, 0, []
     for rows in torch.arange(N).chunk(world):
         o0, n = int(rows[0]), len(rows)
@@ -114,22 +128,15 @@ def test_column_shards_concatenate_to_the_layer(backend, world):
         ys.append(y)
         gbs.append(gb)
         gxs, gds = gxs + gx, gds + gd  # replicated input and lambda_d: partial gradients add up
-    torch.testing.assert_close(torch.cat(ys, -1), full[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gxs, full[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gds, full[2], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.cat(gbs), full[3], rtol=1e-5, atol=1e-5)
+    _assert_matches((torch.cat(ys, -1), gxs, gds, torch.cat(gbs)), full)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_row_shards_sum_to_the_layer(backend, world):
     """Input-feature shards with in_offset (bias on one shard) sum to the unsharded layer, dropout included."""
-    _needs_offsets(backend)
-    K, N, r = 15, 6, 4
-    x, W, b, ld, lb, proj = make_inputs((5,), K, N, r, torch.float32, DEVICE)
-    gy = torch.randn(5, N).to(DEVICE)
+    K = 15
     kw = dict(dropout_p=0.3, training=True)
-    torch.manual_seed(3)
-    full = run(_fn(backend), x, W, b, ld, lb, proj, gy=gy, **kw)
+    (x, W, b, ld, lb, proj), gy, full = _unsharded_layer(backend, K, 6, **kw)
     y_sum, gxs, gd_sum, gb_sum = 0, [], 0, 0
     for k, cols in enumerate(torch.arange(K).chunk(world)):
         i0, n = int(cols[0]), len(cols)
@@ -138,10 +145,7 @@ def test_row_shards_sum_to_the_layer(backend, world):
                             gy=gy, in_offset=i0, **kw)
         y_sum, gd_sum, gb_sum = y_sum + y, gd_sum + gd, gb_sum + gb
         gxs.append(gx)
-    torch.testing.assert_close(y_sum, full[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.cat(gxs, -1), full[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gd_sum, full[2], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gb_sum, full[3], rtol=1e-5, atol=1e-5)
+    _assert_matches((y_sum, torch.cat(gxs, -1), gd_sum, gb_sum), full)
 
 
 def test_offset_past_the_projection_names_the_problem():

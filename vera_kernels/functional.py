@@ -70,6 +70,8 @@ def _autocast_inputs(x, weight, bias):
     return cast(x), cast(weight), cast(bias), dev
 
 
+# Kept alike on purpose: reference.vera_linear is this function's oracle and takes the same arguments,
+# so a test can call both with one argument list; a change to this signature goes to both.
 def vera_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
