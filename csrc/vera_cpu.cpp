@@ -248,15 +248,15 @@ void reduce_projected(at::Tensor& S, const at::Tensor& in, ProjectionTiles& P, c
   }
 }
 
-// out[M, C] (holding the base product, in its dtype) += colscale * mask * scale * (U[M, rank] @ P), tile by tile.
-void add_expansion(at::Tensor& out, const at::Tensor& U, ProjectionTiles& P, const at::Tensor& colscale,
-                   const DropoutSpec& drop, const RowScale& rs = RowScale{}) {
-  const int64_t M = out.size(0), C = out.size(1);
+// The expansion U[M, rank] @ P ([rank, C]) block by block: for each tile of columns [c0, c0 + cb) and chunk
+// of rows [m0, m0 + mb), body(m0, mb, c0, cb, z) gets that block as contiguous float32 z [mb, cb] (one
+// scratch buffer, reused). Nothing runs when M or C is 0.
+template <typename Body>
+void for_each_expansion_block(int64_t M, int64_t C, const at::Tensor& U, ProjectionTiles& P, Body&& body) {
   if (M == 0 || C == 0) return;
   const int64_t cb_max = std::min(P.tile_cols(), C);
   const int64_t mb_max = std::clamp<int64_t>(chunk_floats() / cb_max, 1, M);
   at::Tensor zbuf = at::empty({mb_max * cb_max}, U.options());
-  const float* cs = colscale.defined() ? colscale.const_data_ptr<float>() : nullptr;
   for (int64_t c0 = 0; c0 < C; c0 += cb_max) {
     const int64_t cb = std::min(cb_max, C - c0);
     const at::Tensor T = P.tile(c0, cb);
@@ -264,11 +264,21 @@ void add_expansion(at::Tensor& out, const at::Tensor& U, ProjectionTiles& P, con
       const int64_t mb = std::min(mb_max, M - m0);
       at::Tensor z = zbuf.narrow(0, 0, mb * cb).view({mb, cb});
       at::mm_out(z, U.narrow(0, m0, mb), T);
-      VERA_DISPATCH(out.scalar_type(), "vera_add_chunk", [&] {
-        add_chunk<scalar_t>(out, m0, mb, c0, cb, z.const_data_ptr<float>(), cs ? cs + c0 : nullptr, drop, rs);
-      });
+      body(m0, mb, c0, cb, z.const_data_ptr<float>());
     }
   }
+}
+
+// out[M, C] (holding the base product, in its dtype) += colscale * mask * scale * (U[M, rank] @ P), tile by tile.
+void add_expansion(at::Tensor& out, const at::Tensor& U, ProjectionTiles& P, const at::Tensor& colscale,
+                   const DropoutSpec& drop, const RowScale& rs = RowScale{}) {
+  const float* cs = colscale.defined() ? colscale.const_data_ptr<float>() : nullptr;
+  for_each_expansion_block(out.size(0), out.size(1), U, P, [&](int64_t m0, int64_t mb, int64_t c0, int64_t cb,
+                                                               const float* z) {
+    VERA_DISPATCH(out.scalar_type(), "vera_add_chunk", [&] {
+      add_chunk<scalar_t>(out, m0, mb, c0, cb, z, cs ? cs + c0 : nullptr, drop, rs);
+    });
+  });
 }
 
 // bank[ids[m], :] += rows[m, :] for every row with ids[m] >= 0 (bank contiguous float32 [n, C], rows [M, C]).
@@ -293,39 +303,30 @@ void bank_add_rows(at::Tensor& bank, const at::Tensor& rows, const int64_t* ids)
 // accumulated column-parallel in row order (deterministic).
 void bank_grad_lambda_b(at::Tensor& grad_b, const at::Tensor& grad_y, const at::Tensor& U, ProjectionTiles& P,
                         const int64_t* ids) {
-  const int64_t M = grad_y.size(0), N = grad_y.size(1);
-  if (M == 0 || N == 0) return;
-  const int64_t cb_max = std::min(P.tile_cols(), N);
-  const int64_t mb_max = std::clamp<int64_t>(chunk_floats() / cb_max, 1, M);
-  at::Tensor zbuf = at::empty({mb_max * cb_max}, U.options());
+  const int64_t N = grad_y.size(1);
   float* gb = grad_b.mutable_data_ptr<float>();
-  for (int64_t c0 = 0; c0 < N; c0 += cb_max) {
-    const int64_t cb = std::min(cb_max, N - c0);
-    const at::Tensor T = P.tile(c0, cb);
-    for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
-      const int64_t mb = std::min(mb_max, M - m0);
-      at::Tensor z = zbuf.narrow(0, 0, mb * cb).view({mb, cb});
-      at::mm_out(z, U.narrow(0, m0, mb), T);
-      const float* zp = z.const_data_ptr<float>();
-      VERA_DISPATCH(grad_y.scalar_type(), "vera_bank_grad_lambda_b", [&] {
-        const scalar_t* gy = grad_y.const_data_ptr<scalar_t>();
-        const int64_t s0 = grad_y.stride(0), s1 = grad_y.stride(1);
-        at::parallel_for(0, cb, std::max<int64_t>(1, 16384 / mb), [&](int64_t begin, int64_t end) {
-          for (int64_t m = 0; m < mb; ++m) {
-            const int64_t id = ids[m0 + m];
-            if (id < 0) continue;
-            float* o = gb + id * N + c0;
-            const scalar_t* g_row = gy + (m0 + m) * s0 + c0 * s1;
-            const float* z_row = zp + m * cb;
-            for (int64_t j = begin; j < end; ++j) o[j] += static_cast<float>(g_row[j * s1]) * z_row[j];
-          }
-        });
+  for_each_expansion_block(grad_y.size(0), N, U, P, [&](int64_t m0, int64_t mb, int64_t c0, int64_t cb,
+                                                        const float* zp) {
+    VERA_DISPATCH(grad_y.scalar_type(), "vera_bank_grad_lambda_b", [&] {
+      const scalar_t* gy = grad_y.const_data_ptr<scalar_t>();
+      const int64_t s0 = grad_y.stride(0), s1 = grad_y.stride(1);
+      at::parallel_for(0, cb, std::max<int64_t>(1, 16384 / mb), [&](int64_t begin, int64_t end) {
+        for (int64_t m = 0; m < mb; ++m) {
+          const int64_t id = ids[m0 + m];
+          if (id < 0) continue;
+          float* o = gb + id * N + c0;
+          const scalar_t* g_row = gy + (m0 + m) * s0 + c0 * s1;
+          const float* z_row = zp + m * cb;
+          for (int64_t j = begin; j < end; ++j) o[j] += static_cast<float>(g_row[j * s1]) * z_row[j];
+        }
       });
-    }
-  }
+    });
+  });
 }
 
 // ---- the ops ---------------------------------------------------------------------------------
+// Each op's signature and opening (check_*, shapes, make_source) match its CUDA twin in cuda/vera_cuda.cpp:
+// both implement the one schema of vera_ops.cpp, with the checks themselves shared in vera_ops.h.
 
 // s = (x * mask * scale) A_K^T, float32 [M, rank].
 at::Tensor shrink_cpu(const at::Tensor& x, const std::optional<at::Tensor>& A, int64_t rank, int64_t key0,
@@ -407,6 +408,9 @@ void projection_tile_cpu(at::Tensor& out, int64_t stream, int64_t row0, int64_t 
 
 }  // namespace
 
+// Kept alike on purpose: this list and the CUDA one in cuda/vera_cuda.cpp register one implementation of
+// every op of the schema (vera_ops.cpp) per device; the CUDA file is built only with CUDA torch, so the two
+// cannot share one registration block. Likewise the *_cpu and *_cuda functions share the schema's signatures.
 TORCH_LIBRARY_IMPL(vera_kernels, CPU, m) {
   m.impl("shrink", &shrink_cpu);
   m.impl("expand_add", &expand_add_cpu);

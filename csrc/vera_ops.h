@@ -129,6 +129,25 @@ inline void check_ids_range_cpu(const at::Tensor& ids, int64_t n) {
                 m);
 }
 
+// The adapter inputs of expand_add and adapter_backward, checked against `rows` ([M, ...], named `rows_name`):
+// s float32 [M, r]; adapter_ids (if given) int64 [M]; lambda_d, lambda_b vectors [r], [N], or with ids banks
+// [n, r], [n, N] of one size n, every id in [-1, n).
+inline void check_adapter_inputs(const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
+                                 int64_t N, const std::optional<at::Tensor>& ids, const at::Tensor& rows,
+                                 const char* rows_name) {
+  check_fp32(s, "s", 2, rows);
+  TORCH_CHECK(s.size(0) == rows.size(0), "vera_kernels: s must have ", rows_name, "'s ", rows.size(0), " rows, got ",
+              s.size(0));
+  check_ids(ids, rows.size(0), rows);
+  const bool bank = ids.has_value();
+  check_lambda(lambda_d, "lambda_d", s.size(1), rows, bank);
+  check_lambda(lambda_b, "lambda_b", N, rows, bank);
+  if (bank) {
+    TORCH_CHECK(lambda_b.size(0) == lambda_d.size(0), "vera_kernels: lambda_d and lambda_b banks differ in size");
+    check_ids_range_cpu(*ids, lambda_d.size(0));
+  }
+}
+
 // x [M, K]; returns K.
 inline int64_t check_shrink(const at::Tensor& x) {
   check_float_matrix(x, "x");
@@ -149,16 +168,7 @@ inline void check_expand(const at::Tensor& x, const at::Tensor& weight, const st
                     bias->device() == x.device(),
                 "vera_kernels: bias must be [N] in x's dtype, got ", bias->sizes(), " ", bias->scalar_type());
   }
-  check_fp32(s, "s", 2, x);
-  TORCH_CHECK(s.size(0) == x.size(0), "vera_kernels: s must have x's ", x.size(0), " rows, got ", s.size(0));
-  check_ids(ids, x.size(0), x);
-  const bool bank = ids.has_value();
-  check_lambda(lambda_d, "lambda_d", s.size(1), x, bank);
-  check_lambda(lambda_b, "lambda_b", weight.size(0), x, bank);
-  if (bank) {
-    TORCH_CHECK(lambda_b.size(0) == lambda_d.size(0), "vera_kernels: lambda_d and lambda_b banks differ in size");
-    check_ids_range_cpu(*ids, lambda_d.size(0));
-  }
+  check_adapter_inputs(s, lambda_d, lambda_b, weight.size(0), ids, x, "x");
 }
 
 // grad_y [M, N], s [M, r], lambda_d [r], lambda_b [N].
@@ -166,16 +176,7 @@ inline void check_adapter_backward(const at::Tensor& grad_y, const at::Tensor& s
                                    const at::Tensor& lambda_b,
                                    const std::optional<at::Tensor>& ids = std::nullopt) {
   check_float_matrix(grad_y, "grad_y");
-  check_fp32(s, "s", 2, grad_y);
-  TORCH_CHECK(s.size(0) == grad_y.size(0), "vera_kernels: s must have grad_y's ", grad_y.size(0), " rows, got ",
-              s.size(0));
-  check_ids(ids, grad_y.size(0), grad_y);
-  check_lambda(lambda_d, "lambda_d", s.size(1), grad_y, ids.has_value());
-  check_lambda(lambda_b, "lambda_b", grad_y.size(1), grad_y, ids.has_value());
-  if (ids.has_value()) {
-    TORCH_CHECK(lambda_b.size(0) == lambda_d.size(0), "vera_kernels: lambda_d and lambda_b banks differ in size");
-    check_ids_range_cpu(*ids, lambda_d.size(0));
-  }
+  check_adapter_inputs(s, lambda_d, lambda_b, grad_y.size(1), ids, grad_y, "grad_y");
 }
 
 // grad_y [M, N], weight [N, K], g [M, r], lambda_d [r].

@@ -43,3 +43,54 @@ def backend(request):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests: fastest for such small shapes, and far faster on a
+    shared, busy machine. A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def native_op_samples(adapters=None):
+    """(op, args) opcheck samples of the native ops: generated and stored projections, dropout on and off,
+    float32 and bfloat16, strided ``x`` and ``weight``, and M = 0.
+
+    With ``adapters=n`` the samples are the bank variants: lambda_d [n, r] and lambda_b [n, N] banks and
+    adapter_ids picking a bank row per token (-1: no adapter). Otherwise vectors [r] and [N], plus the ops
+    that have no bank variant (shrink) and expand_add without a bias.
+    """
+    ops = torch.ops.vera_kernels
+    torch.manual_seed(0)
+    proj = vk.Projection(seed=2**63 + 3, rank=5, max_in_features=24, max_out_features=20)
+    k0, k1 = proj.key
+    A, B = proj.materialize()
+    out = []
+    for dtype, M, stored, drop in [(torch.float32, 6, False, (7, 9, 2**22, 4 / 3)),
+                                   (torch.bfloat16, 3, True, (0, 0, 0, 1.0)),
+                                   (torch.float32, 0, False, (0, 0, 0, 1.0))]:
+        K, N, r = 19, 17, 5
+        lead = () if adapters is None else (adapters,)
+        x = torch.randn(M, 2 * K).to(dtype)[:, ::2]  # non-contiguous
+        weight = torch.randn(K, N).to(dtype).t()  # transposed view
+        bias = torch.randn(N).to(dtype)
+        ld, lb = torch.randn(*lead, r), torch.randn(*lead, N)
+        s, g, gy = torch.randn(M, r), torch.randn(M, r), torch.randn(M, N).to(dtype)
+        bank = () if adapters is None else (0, torch.randint(-1, adapters, (M,)))  # (offset, adapter_ids)
+        pa = (A, 0, 0, 0.0) if stored else (None, k0, k1, proj.bound_a)
+        pb = (B, 0, 0, 0.0) if stored else (None, k0, k1, proj.bound_b)
+        out += [
+            (ops.expand_add.default, (x, weight, bias, s, ld, lb, *pb, *bank)),
+            (ops.adapter_backward.default, (gy, s, ld, lb, *pb, True, *bank)),
+            (ops.adapter_backward.default, (gy, s, ld, lb, *pb, False, *bank)),
+            (ops.grad_input.default, (gy, weight, g, ld, *pa, *drop, *bank)),
+        ]
+        if adapters is None:
+            out += [
+                (ops.shrink.default, (x, pa[0], r, *pa[1:], *drop)),
+                (ops.expand_add.default, (x, weight, None, s, ld, lb, *pb)),
+            ]
+    return out

@@ -73,12 +73,14 @@ def _ranks(results, mode, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ddp_matches_single_process(results, backend):
-    per_rank = _ranks(results, "ddp", backend)
-    ref = dw.single_process("ddp", backend)
-    _close(sum((r["outputs"] for r in per_rank), []), ref["outputs"], "ddp outputs (rank 0 rows, then rank 1)")
-    _check_input_grad_dp(per_rank, ref, "ddp")
-    _check_vectors(per_rank, ref, "ddp")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_data_parallel_matches_single_process(results, mode, backend):
+    """DDP and FSDP2: the ranks' outputs together, their input gradients and the vectors match one process."""
+    per_rank = _ranks(results, mode, backend)
+    ref = dw.single_process(mode, backend)
+    _close(sum((r["outputs"] for r in per_rank), []), ref["outputs"], f"{mode} outputs (rank 0 rows, then rank 1)")
+    _check_input_grad_dp(per_rank, ref, mode)
+    _check_vectors(per_rank, ref, mode)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -90,15 +92,6 @@ def test_ddp_all_reduces_only_the_vectors(results, backend):
     for r in per_rank:
         assert r["calls"] >= dw.STEPS
         assert r["bytes_per_step"] == computed
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fsdp2_matches_single_process(results, backend):
-    per_rank = _ranks(results, "fsdp2", backend)
-    ref = dw.single_process("fsdp2", backend)
-    _close(sum((r["outputs"] for r in per_rank), []), ref["outputs"], "fsdp2 outputs")
-    _check_input_grad_dp(per_rank, ref, "fsdp2")
-    _check_vectors(per_rank, ref, "fsdp2")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,7 +13,7 @@ from torch import nn
 import vera_kernels as vk
 from vera_kernels.backends import get_backend
 from vera_kernels.banks import bank_sum, sorted_bank_sum
-from conftest import backend_skip_reason
+from conftest import backend_skip_reason, native_op_samples
 from parity import assert_parity
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -374,31 +374,7 @@ def _bank_op_samples():
 
     if _native.availability("cpu") is not None:
         pytest.skip(f"native extension unavailable: {_native.availability('cpu')}")
-    ops = torch.ops.vera_kernels
-    torch.manual_seed(0)
-    proj = vk.Projection(seed=2**63 + 3, rank=5, max_in_features=24, max_out_features=20)
-    k0, k1 = proj.key
-    A, B = proj.materialize()
-    out = []
-    for dtype, M, stored, drop in [(torch.float32, 6, False, (7, 9, 2**22, 4 / 3)),
-                                   (torch.bfloat16, 3, True, (0, 0, 0, 1.0)),
-                                   (torch.float32, 0, False, (0, 0, 0, 1.0))]:
-        K, N, r, n = 19, 17, 5, 4
-        x = torch.randn(M, 2 * K).to(dtype)[:, ::2]  # non-contiguous
-        weight = torch.randn(K, N).to(dtype).t()
-        ld, lb = torch.randn(n, r), torch.randn(n, N)
-        s, g = torch.randn(M, r), torch.randn(M, r)
-        gy = torch.randn(M, N).to(dtype)
-        ids = torch.randint(-1, n, (M,))
-        pa = (A, 0, 0, 0.0) if stored else (None, k0, k1, proj.bound_a)
-        pb = (B, 0, 0, 0.0) if stored else (None, k0, k1, proj.bound_b)
-        out += [
-            (ops.expand_add.default, (x, weight, torch.randn(N).to(dtype), s, ld, lb, *pb, 0, ids)),
-            (ops.adapter_backward.default, (gy, s, ld, lb, *pb, True, 0, ids)),
-            (ops.adapter_backward.default, (gy, s, ld, lb, *pb, False, 0, ids)),
-            (ops.grad_input.default, (gy, weight, g, ld, *pa, *drop, 0, ids)),
-        ]
-    return out
+    return native_op_samples(adapters=4)
 
 
 @pytest.mark.parametrize("i", range(12))

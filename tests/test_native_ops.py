@@ -9,6 +9,7 @@ import torch
 
 import vera_kernels as vk
 from vera_kernels.backends import _native
+from conftest import native_op_samples
 
 pytestmark = pytest.mark.skipif(
     _native.availability("cpu") is not None, reason=f"native extension unavailable: {_native.availability('cpu')}"
@@ -16,40 +17,9 @@ pytestmark = pytest.mark.skipif(
 ops = torch.ops.vera_kernels
 
 
-def op_samples():
-    """(op, args) samples covering generated/stored projections, dropout, dtypes, strides, M = 0."""
-    torch.manual_seed(0)
-    proj = vk.Projection(seed=2**63 + 3, rank=5, max_in_features=24, max_out_features=20)
-    k0, k1 = proj.key
-    A, B = proj.materialize()
-    out = []
-    for dtype, M, stored, drop in [(torch.float32, 6, False, (7, 9, 2**22, 4 / 3)),
-                                   (torch.bfloat16, 3, True, (0, 0, 0, 1.0)),
-                                   (torch.float32, 0, False, (0, 0, 0, 1.0))]:
-        K, N, r = 19, 17, 5
-        x = torch.randn(M, 2 * K).to(dtype)[:, ::2]  # non-contiguous
-        weight = torch.randn(K, N).to(dtype).t()  # transposed view
-        bias = torch.randn(N).to(dtype)
-        ld, lb = torch.randn(r), torch.randn(N)
-        s = torch.randn(M, r)
-        gy = torch.randn(M, N).to(dtype)
-        g = torch.randn(M, r)
-        pa = (A, 0, 0, 0.0) if stored else (None, k0, k1, proj.bound_a)
-        pb = (B, 0, 0, 0.0) if stored else (None, k0, k1, proj.bound_b)
-        out += [
-            (ops.shrink.default, (x, pa[0], r, *pa[1:], *drop)),
-            (ops.expand_add.default, (x, weight, bias, s, ld, lb, *pb)),
-            (ops.expand_add.default, (x, weight, None, s, ld, lb, *pb)),
-            (ops.adapter_backward.default, (gy, s, ld, lb, *pb, True)),
-            (ops.adapter_backward.default, (gy, s, ld, lb, *pb, False)),
-            (ops.grad_input.default, (gy, weight, g, ld, *pa, *drop)),
-        ]
-    return out
-
-
 @pytest.mark.parametrize("i", range(18))
 def test_opcheck(i):
-    op, args = op_samples()[i]
+    op, args = native_op_samples()[i]
     torch.library.opcheck(op, args)
 
 

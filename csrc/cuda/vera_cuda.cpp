@@ -71,6 +71,8 @@ void bank_reduce(at::Tensor& bank, const at::Tensor& rows, const Segments& seg, 
                                         seg.count, bank.size(0), bank.mutable_data_ptr<float>(), stream));
 }
 
+// Each op's signature and opening (check_*, shapes, make_source) match its CPU twin in vera_cpu.cpp: both
+// implement the one schema of vera_ops.cpp, with the checks themselves shared in vera_ops.h.
 at::Tensor shrink_cuda(const at::Tensor& x, const std::optional<at::Tensor>& A, int64_t rank, int64_t key0,
                        int64_t key1, double bound, int64_t drop_key0, int64_t drop_key1, int64_t drop_threshold,
                        double drop_scale, int64_t in_offset) {
@@ -179,6 +181,9 @@ void projection_tile_cuda(at::Tensor& out, int64_t stream, int64_t row0, int64_t
 
 }  // namespace
 
+// Kept alike on purpose: this list and the CPU one in vera_cpu.cpp register one implementation of every op
+// of the schema (vera_ops.cpp) per device; this file is built only with CUDA torch, so the two cannot share
+// one registration block. Likewise the *_cuda and *_cpu functions share the schema's signatures.
 TORCH_LIBRARY_IMPL(vera_kernels, CUDA, m) {
   m.impl("shrink", &shrink_cuda);
   m.impl("expand_add", &expand_add_cuda);
