@@ -18,12 +18,7 @@ import tiny_models as tm  # noqa: E402
 SEED = 2**64 - 12345  # needs all 64 bits: must survive JSON exactly
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _randomise(model, seed=11):

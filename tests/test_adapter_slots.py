@@ -27,12 +27,7 @@ SLOTS = 4  # one slot more than users: the spare slot keeps its initial vectors 
 BACKENDS = ["cpu", "torch"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _single(seed=SEED, rank=RANK, **kw):
