@@ -157,13 +157,13 @@ def mma(a, b, acc, IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISIO
 
 
 @triton.jit
-def gemm_main_loop(a_ptr, stride_am, stride_al, b_ptr, stride_bl, stride_bo, offs_m, offs_o, mask_m, mask_o, L,
-                   IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def gemm_main_loop(acc, a_ptr, stride_am, stride_al, b_ptr, stride_bl, stride_bo, offs_m, offs_o, mask_m, mask_o,
+                   L, IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_L: tl.constexpr):
-    """float32 tile ``[len(offs_m), len(offs_o)]`` of ``a @ b`` for ``a`` ``[M, L]`` and ``b`` ``[L, O]`` with
-    any strides (zero where ``mask_m``/``mask_o`` are off): the base GEMM of the fused forward (x Wᵀ) and
-    of grad_x (gy W), in products of the input dtype."""
-    acc = tl.zeros((offs_m.shape[0], offs_o.shape[0]), dtype=tl.float32)
+    """``acc + a @ b``: float32 tile ``[len(offs_m), len(offs_o)]`` for ``a`` ``[M, L]`` and ``b`` ``[L, O]``
+    with any strides (``a @ b`` is zero where ``mask_m``/``mask_o`` are off): the base GEMM of the fused
+    forward (x Wᵀ) and of grad_x (gy W), in products of the input dtype. ``acc`` is zeros, or an adapter
+    term computed first, so a kernel keeps one accumulator (a second one spills large tiles)."""
     for l_start in range(tl.program_id(0).to(tl.int64) * 0, L, BLOCK_L):  # int64: l * stride may pass 2**31
         offs_l = l_start + tl.arange(0, BLOCK_L)
         mask_l = offs_l < L
