@@ -364,36 +364,49 @@ def describe(variant) -> dict:
             "constexprs": consts, "num_warps": variant.num_warps, "num_stages": variant.num_stages}
 
 
-SELECTIONS = ("first", "all", "covering", "smoke")
+SELECTIONS = ("first", "lean", "all", "covering", "smoke")
 
 
 def select(configs: str = "first", match: str = "") -> list:
     """The variants to report: ``configs="first"`` (first autotune config of each kind, every host block
     size / flag set / dtype mode / layout), ``"all"`` (every config too), ``"covering"`` (the AOT test's
-    covering set) or ``"smoke"`` (one heavy first-choice variant per kind and dtype, see ``_smoke``); only
-    names containing ``match``."""
+    covering set), ``"lean"`` (``"first"`` less the compiles that differ from a kept one only as bf16 from
+    fp16, the transposed-W layout from the contiguous one, or a cached 16-bit copy of loaded A/B from a
+    stored float32 one: a quarter of the compile time) or ``"smoke"`` (one heavy first-choice variant per
+    kind and dtype, see ``_smoke``); only names containing ``match``.
+
+    Every selection drops exact duplicates: a variant that generates A/B (``GENERATE_AB``) compiles the
+    same with either A/B source (its A/B pointer is ``None``), so only its ``stored-fp32`` twin is kept.
+    """
     aot = _aot()
     if configs not in SELECTIONS:
         raise ValueError(f"configs must be one of {SELECTIONS}, not {configs!r}")
     vs = aot.variants(full=configs != "covering")
-    if configs in ("first", "smoke"):
+    vs = [v for v in vs if not ("/cached-input/" in v.name and v.constexprs.get("GENERATE_AB"))]
+    if configs in ("first", "lean", "smoke"):
         vs = [v for v in vs if describe(v)["config_index"] == 0]
+    if configs == "lean":
+        vs = [v for v in vs if "/bf16/" not in v.name and "/transposed-W/" not in v.name
+              and "/cached-input/" not in v.name]
     if configs == "smoke":
         vs = _smoke(vs)
     return [v for v in vs if match in v.name]
 
 
 def _smoke(first: list) -> list:
-    """Per kernel kind and dtype mode without TF32: the first-choice variant with every flag on and the
-    largest host BLOCK_M, contiguous layout (the most registers of its kind, as a rule)."""
+    """Per kernel kind and dtype mode without TF32: the first-choice variant with every flag on (per-row
+    ids, dropout, bias, generated A/B ...) and the largest host BLOCK_M, contiguous layout (the most
+    registers of its kind, as a rule); for kernels with an ``ALIGNED`` flag, once aligned and once not
+    (a shard offset that is not a multiple of 4: one Philox call per element)."""
     best: Dict[tuple, tuple] = {}
     for v in first:
         d = describe(v)
         if d["layout"] != "contiguous" or d["dtype_mode"] == "fp32-tf32":
             continue
-        flags = sum(1 for k, x in d["constexprs"].items() if x is True and k.isupper() and k != "SPLIT")
+        flags = sum(1 for k, x in d["constexprs"].items()
+                    if x is True and k.isupper() and k not in ("SPLIT", "ALIGNED"))
         score = (flags, d["constexprs"].get("BLOCK_M", 0), d["constexprs"].get("BLOCK_R", 0))
-        key = (d["op"], d["kind"], d["dtype_mode"])
+        key = (d["op"], d["kind"], d["dtype_mode"], d["constexprs"].get("ALIGNED"))
         if key not in best or score > best[key][0]:
             best[key] = (score, v)
     return [v for _, v in best.values()]
@@ -575,8 +588,8 @@ def _source_loops(op: str, c: dict, M: int, R: int, sms: int) -> Tuple[int, List
         programs = _cdiv(M, c["BLOCK_M"]) * _cdiv(K, c["BLOCK_K"])
         main = ("N loop (base GEMM)", _cdiv(N, c["BLOCK_N"]))
         gen = "rank loop (A generated)"
-    # 16-bit inputs: rank_expand's float16 operands take a row-max pass first
-    return programs, [main, ("rank loop (row max)", _cdiv(R, c["BLOCK_R"])), (gen, _cdiv(R, c["BLOCK_R"]))]
+    # the rank product runs first in the accumulator, then the base GEMM continues it
+    return programs, [(gen, _cdiv(R, c["BLOCK_R"])), main]
 
 
 def _hbm_bytes(op: str, M: int, R: int, elt: int) -> float:
@@ -609,7 +622,7 @@ def predict(records: List[dict], arch: int) -> List[dict]:
     rates = RATES[arch]
     ok = [r for r in records if "error" not in r and r["config_index"] == 0 and r["layout"] == "contiguous"]
     out = []
-    for mode in ("fp16", "bf16"):
+    for mode in [m for m in ("fp16", "bf16") if any(r["dtype_mode"] == m for r in ok)]:
         for M, R in SHAPES:
             for op, case in prediction_cases(M, mode).items():
                 cands = [r for r in ok if r["op"] == op and r["kind"] == case["kind"] and r["dtype_mode"] == mode

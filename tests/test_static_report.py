@@ -1,5 +1,6 @@
 """Static GPU report (``benchmarks/static_report.py``): the SASS/ptxas parsers on captured text, and a
-compile of one heavy first-choice variant per kernel kind and dtype for sm_90 that fails on any spill.
+compile of the heaviest first-choice variant per kernel kind and dtype (every flag on: per-row adapter
+ids, dropout, bias, generated A/B; aligned and unaligned shard offsets) for sm_90 that fails on any spill.
 
 The compile runs ``python -m benchmarks.static_report --configs smoke`` in a subprocess with
 ``TRITON_INTERPRET`` unset (tests/conftest.py sets it for the interpreter tests).
@@ -164,6 +165,11 @@ def test_first_choice_variants_do_not_spill_on_sm90(tmp_path):
     assert not errors, "\n".join(f"{r['variant']}: {r['error'][:1500]}" for r in errors)
     kinds = {(r["op"], r["kind"]) for r in recs}
     assert len(kinds) >= 12, f"expected every kernel kind, got {sorted(kinds)}"
+    for op in ("fused_forward", "rank_grads", "grad_input"):
+        assert any(r["op"] == op and r["constexprs"].get("HAS_IDS") for r in recs), f"{op}: no per-row ids variant"
+    for op in ("shrink", "grad_input"):
+        assert {r["constexprs"].get("ALIGNED") for r in recs if r["op"] == op} == {True, False}, \
+            f"{op}: the sample must hold aligned and unaligned shard offsets"
     spills = [f"{r['variant']}: {r['ptxas']['spill_stores']} B spill stores, {r['ptxas']['spill_loads']} B "
               f"spill loads, {r['ptxas']['registers']} registers" for r in recs
               if r["config_index"] == 0 and (r["ptxas"]["spill_stores"] or r["ptxas"]["spill_loads"])]
