@@ -681,6 +681,9 @@ def markdown(report: dict) -> str:
     errs = [r for r in report["variants"] if "error" in r]
     lines = [f"### sm_{arch}: {len(recs)} variants analysed, {len(errs)} failed "
              f"(Triton {report['triton']}, configs: {report['configs']})", ""]
+    for u in report.get("updates", []):
+        lines += [f"Recompiled by `--update` (configs: {u['configs']}, match: `{u['match']}`): "
+                  f"{', '.join(u['kinds'])}, {u['variants']} variants.", ""]
     lines += ["Resources per kernel kind and dtype, over every host block size, flag set and layout "
               "(first-choice config unless noted):", "",
               "| kernel[kind] | dtype | config | warps | variants | registers | spill st/ld (B) | shared (KiB) |",
@@ -790,6 +793,20 @@ def build_report(arch: int, configs: str = "first", match: str = "", jobs: int =
     return report
 
 
+def merge_reports(old: dict, new: dict) -> dict:
+    """``old`` with every record of the (op, kind) pairs that ``new`` covers replaced by ``new``'s records;
+    the predictions are redone and ``updates`` lists what was recompiled (selection, match, seconds)."""
+    kinds = {(r["op"], r["kind"]) for r in new["variants"]}
+    kept = [r for r in old["variants"] if (r["op"], r["kind"]) not in kinds]
+    out = dict(old, variants=kept + new["variants"])
+    out["updates"] = old.get("updates", []) + [
+        {"configs": new["configs"], "match": new["match"], "seconds": new["seconds"],
+         "kinds": sorted(f"{op}[{kind}]" for op, kind in kinds), "variants": len(new["variants"])}]
+    out["seconds"] = round(old["seconds"] + new["seconds"], 1)
+    out["predictions"] = predict(out["variants"], out["arch"])
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(RATES))
@@ -804,6 +821,9 @@ def main(argv=None) -> int:
                         help="compile exactly as the AOT test does (no alignment/divisibility hints)")
     parser.add_argument("--reuse", action="store_true",
                         help="no compiling: reread the JSON and redo the predictions and the notes")
+    parser.add_argument("--update", action="store_true",
+                        help="compile the selected variants and replace, in the existing JSON, every record of "
+                             "the kernel kinds they belong to (after a config change of some kinds)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
@@ -823,6 +843,8 @@ def main(argv=None) -> int:
             report["predictions"] = predict(report["variants"], arch)
         else:
             report = build_report(arch, args.configs, args.match, args.jobs, args.quiet, not args.no_hints)
+            if args.update:
+                report = merge_reports(json.loads(out.read_text()), report)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")
         blocks.append(markdown(report))
