@@ -483,6 +483,24 @@ def disassemble(cubin: bytes) -> str:
                               text=True).stdout
 
 
+def ptxas_default_regalloc(ptx: str, arch: int) -> dict:
+    """ptxas ``-v`` figures of ``ptx`` assembled without the ``--regAllocOptLevel=2`` Triton 3.9 adds to
+    every ptxas call (its workaround for a ptxas 13.x bug): tells spills forced by register pressure from
+    spills of that allocator setting (which also occur at 80-128 registers)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        arch_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        proc = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", f"--gpu-name={arch_name}", str(src), "-o",
+                               str(src) + ".o"], capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": proc.stderr[-2000:]}
+    info = parse_ptxas_log(proc.stderr + proc.stdout)
+    return {k: info[k] for k in ("registers", "spill_stores", "spill_loads")}
+
+
 def analyse_variant(variant, arch: int, hints: bool = True) -> dict:
     """Compile one variant for ``sm_<arch>`` (with ``hinted_source`` unless ``hints`` is False) and return
     its record (see the module docstring)."""
@@ -492,6 +510,8 @@ def analyse_variant(variant, arch: int, hints: bool = True) -> dict:
     cubin = compiled.asm["cubin"]
     info, cubin2 = ptxas_info(compiled.asm["ptx"], variant, arch)
     info["identical_cubin"] = cubin2 == cubin
+    if info["spill_stores"] or info["spill_loads"]:
+        info["default_regalloc"] = ptxas_default_regalloc(compiled.asm["ptx"], arch)
     sass = analyse_sass(disassemble(cubin))
     for lp in sass["loops"]:
         lp["cycles_per_iteration"] = loop_cycles(lp, variant.num_warps, arch)
@@ -703,8 +723,11 @@ def markdown(report: dict) -> str:
     lines += ["", f"First-choice variants that spill: {len(spills)} of "
               f"{sum(r['config_index'] == 0 for r in recs)}" + (":" if spills else "."), ""]
     for r in spills:
+        d = r["ptxas"].get("default_regalloc", {})
+        note = (f"; without `--regAllocOptLevel=2`: {d['registers']} registers, {d['spill_stores']}/"
+                f"{d['spill_loads']} B" if "registers" in d else "")
         lines.append(f"- `{r['variant']}`: {r['ptxas']['registers']} registers, {r['ptxas']['spill_stores']} B "
-                     f"stores / {r['ptxas']['spill_loads']} B loads")
+                     f"stores / {r['ptxas']['spill_loads']} B loads{note}")
     preds = report.get("predictions", [])
     shown = {}
     for p in preds:
@@ -793,6 +816,22 @@ def build_report(arch: int, configs: str = "first", match: str = "", jobs: int =
     return report
 
 
+def explain_spills(report: dict, hints: bool = True) -> None:
+    """Add ``ptxas.default_regalloc`` (see ``ptxas_default_regalloc``) to every spilling record of
+    ``report`` that lacks it, recompiling its variant (a Triton cache hit when the kernels are unchanged)."""
+    by_name = {v.name: v for v in _aot().variants(full=True)}
+    for rec in report["variants"]:
+        p = rec.get("ptxas", {})
+        if "error" in rec or "default_regalloc" in p or not (p.get("spill_stores") or p.get("spill_loads")):
+            continue
+        v = by_name.get(rec["variant"])
+        if v is None:
+            p["default_regalloc"] = {"error": "variant no longer enumerated"}
+            continue
+        compiled = compile_hinted(v, report["arch"]) if hints else _aot().compile_variant(v, report["arch"])
+        p["default_regalloc"] = ptxas_default_regalloc(compiled.asm["ptx"], report["arch"])
+
+
 def merge_reports(old: dict, new: dict) -> dict:
     """``old`` with every record of the (op, kind) pairs that ``new`` covers replaced by ``new``'s records;
     the predictions are redone and ``updates`` lists what was recompiled (selection, match, seconds)."""
@@ -824,6 +863,9 @@ def main(argv=None) -> int:
     parser.add_argument("--update", action="store_true",
                         help="compile the selected variants and replace, in the existing JSON, every record of "
                              "the kernel kinds they belong to (after a config change of some kinds)")
+    parser.add_argument("--explain-spills", action="store_true",
+                        help="with --reuse: recompile the spilling records of the JSON and add their ptxas "
+                             "figures without --regAllocOptLevel=2 (ptxas.default_regalloc)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
@@ -840,6 +882,8 @@ def main(argv=None) -> int:
             for rec in report["variants"]:
                 for lp in rec.get("loops", []):
                     lp["opcodes"] = dict(Counter(lp["opcodes"]).most_common(OPCODES_KEPT))
+            if args.explain_spills:
+                explain_spills(report, not args.no_hints)
             report["predictions"] = predict(report["variants"], arch)
         else:
             report = build_report(arch, args.configs, args.match, args.jobs, args.quiet, not args.no_hints)

@@ -33,8 +33,8 @@ CONFIGS = {
         Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
         Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ],
-    "prefill-fp32": [
-        Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    "prefill-fp32": [  # 8 warps, BLOCK_R 16: IEEE float32 products hold their operands in registers
+        Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_R": 16, "GROUP_M": 8}, num_warps=8, num_stages=3),
     ],
     "decode": [
         Config({"BLOCK_K": 32, "BLOCK_N": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
