@@ -7,7 +7,11 @@ the instruction mix of each loop, from ptxas and the cubin's SASS.
 Variants come from ``vera_kernels.ops.aot`` (the same enumeration and compile call as the AOT test).
 By default the report covers every *first-choice* variant: the first autotune config of each kind (the
 one used with autotuning off) crossed with every host block size, flag set, dtype mode and weight
-layout; ``--configs all`` takes every autotune config.
+layout; ``--configs all`` takes every autotune config, ``--configs lean`` drops the bf16 twins, the
+transposed-W layout and the cached 16-bit A/B source (a third of the compiles), ``--configs smoke`` keeps
+the heaviest variant per kind (the test's sample). ``--update`` recompiles the selected kinds into the
+existing JSON; ``--reuse --explain-spills`` adds, for every spilling record, the ptxas figures without
+the ``--regAllocOptLevel=2`` Triton passes (``ptxas.default_regalloc``).
 
 For each variant:
 

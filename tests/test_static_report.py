@@ -136,6 +136,22 @@ def test_loop_cycles_picks_the_slowest_pipe():
     assert cyc["bound"] == "issue"
 
 
+def test_merge_reports_replaces_whole_kinds():
+    def rec(op, kind, name):
+        return {"variant": name, "op": op, "kind": kind, "dtype_mode": "fp32-ieee", "layout": "contiguous",
+                "config_index": 0}
+
+    old = {"arch": 90, "seconds": 10.0, "variants": [rec("shrink", "shrink", "s-old"), rec("shrink", "shrink-fp32", "f-old"),
+                                                     rec("grad_input", "prefill", "g-old")]}
+    new = {"arch": 90, "seconds": 2.0, "configs": "lean", "match": "shrink[shrink-fp32]",
+           "variants": [rec("shrink", "shrink-fp32", "f-new-1"), rec("shrink", "shrink-fp32", "f-new-2")]}
+    out = sr.merge_reports(old, new)
+    assert [r["variant"] for r in out["variants"]] == ["s-old", "g-old", "f-new-1", "f-new-2"]
+    assert out["updates"][0]["kinds"] == ["shrink[shrink-fp32]"] and out["updates"][0]["variants"] == 2
+    assert out["seconds"] == 12.0 and out["predictions"] == []
+    assert len(old["variants"]) == 3  # the old report is not modified
+
+
 def _aot_reason():
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
