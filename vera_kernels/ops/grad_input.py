@@ -1,7 +1,8 @@
 """Input gradient: ``grad_x = gy W + mask · q ⊙ ((g ⊙ lambda_d) A_K)`` written once (docs/DESIGN.md §1, §4).
 
-The mirror of the fused forward: one GEMM ``gy W`` over N, whose epilogue (the same ``rank_expand``
-helper) adds ``(lambda_d ⊙ g) @ A_K`` with ``[BLOCK_R, BLOCK_K]`` tiles of ``A`` generated in registers.
+The mirror of the fused forward: a rank loop (the same ``rank_expand`` helper) computes
+``(lambda_d ⊙ g) @ A_K`` with ``[BLOCK_R, BLOCK_K]`` tiles of ``A`` generated in registers, then one GEMM
+``gy W`` over N adds to it.
 ``lambda_d`` (per row with many adapters) scales ``g`` in float32 and the product runs on float32/TF32
 operands. The adapter part runs first, alone in the float32 accumulator (with dropout it is masked there
 with the regenerated keep-mask and scaled by ``q``); the ``gy W`` loop then continues the same
