@@ -7,7 +7,11 @@ the instruction mix of each loop, from ptxas and the cubin's SASS.
 Variants come from ``vera_kernels.ops.aot`` (the same enumeration and compile call as the AOT test).
 By default the report covers every *first-choice* variant: the first autotune config of each kind (the
 one used with autotuning off) crossed with every host block size, flag set, dtype mode and weight
-layout; ``--configs all`` takes every autotune config.
+layout; ``--configs all`` takes every autotune config, ``--configs lean`` drops the bf16 twins, the
+transposed-W layout and the cached 16-bit A/B source (a third of the compiles), ``--configs smoke`` keeps
+the heaviest variant per kind (the test's sample). ``--update`` recompiles the selected kinds into the
+existing JSON; ``--reuse --explain-spills`` adds, for every spilling record, the ptxas figures without
+the ``--regAllocOptLevel=2`` Triton passes (``ptxas.default_regalloc``).
 
 For each variant:
 
@@ -364,36 +368,49 @@ def describe(variant) -> dict:
             "constexprs": consts, "num_warps": variant.num_warps, "num_stages": variant.num_stages}
 
 
-SELECTIONS = ("first", "all", "covering", "smoke")
+SELECTIONS = ("first", "lean", "all", "covering", "smoke")
 
 
 def select(configs: str = "first", match: str = "") -> list:
     """The variants to report: ``configs="first"`` (first autotune config of each kind, every host block
     size / flag set / dtype mode / layout), ``"all"`` (every config too), ``"covering"`` (the AOT test's
-    covering set) or ``"smoke"`` (one heavy first-choice variant per kind and dtype, see ``_smoke``); only
-    names containing ``match``."""
+    covering set), ``"lean"`` (``"first"`` less the compiles that differ from a kept one only as bf16 from
+    fp16, the transposed-W layout from the contiguous one, or a cached 16-bit copy of loaded A/B from a
+    stored float32 one: a quarter of the compile time) or ``"smoke"`` (one heavy first-choice variant per
+    kind and dtype, see ``_smoke``); only names containing ``match``.
+
+    Every selection drops exact duplicates: a variant that generates A/B (``GENERATE_AB``) compiles the
+    same with either A/B source (its A/B pointer is ``None``), so only its ``stored-fp32`` twin is kept.
+    """
     aot = _aot()
     if configs not in SELECTIONS:
         raise ValueError(f"configs must be one of {SELECTIONS}, not {configs!r}")
     vs = aot.variants(full=configs != "covering")
-    if configs in ("first", "smoke"):
+    vs = [v for v in vs if not ("/cached-input/" in v.name and v.constexprs.get("GENERATE_AB"))]
+    if configs in ("first", "lean", "smoke"):
         vs = [v for v in vs if describe(v)["config_index"] == 0]
+    if configs == "lean":
+        vs = [v for v in vs if "/bf16/" not in v.name and "/transposed-W/" not in v.name
+              and "/cached-input/" not in v.name]
     if configs == "smoke":
         vs = _smoke(vs)
     return [v for v in vs if match in v.name]
 
 
 def _smoke(first: list) -> list:
-    """Per kernel kind and dtype mode without TF32: the first-choice variant with every flag on and the
-    largest host BLOCK_M, contiguous layout (the most registers of its kind, as a rule)."""
+    """Per kernel kind and dtype mode without TF32: the first-choice variant with every flag on (per-row
+    ids, dropout, bias, generated A/B ...) and the largest host BLOCK_M, contiguous layout (the most
+    registers of its kind, as a rule); for kernels with an ``ALIGNED`` flag, once aligned and once not
+    (a shard offset that is not a multiple of 4: one Philox call per element)."""
     best: Dict[tuple, tuple] = {}
     for v in first:
         d = describe(v)
         if d["layout"] != "contiguous" or d["dtype_mode"] == "fp32-tf32":
             continue
-        flags = sum(1 for k, x in d["constexprs"].items() if x is True and k.isupper() and k != "SPLIT")
+        flags = sum(1 for k, x in d["constexprs"].items()
+                    if x is True and k.isupper() and k not in ("SPLIT", "ALIGNED"))
         score = (flags, d["constexprs"].get("BLOCK_M", 0), d["constexprs"].get("BLOCK_R", 0))
-        key = (d["op"], d["kind"], d["dtype_mode"])
+        key = (d["op"], d["kind"], d["dtype_mode"], d["constexprs"].get("ALIGNED"))
         if key not in best or score > best[key][0]:
             best[key] = (score, v)
     return [v for _, v in best.values()]
@@ -470,6 +487,24 @@ def disassemble(cubin: bytes) -> str:
                               text=True).stdout
 
 
+def ptxas_default_regalloc(ptx: str, arch: int) -> dict:
+    """ptxas ``-v`` figures of ``ptx`` assembled without the ``--regAllocOptLevel=2`` Triton 3.9 adds to
+    every ptxas call (its workaround for a ptxas 13.x bug): tells spills forced by register pressure from
+    spills of that allocator setting (which also occur at 80-128 registers)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        arch_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        proc = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", f"--gpu-name={arch_name}", str(src), "-o",
+                               str(src) + ".o"], capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": proc.stderr[-2000:]}
+    info = parse_ptxas_log(proc.stderr + proc.stdout)
+    return {k: info[k] for k in ("registers", "spill_stores", "spill_loads")}
+
+
 def analyse_variant(variant, arch: int, hints: bool = True) -> dict:
     """Compile one variant for ``sm_<arch>`` (with ``hinted_source`` unless ``hints`` is False) and return
     its record (see the module docstring)."""
@@ -479,6 +514,8 @@ def analyse_variant(variant, arch: int, hints: bool = True) -> dict:
     cubin = compiled.asm["cubin"]
     info, cubin2 = ptxas_info(compiled.asm["ptx"], variant, arch)
     info["identical_cubin"] = cubin2 == cubin
+    if info["spill_stores"] or info["spill_loads"]:
+        info["default_regalloc"] = ptxas_default_regalloc(compiled.asm["ptx"], arch)
     sass = analyse_sass(disassemble(cubin))
     for lp in sass["loops"]:
         lp["cycles_per_iteration"] = loop_cycles(lp, variant.num_warps, arch)
@@ -575,8 +612,8 @@ def _source_loops(op: str, c: dict, M: int, R: int, sms: int) -> Tuple[int, List
         programs = _cdiv(M, c["BLOCK_M"]) * _cdiv(K, c["BLOCK_K"])
         main = ("N loop (base GEMM)", _cdiv(N, c["BLOCK_N"]))
         gen = "rank loop (A generated)"
-    # 16-bit inputs: rank_expand's float16 operands take a row-max pass first
-    return programs, [main, ("rank loop (row max)", _cdiv(R, c["BLOCK_R"])), (gen, _cdiv(R, c["BLOCK_R"]))]
+    # the rank product runs first in the accumulator, then the base GEMM continues it
+    return programs, [(gen, _cdiv(R, c["BLOCK_R"])), main]
 
 
 def _hbm_bytes(op: str, M: int, R: int, elt: int) -> float:
@@ -609,7 +646,7 @@ def predict(records: List[dict], arch: int) -> List[dict]:
     rates = RATES[arch]
     ok = [r for r in records if "error" not in r and r["config_index"] == 0 and r["layout"] == "contiguous"]
     out = []
-    for mode in ("fp16", "bf16"):
+    for mode in [m for m in ("fp16", "bf16") if any(r["dtype_mode"] == m for r in ok)]:
         for M, R in SHAPES:
             for op, case in prediction_cases(M, mode).items():
                 cands = [r for r in ok if r["op"] == op and r["kind"] == case["kind"] and r["dtype_mode"] == mode
@@ -668,6 +705,9 @@ def markdown(report: dict) -> str:
     errs = [r for r in report["variants"] if "error" in r]
     lines = [f"### sm_{arch}: {len(recs)} variants analysed, {len(errs)} failed "
              f"(Triton {report['triton']}, configs: {report['configs']})", ""]
+    for u in report.get("updates", []):
+        lines += [f"Recompiled by `--update` (configs: {u['configs']}, match: `{u['match']}`): "
+                  f"{', '.join(u['kinds'])}, {u['variants']} variants.", ""]
     lines += ["Resources per kernel kind and dtype, over every host block size, flag set and layout "
               "(first-choice config unless noted):", "",
               "| kernel[kind] | dtype | config | warps | variants | registers | spill st/ld (B) | shared (KiB) |",
@@ -687,8 +727,11 @@ def markdown(report: dict) -> str:
     lines += ["", f"First-choice variants that spill: {len(spills)} of "
               f"{sum(r['config_index'] == 0 for r in recs)}" + (":" if spills else "."), ""]
     for r in spills:
+        d = r["ptxas"].get("default_regalloc", {})
+        note = (f"; without `--regAllocOptLevel=2`: {d['registers']} registers, {d['spill_stores']}/"
+                f"{d['spill_loads']} B" if "registers" in d else "")
         lines.append(f"- `{r['variant']}`: {r['ptxas']['registers']} registers, {r['ptxas']['spill_stores']} B "
-                     f"stores / {r['ptxas']['spill_loads']} B loads")
+                     f"stores / {r['ptxas']['spill_loads']} B loads{note}")
     preds = report.get("predictions", [])
     shown = {}
     for p in preds:
@@ -777,6 +820,36 @@ def build_report(arch: int, configs: str = "first", match: str = "", jobs: int =
     return report
 
 
+def explain_spills(report: dict, hints: bool = True) -> None:
+    """Add ``ptxas.default_regalloc`` (see ``ptxas_default_regalloc``) to every spilling record of
+    ``report`` that lacks it, recompiling its variant (a Triton cache hit when the kernels are unchanged)."""
+    by_name = {v.name: v for v in _aot().variants(full=True)}
+    for rec in report["variants"]:
+        p = rec.get("ptxas", {})
+        if "error" in rec or "default_regalloc" in p or not (p.get("spill_stores") or p.get("spill_loads")):
+            continue
+        v = by_name.get(rec["variant"])
+        if v is None:
+            p["default_regalloc"] = {"error": "variant no longer enumerated"}
+            continue
+        compiled = compile_hinted(v, report["arch"]) if hints else _aot().compile_variant(v, report["arch"])
+        p["default_regalloc"] = ptxas_default_regalloc(compiled.asm["ptx"], report["arch"])
+
+
+def merge_reports(old: dict, new: dict) -> dict:
+    """``old`` with every record of the (op, kind) pairs that ``new`` covers replaced by ``new``'s records;
+    the predictions are redone and ``updates`` lists what was recompiled (selection, match, seconds)."""
+    kinds = {(r["op"], r["kind"]) for r in new["variants"]}
+    kept = [r for r in old["variants"] if (r["op"], r["kind"]) not in kinds]
+    out = dict(old, variants=kept + new["variants"])
+    out["updates"] = old.get("updates", []) + [
+        {"configs": new["configs"], "match": new["match"], "seconds": new["seconds"],
+         "kinds": sorted(f"{op}[{kind}]" for op, kind in kinds), "variants": len(new["variants"])}]
+    out["seconds"] = round(old["seconds"] + new["seconds"], 1)
+    out["predictions"] = predict(out["variants"], out["arch"])
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(RATES))
@@ -791,6 +864,12 @@ def main(argv=None) -> int:
                         help="compile exactly as the AOT test does (no alignment/divisibility hints)")
     parser.add_argument("--reuse", action="store_true",
                         help="no compiling: reread the JSON and redo the predictions and the notes")
+    parser.add_argument("--update", action="store_true",
+                        help="compile the selected variants and replace, in the existing JSON, every record of "
+                             "the kernel kinds they belong to (after a config change of some kinds)")
+    parser.add_argument("--explain-spills", action="store_true",
+                        help="with --reuse: recompile the spilling records of the JSON and add their ptxas "
+                             "figures without --regAllocOptLevel=2 (ptxas.default_regalloc)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
@@ -807,9 +886,13 @@ def main(argv=None) -> int:
             for rec in report["variants"]:
                 for lp in rec.get("loops", []):
                     lp["opcodes"] = dict(Counter(lp["opcodes"]).most_common(OPCODES_KEPT))
+            if args.explain_spills:
+                explain_spills(report, not args.no_hints)
             report["predictions"] = predict(report["variants"], arch)
         else:
             report = build_report(arch, args.configs, args.match, args.jobs, args.quiet, not args.no_hints)
+            if args.update:
+                report = merge_reports(json.loads(out.read_text()), report)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")
         blocks.append(markdown(report))

@@ -1,5 +1,6 @@
 """Static GPU report (``benchmarks/static_report.py``): the SASS/ptxas parsers on captured text, and a
-compile of one heavy first-choice variant per kernel kind and dtype for sm_90 that fails on any spill.
+compile of the heaviest first-choice variant per kernel kind and dtype (every flag on: per-row adapter
+ids, dropout, bias, generated A/B; aligned and unaligned shard offsets) for sm_90 that fails on any spill.
 
 The compile runs ``python -m benchmarks.static_report --configs smoke`` in a subprocess with
 ``TRITON_INTERPRET`` unset (tests/conftest.py sets it for the interpreter tests).
@@ -135,6 +136,22 @@ def test_loop_cycles_picks_the_slowest_pipe():
     assert cyc["bound"] == "issue"
 
 
+def test_merge_reports_replaces_whole_kinds():
+    def rec(op, kind, name):
+        return {"variant": name, "op": op, "kind": kind, "dtype_mode": "fp32-ieee", "layout": "contiguous",
+                "config_index": 0}
+
+    old = {"arch": 90, "seconds": 10.0, "variants": [rec("shrink", "shrink", "s-old"), rec("shrink", "shrink-fp32", "f-old"),
+                                                     rec("grad_input", "prefill", "g-old")]}
+    new = {"arch": 90, "seconds": 2.0, "configs": "lean", "match": "shrink[shrink-fp32]",
+           "variants": [rec("shrink", "shrink-fp32", "f-new-1"), rec("shrink", "shrink-fp32", "f-new-2")]}
+    out = sr.merge_reports(old, new)
+    assert [r["variant"] for r in out["variants"]] == ["s-old", "g-old", "f-new-1", "f-new-2"]
+    assert out["updates"][0]["kinds"] == ["shrink[shrink-fp32]"] and out["updates"][0]["variants"] == 2
+    assert out["seconds"] == 12.0 and out["predictions"] == []
+    assert len(old["variants"]) == 3  # the old report is not modified
+
+
 def _aot_reason():
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
@@ -164,6 +181,11 @@ def test_first_choice_variants_do_not_spill_on_sm90(tmp_path):
     assert not errors, "\n".join(f"{r['variant']}: {r['error'][:1500]}" for r in errors)
     kinds = {(r["op"], r["kind"]) for r in recs}
     assert len(kinds) >= 12, f"expected every kernel kind, got {sorted(kinds)}"
+    for op in ("fused_forward", "rank_grads", "grad_input"):
+        assert any(r["op"] == op and r["constexprs"].get("HAS_IDS") for r in recs), f"{op}: no per-row ids variant"
+    for op in ("shrink", "grad_input"):
+        assert {r["constexprs"].get("ALIGNED") for r in recs if r["op"] == op} == {True, False}, \
+            f"{op}: the sample must hold aligned and unaligned shard offsets"
     spills = [f"{r['variant']}: {r['ptxas']['spill_stores']} B spill stores, {r['ptxas']['spill_loads']} B "
               f"spill loads, {r['ptxas']['registers']} registers" for r in recs
               if r["config_index"] == 0 and (r["ptxas"]["spill_stores"] or r["ptxas"]["spill_loads"])]

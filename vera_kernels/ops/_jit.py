@@ -46,7 +46,9 @@ def philox_words_tile(key0, key1, STREAM: tl.constexpr, rows, col_start, COLS: t
 
     ``ALIGNED`` (``col_start`` a multiple of 4): one Philox call yields the 4 neighbours of a row, which
     are interleaved back in column order with two joins. Otherwise (a shard whose first column is not a
-    multiple of 4) every element runs its own Philox call and keeps the word of its lane.
+    multiple of 4) every element runs its own Philox call and keeps the word of its lane: columns
+    ``4 i + t`` form quarter ``t`` (``[ROWS, COLS / 4]``, one lane for all its elements), computed one
+    quarter after the other and interleaved by the same joins, so the live state is the aligned path's.
     """
     ROWS: tl.constexpr = rows.shape[0]
     k0 = key0.to(tl.uint32, bitcast=True)
@@ -61,15 +63,27 @@ def philox_words_tile(key0, key1, STREAM: tl.constexpr, rows, col_start, COLS: t
         # join adds a minor dim: join(join(w0, w2), join(w1, w3))[..., i, t] is lane 2 * i + t
         w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (ROWS, COLS))
     else:
-        cols = col_start + tl.arange(0, COLS)
-        c0 = tl.broadcast_to((cols // 4).to(tl.uint32)[None, :], (ROWS, COLS))
-        c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], (ROWS, COLS))
-        c2 = tl.full((ROWS, COLS), STREAM, tl.uint32)
-        c3 = tl.full((ROWS, COLS), 0, tl.uint32)
-        w0, w1, w2, w3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
-        lane = tl.broadcast_to((cols % 4)[None, :], (ROWS, COLS))
-        w = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+        q0 = _unaligned_quarter(k0, k1, STREAM, rows, col_start, 0, COLS // 4)
+        q1 = _unaligned_quarter(k0, k1, STREAM, rows, col_start, 1, COLS // 4)
+        q2 = _unaligned_quarter(k0, k1, STREAM, rows, col_start, 2, COLS // 4)
+        q3 = _unaligned_quarter(k0, k1, STREAM, rows, col_start, 3, COLS // 4)
+        w = tl.reshape(tl.join(tl.join(q0, q2), tl.join(q1, q3)), (ROWS, COLS))
     return w
+
+
+@triton.jit
+def _unaligned_quarter(k0, k1, STREAM: tl.constexpr, rows, col_start, T: tl.constexpr, QUADS: tl.constexpr):
+    """uint32 words ``[len(rows), QUADS]`` of the elements at columns ``col_start + 4 i + T``: one Philox
+    call each, keeping word ``(col_start + T) % 4`` (the same lane for every element)."""
+    ROWS: tl.constexpr = rows.shape[0]
+    cols = col_start + T + 4 * tl.arange(0, QUADS)
+    c0 = tl.broadcast_to((cols // 4).to(tl.uint32)[None, :], (ROWS, QUADS))
+    c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], (ROWS, QUADS))
+    c2 = tl.full((ROWS, QUADS), STREAM, tl.uint32)
+    c3 = tl.full((ROWS, QUADS), 0, tl.uint32)
+    w0, w1, w2, w3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
+    lane = (col_start + T) % 4
+    return tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
 
 
 @triton.jit
@@ -157,13 +171,13 @@ def mma(a, b, acc, IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISIO
 
 
 @triton.jit
-def gemm_main_loop(a_ptr, stride_am, stride_al, b_ptr, stride_bl, stride_bo, offs_m, offs_o, mask_m, mask_o, L,
-                   IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def gemm_main_loop(acc, a_ptr, stride_am, stride_al, b_ptr, stride_bl, stride_bo, offs_m, offs_o, mask_m, mask_o,
+                   L, IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_L: tl.constexpr):
-    """float32 tile ``[len(offs_m), len(offs_o)]`` of ``a @ b`` for ``a`` ``[M, L]`` and ``b`` ``[L, O]`` with
-    any strides (zero where ``mask_m``/``mask_o`` are off): the base GEMM of the fused forward (x Wᵀ) and
-    of grad_x (gy W), in products of the input dtype."""
-    acc = tl.zeros((offs_m.shape[0], offs_o.shape[0]), dtype=tl.float32)
+    """``acc + a @ b``: float32 tile ``[len(offs_m), len(offs_o)]`` for ``a`` ``[M, L]`` and ``b`` ``[L, O]``
+    with any strides (``a @ b`` is zero where ``mask_m``/``mask_o`` are off): the base GEMM of the fused
+    forward (x Wᵀ) and of grad_x (gy W), in products of the input dtype. ``acc`` is zeros, or an adapter
+    term computed first, so a kernel keeps one accumulator (a second one spills large tiles)."""
     for l_start in range(tl.program_id(0).to(tl.int64) * 0, L, BLOCK_L):  # int64: l * stride may pass 2**31
         offs_l = l_start + tl.arange(0, BLOCK_L)
         mask_l = offs_l < L

@@ -1,10 +1,10 @@
 """Fused forward: ``y = x Wᵀ + bias + lambda_b ⊙ ((lambda_d ⊙ s) B_Nᵀ)`` written once (docs/DESIGN.md §4).
 
-One GEMM over K for ``x Wᵀ``; its epilogue continues the same float32 accumulator over the rank:
-``(lambda_d ⊙ s) @ (B_Nᵀ ⊙ lambda_b)`` with the ``[BLOCK_R, BLOCK_N]`` tiles of ``B`` generated in
-registers and rounded to the input dtype, then adds the bias, casts and stores. The vectors are applied in
-float32: one ``lambda_b`` scales B's float32 tile (the product then runs on float32/TF32 operands, in the
-same accumulator); per-row ``lambda_b`` (many adapters) scales a second accumulator before it is added.
+One float32 accumulator per program: first the rank product ``(lambda_d ⊙ s) @ (B_Nᵀ ⊙ lambda_b)``
+with the ``[BLOCK_R, BLOCK_N]`` tiles of ``B`` generated in registers and rounded to the input dtype,
+then the GEMM over K for ``x Wᵀ`` continues it; the bias is added, the tile cast and stored. The vectors
+are applied in float32: one ``lambda_b`` scales B's float32 tile (the product then runs on float32/TF32
+operands); per-row ``lambda_b`` (many adapters) scales the finished rank product, before ``x Wᵀ`` joins it.
 ``s`` (from the shrink) is the only intermediate. ``W`` may have any strides (a transposed view of a
 ``[K, N]`` matrix is read in place). Decode (M <= 64) uses a single row block of ``BLOCK_M`` rows, so
 ``W`` is streamed exactly once, with narrow column tiles to spread it over every SM.
@@ -24,15 +24,18 @@ from ._jit import MATRIX_B, gemm_main_loop, gemm_tile_program, rank_expand, rank
 # GPU autotune lists per kind; the first config of each is the one used when autotuning is off.
 CONFIGS = {
     "prefill": [
-        # Hopper (wgmma, two warpgroups, 228 KB shared memory)
+        # first choice: fits the registers with every flag (ids, bias, generated B) on sm_90 and sm_80 and
+        # A100's shared memory (benchmarks/NOTES-static.md)
+        Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 16, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        # Hopper (wgmma, two warpgroups, 228 KB shared memory); 128x256 spills with per-row ids
         Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
         Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
         # Ampere (mma.sync, 164 KB shared memory on A100)
         Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
         Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ],
-    "prefill-fp32": [
-        Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    "prefill-fp32": [  # 8 warps: IEEE float32 products run on the FMA pipes, their operands in registers
+        Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
     ],
     # decode: one row block streams W once; narrow column tiles spread it over every SM
     "decode": [
@@ -41,7 +44,7 @@ CONFIGS = {
         Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
     ],
     "decode-fp32": [
-        Config({"BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=3),
     ],
 }
 _INTERPRETER = {
@@ -67,28 +70,28 @@ def _fused_forward_kernel(
 ):
     offs_m, n_start, offs_n, mask_m, mask_n = gemm_tile_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
-    acc = gemm_main_loop(x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, offs_m, offs_n, mask_m, mask_n, K,
-                         IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_K)  # x Wᵀ
-
+    # the rank product first, alone in the float32 accumulator; x Wᵀ then continues it (one accumulator)
     if HAS_IDS:
-        # per-row vectors: lambda_b[id] scales the rank product's own float32 accumulator
+        # per-row vectors: lambda_b[id] scales the finished rank product (it differs per row)
         ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
-        rank = rank_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, stride_sm, stride_sr,
-                           lamd_ptr, stride_lda, ids, offs_m, M, R, offs_n, n_start, out_offset, N, 1.0,
-                           key0, key1, bound_b, b_ptr, stride_bj, stride_bn,
-                           MATRIX=MATRIX_B, GENERATE_AB=GENERATE_AB, ALIGNED=True, HAS_IDS=True, SCALE_COLS=False,
-                           IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION, INTERPRETER=INTERPRETER,
-                           BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_N)
-        acc += rank * rank_vector(lamb_ptr, ids, stride_lba, offs_n, N, HAS_IDS=True)
+        acc = rank_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, stride_sm, stride_sr,
+                          lamd_ptr, stride_lda, ids, offs_m, M, R, offs_n, n_start, out_offset, N, 1.0,
+                          key0, key1, bound_b, b_ptr, stride_bj, stride_bn,
+                          MATRIX=MATRIX_B, GENERATE_AB=GENERATE_AB, ALIGNED=True, HAS_IDS=True, SCALE_COLS=False,
+                          IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION, INTERPRETER=INTERPRETER,
+                          BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_N)
+        acc = acc * rank_vector(lamb_ptr, ids, stride_lba, offs_n, N, HAS_IDS=True)
     else:
-        # one lambda_b for every row: it scales B's float32 tile (never a 16-bit operand), same accumulator
+        # one lambda_b for every row: it scales B's float32 tile (never a 16-bit operand)
         lamb = rank_vector(lamb_ptr, offs_m, 0, offs_n, N, HAS_IDS=False)
-        acc = rank_expand(acc, s_ptr, stride_sm, stride_sr, lamd_ptr, 0, offs_m, offs_m, M, R,
-                          offs_n, n_start, out_offset, N, lamb,
+        acc = rank_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, stride_sm, stride_sr,
+                          lamd_ptr, 0, offs_m, offs_m, M, R, offs_n, n_start, out_offset, N, lamb,
                           key0, key1, bound_b, b_ptr, stride_bj, stride_bn,
                           MATRIX=MATRIX_B, GENERATE_AB=GENERATE_AB, ALIGNED=True, HAS_IDS=False, SCALE_COLS=True,
                           IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION, INTERPRETER=INTERPRETER,
                           BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_N)
+    acc = gemm_main_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, offs_m, offs_n, mask_m,
+                         mask_n, K, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_K)  # + x Wᵀ
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),

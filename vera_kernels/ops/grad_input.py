@@ -1,10 +1,12 @@
 """Input gradient: ``grad_x = gy W + mask · q ⊙ ((g ⊙ lambda_d) A_K)`` written once (docs/DESIGN.md §1, §4).
 
-The mirror of the fused forward: one GEMM ``gy W`` over N, whose epilogue (the same ``rank_expand``
-helper) adds ``(lambda_d ⊙ g) @ A_K`` with ``[BLOCK_R, BLOCK_K]`` tiles of ``A`` generated in registers.
+The mirror of the fused forward: a rank loop (the same ``rank_expand`` helper) computes
+``(lambda_d ⊙ g) @ A_K`` with ``[BLOCK_R, BLOCK_K]`` tiles of ``A`` generated in registers, then one GEMM
+``gy W`` over N adds to it.
 ``lambda_d`` (per row with many adapters) scales ``g`` in float32 and the product runs on float32/TF32
-operands. With dropout the adapter part goes to its own accumulator, is masked with the regenerated
-keep-mask and scaled by ``q`` in float32 before it joins the base part. No ``[M, N]`` or ``[M, K]`` intermediate exists.
+operands. The adapter part runs first, alone in the float32 accumulator (with dropout it is masked there
+with the regenerated keep-mask and scaled by ``q``); the ``gy W`` loop then continues the same
+accumulator, so a program holds one ``[BLOCK_M, BLOCK_K]`` tile. No ``[M, N]`` or ``[M, K]`` intermediate exists.
 """
 
 from __future__ import annotations
@@ -24,20 +26,23 @@ from ._jit import MATRIX_A, dropout_keep_tile, gemm_main_loop, gemm_tile_program
 # layout as fused_forward's table, other values: the output tile is [M, K] and the loop runs over N.)
 CONFIGS = {
     "prefill": [
+        # first choice: fits the registers with dropout (also at an unaligned shard offset) and ids on sm_90
+        # and sm_80; 128x256 spills with them
+        Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_R": 16, "GROUP_M": 8}, num_warps=8, num_stages=3),
         Config({"BLOCK_M": 128, "BLOCK_K": 256, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
         Config({"BLOCK_M": 256, "BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
         Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
         Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ],
-    "prefill-fp32": [
-        Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    "prefill-fp32": [  # 8 warps, BLOCK_R 16: IEEE float32 products hold their operands in registers
+        Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_R": 16, "GROUP_M": 8}, num_warps=8, num_stages=3),
     ],
     "decode": [
         Config({"BLOCK_K": 32, "BLOCK_N": 256, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
         Config({"BLOCK_K": 64, "BLOCK_N": 128, "BLOCK_R": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
     ],
     "decode-fp32": [
-        Config({"BLOCK_K": 32, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_M": 1}, num_warps=4, num_stages=3),
+        Config({"BLOCK_K": 32, "BLOCK_N": 32, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=3),
     ],
 }
 _INTERPRETER = {
@@ -63,19 +68,13 @@ def _grad_input_kernel(
 ):
     offs_m, k_start, offs_k, mask_m, mask_k = gemm_tile_program(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
-    acc = gemm_main_loop(gy_ptr, stride_gym, stride_gyn, w_ptr, stride_wn, stride_wk, offs_m, offs_k, mask_m, mask_k,
-                         N, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_N)  # gy W
-
     if HAS_IDS:
         ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
     else:
         ids = offs_m  # unused
-    # with dropout the adapter part gets its own accumulator: mask and q apply to it in float32
-    if DROPOUT:
-        start = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    else:
-        start = acc
-    out = rank_expand(start, g_ptr, stride_gm, stride_gr,
+    # the adapter part first, alone in the accumulator: with dropout its keep-mask and q apply to it in
+    # float32 there; then gy W continues the same accumulator (no second [BLOCK_M, BLOCK_K] tile)
+    acc = rank_expand(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, stride_gm, stride_gr,
                       lamd_ptr, stride_lda, ids, offs_m, M, R, offs_k, k_start, in_offset, K, 1.0,
                       key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
                       MATRIX=MATRIX_A, GENERATE_AB=GENERATE_AB, ALIGNED=ALIGNED, HAS_IDS=HAS_IDS,
@@ -83,10 +82,10 @@ def _grad_input_kernel(
                       INTERPRETER=INTERPRETER, BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_K)
     if DROPOUT:
         keep = dropout_keep_tile(drop_key0, drop_key1, drop_threshold, offs_m, in_offset + k_start, BLOCK_K,
-                                     ALIGNED)
-        acc += tl.where(keep, out * drop_scale, 0.0)
-    else:
-        acc = out
+                                 ALIGNED)
+        acc = tl.where(keep, acc * drop_scale, 0.0)
+    acc = gemm_main_loop(acc, gy_ptr, stride_gym, stride_gyn, w_ptr, stride_wn, stride_wk, offs_m, offs_k,
+                         mask_m, mask_k, N, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_N)  # + gy W
     tl.store(gx_ptr + offs_m[:, None] * stride_gxm + offs_k[None, :] * stride_gxk,
              acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 

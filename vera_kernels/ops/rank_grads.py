@@ -31,7 +31,7 @@ CONFIGS = {
         Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
         Config({"BLOCK_N": 32}, num_warps=4, num_stages=4),
     ],
-    "rank_grads-fp32": [Config({"BLOCK_N": 32}, num_warps=4, num_stages=3)],
+    "rank_grads-fp32": [Config({"BLOCK_N": 32}, num_warps=8, num_stages=3)],
 }
 _INTERPRETER = {"rank_grads": Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)}
 _KEYS = {"rank_grads": ["N", "R", "N_PER_SPLIT", "BLOCK_M", "BLOCK_R", "NEED_G", "NEED_GB", "HAS_IDS"]}
