@@ -341,7 +341,7 @@ at::Tensor shrink_cpu(const at::Tensor& x, const std::optional<at::Tensor>& A, i
 }
 
 // y = x W^T + bias (at::addmm, x's dtype) + lambda_b * ((lambda_d * s) B_N^T) (float32), cast once.
-at::Tensor expand_add_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+at::Tensor fused_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
                           const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound,
                           int64_t out_offset, const std::optional<at::Tensor>& adapter_ids) {
@@ -359,11 +359,11 @@ at::Tensor expand_add_cpu(const at::Tensor& x, const at::Tensor& weight, const s
 }
 
 // (g = (grad_y * lambda_b) B_N, grad_lambda_d = sum_m s * g, grad_lambda_b = rowsum(B_N * (grad_y^T (lambda_d * s))))
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rank_grads_cpu(
     const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
     const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound, bool need_lambda_b,
     int64_t out_offset, const std::optional<at::Tensor>& adapter_ids) {
-  check_adapter_backward(grad_y, s, lambda_d, lambda_b, adapter_ids);
+  check_rank_grads(grad_y, s, lambda_d, lambda_b, adapter_ids);
   const int64_t M = grad_y.size(0), N = grad_y.size(1), rank = s.size(1);
   ProjectionTiles P(make_source(kMatrixB, B, key0, key1, bound, rank, N, grad_y, out_offset), B, rank, N,
                     s.options());
@@ -413,8 +413,8 @@ void projection_tile_cpu(at::Tensor& out, int64_t stream, int64_t row0, int64_t 
 // cannot share one registration block. Likewise the *_cpu and *_cuda functions share the schema's signatures.
 TORCH_LIBRARY_IMPL(vera_kernels, CPU, m) {
   m.impl("shrink", &shrink_cpu);
-  m.impl("expand_add", &expand_add_cpu);
-  m.impl("adapter_backward", &adapter_backward_cpu);
+  m.impl("fused_forward", &fused_forward_cpu);
+  m.impl("rank_grads", &rank_grads_cpu);
   m.impl("grad_input", &grad_input_cpu);
   m.impl("projection_tile", &projection_tile_cpu);
 }

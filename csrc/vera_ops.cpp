@@ -29,13 +29,13 @@ TORCH_LIBRARY(vera_kernels, m) {
   // y = x W^T + bias + lambda_b * ((lambda_d * s) B_N^T), x's dtype [M, N]. With adapter_ids (int64 [M],
   // -1 = base only) lambda_d/lambda_b are banks [n, rank]/[n, N] and row m uses bank row adapter_ids[m].
   m.def(
-      "expand_add(Tensor x, Tensor weight, Tensor? bias, Tensor s, Tensor lambda_d, Tensor lambda_b, Tensor? B, "
+      "fused_forward(Tensor x, Tensor weight, Tensor? bias, Tensor s, Tensor lambda_d, Tensor lambda_b, Tensor? B, "
       "int key0, int key1, float bound, int out_offset=0, Tensor? adapter_ids=None) -> Tensor",
       tags);
   // (g [M, rank], grad_lambda_d [rank], grad_lambda_b [N], or [0] when need_lambda_b is false). With
   // adapter_ids: g per row, and the bank gradients [n, rank], [n, N] (or [0]) reduced deterministically.
   m.def(
-      "adapter_backward(Tensor grad_y, Tensor s, Tensor lambda_d, Tensor lambda_b, Tensor? B, int key0, int key1, "
+      "rank_grads(Tensor grad_y, Tensor s, Tensor lambda_d, Tensor lambda_b, Tensor? B, int key0, int key1, "
       "float bound, bool need_lambda_b, int out_offset=0, Tensor? adapter_ids=None) -> (Tensor, Tensor, Tensor)",
       tags);
   // grad_x = grad_y W + mask * scale * ((g * lambda_d) A_K), x's dtype [M, K] (lambda_d a bank row per

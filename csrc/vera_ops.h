@@ -129,7 +129,7 @@ inline void check_ids_range_cpu(const at::Tensor& ids, int64_t n) {
                 m);
 }
 
-// The adapter inputs of expand_add and adapter_backward, checked against `rows` ([M, ...], named `rows_name`):
+// The adapter inputs of fused_forward and rank_grads, checked against `rows` ([M, ...], named `rows_name`):
 // s float32 [M, r]; adapter_ids (if given) int64 [M]; lambda_d, lambda_b vectors [r], [N], or with ids banks
 // [n, r], [n, N] of one size n, every id in [-1, n).
 inline void check_adapter_inputs(const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
@@ -172,7 +172,7 @@ inline void check_expand(const at::Tensor& x, const at::Tensor& weight, const st
 }
 
 // grad_y [M, N], s [M, r], lambda_d [r], lambda_b [N].
-inline void check_adapter_backward(const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& lambda_d,
+inline void check_rank_grads(const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& lambda_d,
                                    const at::Tensor& lambda_b,
                                    const std::optional<at::Tensor>& ids = std::nullopt) {
   check_float_matrix(grad_y, "grad_y");

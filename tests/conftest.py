@@ -61,7 +61,7 @@ def native_op_samples(adapters=None):
 
     With ``adapters=n`` the samples are the bank variants: lambda_d [n, r] and lambda_b [n, N] banks and
     adapter_ids picking a bank row per token (-1: no adapter). Otherwise vectors [r] and [N], plus the ops
-    that have no bank variant (shrink) and expand_add without a bias.
+    that have no bank variant (shrink) and fused_forward without a bias.
     """
     ops = torch.ops.vera_kernels
     torch.manual_seed(0)
@@ -83,14 +83,14 @@ def native_op_samples(adapters=None):
         pa = (A, 0, 0, 0.0) if stored else (None, k0, k1, proj.bound_a)
         pb = (B, 0, 0, 0.0) if stored else (None, k0, k1, proj.bound_b)
         out += [
-            (ops.expand_add.default, (x, weight, bias, s, ld, lb, *pb, *bank)),
-            (ops.adapter_backward.default, (gy, s, ld, lb, *pb, True, *bank)),
-            (ops.adapter_backward.default, (gy, s, ld, lb, *pb, False, *bank)),
+            (ops.fused_forward.default, (x, weight, bias, s, ld, lb, *pb, *bank)),
+            (ops.rank_grads.default, (gy, s, ld, lb, *pb, True, *bank)),
+            (ops.rank_grads.default, (gy, s, ld, lb, *pb, False, *bank)),
             (ops.grad_input.default, (gy, weight, g, ld, *pa, *drop, *bank)),
         ]
         if adapters is None:
             out += [
                 (ops.shrink.default, (x, pa[0], r, *pa[1:], *drop)),
-                (ops.expand_add.default, (x, weight, None, s, ld, lb, *pb)),
+                (ops.fused_forward.default, (x, weight, None, s, ld, lb, *pb)),
             ]
     return out

@@ -389,15 +389,15 @@ def test_bank_op_errors_are_clear():
     x, W, s = torch.randn(3, 4), torch.randn(5, 4), torch.randn(3, 2)
     ld, lb = torch.randn(3, 2), torch.randn(3, 5)
     with pytest.raises(RuntimeError, match=r"adapter_ids must be in \[-1, 3\), got 3 at row 1"):
-        ops.expand_add(x, W, None, s, ld, lb, None, 1, 2, 0.5, 0, torch.tensor([0, 3, 1]))
+        ops.fused_forward(x, W, None, s, ld, lb, None, 1, 2, 0.5, 0, torch.tensor([0, 3, 1]))
     with pytest.raises(RuntimeError, match="adapter_ids must be int64"):
-        ops.expand_add(x, W, None, s, ld, lb, None, 1, 2, 0.5, 0, torch.tensor([0, 1, 1], dtype=torch.int32))
+        ops.fused_forward(x, W, None, s, ld, lb, None, 1, 2, 0.5, 0, torch.tensor([0, 1, 1], dtype=torch.int32))
     with pytest.raises(RuntimeError, match=r"adapter_ids must be \[3\]"):
-        ops.expand_add(x, W, None, s, ld, lb, None, 1, 2, 0.5, 0, torch.tensor([0, 1]))
+        ops.fused_forward(x, W, None, s, ld, lb, None, 1, 2, 0.5, 0, torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match=r"lambda_b must be a contiguous bank \[n, 5\]"):
-        ops.expand_add(x, W, None, s, ld, lb[:, :4], None, 1, 2, 0.5, 0, torch.tensor([0, 1, 1]))
+        ops.fused_forward(x, W, None, s, ld, lb[:, :4], None, 1, 2, 0.5, 0, torch.tensor([0, 1, 1]))
     with pytest.raises(RuntimeError, match="banks differ in size"):
-        ops.adapter_backward(torch.randn(3, 5), s, ld, lb[:2], None, 1, 2, 0.5, True, 0, torch.tensor([0, 1, 1]))
+        ops.rank_grads(torch.randn(3, 5), s, ld, lb[:2], None, 1, 2, 0.5, True, 0, torch.tensor([0, 1, 1]))
 
 
 def test_demo_serves_users_in_one_batch(capsys):

@@ -187,8 +187,8 @@ def test_native_ops_with_offsets_pass_opcheck():
     drop = (3, 4, 2**23, 2.0)
     for pa, pb in (((None, k0, k1, proj.bound_a), (None, k0, k1, proj.bound_b)), ((A, 0, 0, 0.0), (B, 0, 0, 0.0))):
         torch.library.opcheck(ops.shrink.default, (x, pa[0], r, *pa[1:], *drop, 9))
-        torch.library.opcheck(ops.expand_add.default, (x, W, bias, s, ld, lb, *pb, 11))
-        torch.library.opcheck(ops.adapter_backward.default, (gy, s, ld, lb, *pb, True, 11))
+        torch.library.opcheck(ops.fused_forward.default, (x, W, bias, s, ld, lb, *pb, 11))
+        torch.library.opcheck(ops.rank_grads.default, (gy, s, ld, lb, *pb, True, 11))
         torch.library.opcheck(ops.grad_input.default, (gy, W, g, ld, *pa, *drop, 9))
     with pytest.raises(RuntimeError, match="does not cover"):
-        ops.expand_add(x, W, bias, s, ld, lb, B, 0, 0, 0.0, 12)  # rows [12, 17) of a 16-row B
+        ops.fused_forward(x, W, bias, s, ld, lb, B, 0, 0, 0.0, 12)  # rows [12, 17) of a 16-row B

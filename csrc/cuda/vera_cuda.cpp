@@ -87,7 +87,7 @@ at::Tensor shrink_cuda(const at::Tensor& x, const std::optional<at::Tensor>& A, 
   return s;
 }
 
-at::Tensor expand_add_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+at::Tensor fused_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
                            const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound,
                            int64_t out_offset, const std::optional<at::Tensor>& adapter_ids) {
@@ -99,23 +99,23 @@ at::Tensor expand_add_cuda(const at::Tensor& x, const at::Tensor& weight, const 
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   if (adapter_ids.has_value()) {  // u = s * lambda_d[ids] ([M, rank]); lambda_b read per row in the epilogue
     const at::Tensor u = s.mul(gather_bank_rows(lambda_d, *adapter_ids)).contiguous();
-    check_launch(cuda::launch_expand_add_bank(y.mutable_data_ptr(), dtype_of(y), y.stride(0), y.stride(1), y.size(0), N,
+    check_launch(cuda::launch_fused_forward_bank(y.mutable_data_ptr(), dtype_of(y), y.stride(0), y.stride(1), y.size(0), N,
                                               u.const_data_ptr<float>(), rank, row_bank(lambda_b, *adapter_ids), src,
                                               stream_of(x)));
     return y;
   }
   const at::Tensor sc = s.contiguous(), ld = lambda_d.contiguous(), lb = lambda_b.contiguous();
-  check_launch(cuda::launch_expand_add(y.mutable_data_ptr(), dtype_of(y), y.stride(0), y.stride(1), y.size(0), N,
+  check_launch(cuda::launch_fused_forward(y.mutable_data_ptr(), dtype_of(y), y.stride(0), y.stride(1), y.size(0), N,
                                        sc.const_data_ptr<float>(), rank, ld.const_data_ptr<float>(),
                                        lb.const_data_ptr<float>(), src, stream_of(x)));
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rank_grads_cuda(
     const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& lambda_d, const at::Tensor& lambda_b,
     const std::optional<at::Tensor>& B, int64_t key0, int64_t key1, double bound, bool need_lambda_b,
     int64_t out_offset, const std::optional<at::Tensor>& adapter_ids) {
-  check_adapter_backward(grad_y, s, lambda_d, lambda_b, adapter_ids);
+  check_rank_grads(grad_y, s, lambda_d, lambda_b, adapter_ids);
   check_cuda(grad_y, "grad_y");
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const int64_t M = grad_y.size(0), N = grad_y.size(1), rank = s.size(1);
@@ -125,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cuda(
     const int64_t n = lambda_d.size(0);
     void* stream = stream_of(grad_y);
     at::Tensor g = at::empty({M, rank}, s.options());
-    check_launch(cuda::launch_adapter_backward_bank(activation(grad_y), M, N, rank, row_bank(lb, *adapter_ids), src,
+    check_launch(cuda::launch_rank_grads_bank(activation(grad_y), M, N, rank, row_bank(lb, *adapter_ids), src,
                                                     g.mutable_data_ptr<float>(), stream));
     const Segments seg = segments_of(*adapter_ids);
     at::Tensor grad_d = at::zeros({n, rank}, s.options());
@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cuda(
   }
   at::Tensor g = at::empty({M, rank}, s.options());
   at::Tensor grad_b = at::zeros({need_lambda_b ? N : 0}, s.options());
-  check_launch(cuda::launch_adapter_backward(activation(grad_y), M, N, sc.const_data_ptr<float>(), rank,
+  check_launch(cuda::launch_rank_grads(activation(grad_y), M, N, sc.const_data_ptr<float>(), rank,
                                              ld.const_data_ptr<float>(), lb.const_data_ptr<float>(), src,
                                              g.mutable_data_ptr<float>(),
                                              need_lambda_b ? grad_b.mutable_data_ptr<float>() : nullptr,
@@ -186,8 +186,8 @@ void projection_tile_cuda(at::Tensor& out, int64_t stream, int64_t row0, int64_t
 // one registration block. Likewise the *_cuda and *_cpu functions share the schema's signatures.
 TORCH_LIBRARY_IMPL(vera_kernels, CUDA, m) {
   m.impl("shrink", &shrink_cuda);
-  m.impl("expand_add", &expand_add_cuda);
-  m.impl("adapter_backward", &adapter_backward_cuda);
+  m.impl("fused_forward", &fused_forward_cuda);
+  m.impl("rank_grads", &rank_grads_cuda);
   m.impl("grad_input", &grad_input_cuda);
   m.impl("projection_tile", &projection_tile_cuda);
 }

@@ -317,7 +317,7 @@ const char* launch_shrink(Activation x, int64_t M, int64_t K, ProjectionSource A
   });
 }
 
-const char* launch_expand_add(void* y, DType dtype, int64_t sy0, int64_t sy1, int64_t M, int64_t N, const float* s,
+const char* launch_fused_forward(void* y, DType dtype, int64_t sy0, int64_t sy1, int64_t M, int64_t N, const float* s,
                               int64_t rank, const float* lambda_d, const float* lambda_b, ProjectionSource B,
                               void* stream) {
   const Dense<float> left{s, rank, 1, lambda_d, kNoDropout};
@@ -328,7 +328,7 @@ const char* launch_expand_add(void* y, DType dtype, int64_t sy0, int64_t sy1, in
   });
 }
 
-const char* launch_adapter_backward(Activation grad_y, int64_t M, int64_t N, const float* s, int64_t rank,
+const char* launch_rank_grads(Activation grad_y, int64_t M, int64_t N, const float* s, int64_t rank,
                                     const float* lambda_d, const float* lambda_b, ProjectionSource B, float* g,
                                     float* grad_lambda_b, void* stream) {
   return with_dtype(grad_y.dtype, [&](auto t) {
@@ -359,7 +359,7 @@ const char* launch_grad_input_add(void* grad_x, DType dtype, int64_t sx0, int64_
   });
 }
 
-const char* launch_expand_add_bank(void* y, DType dtype, int64_t sy0, int64_t sy1, int64_t M, int64_t N,
+const char* launch_fused_forward_bank(void* y, DType dtype, int64_t sy0, int64_t sy1, int64_t M, int64_t N,
                                    const float* u, int64_t rank, RowBank lambda_b, ProjectionSource B, void* stream) {
   const Dense<float> left{u, rank, 1, nullptr, kNoDropout};
   return with_dtype(dtype, [&](auto t) {
@@ -369,7 +369,7 @@ const char* launch_expand_add_bank(void* y, DType dtype, int64_t sy0, int64_t sy
   });
 }
 
-const char* launch_adapter_backward_bank(Activation grad_y, int64_t M, int64_t N, int64_t rank, RowBank lambda_b,
+const char* launch_rank_grads_bank(Activation grad_y, int64_t M, int64_t N, int64_t rank, RowBank lambda_b,
                                          ProjectionSource B, float* g, void* stream) {
   return with_dtype(grad_y.dtype, [&](auto t) {
     using T = decltype(t);

@@ -28,13 +28,13 @@ const char* launch_shrink(Activation x, int64_t M, int64_t K, ProjectionSource A
                           float* s, void* stream);
 
 // y [M, N] (holding x W^T + bias, y's dtype, strides sy0/sy1) += lambda_b * ((lambda_d * s) B_N^T).
-const char* launch_expand_add(void* y, DType dtype, int64_t sy0, int64_t sy1, int64_t M, int64_t N, const float* s,
+const char* launch_fused_forward(void* y, DType dtype, int64_t sy0, int64_t sy1, int64_t M, int64_t N, const float* s,
                               int64_t rank, const float* lambda_d, const float* lambda_b, ProjectionSource B,
                               void* stream);
 
 // g [M, rank] = (grad_y * lambda_b) B_N; when grad_lambda_b is not null (zero-filled, [N]) it also
 // receives rowsum(B_N * (grad_y^T (lambda_d * s))).
-const char* launch_adapter_backward(Activation grad_y, int64_t M, int64_t N, const float* s, int64_t rank,
+const char* launch_rank_grads(Activation grad_y, int64_t M, int64_t N, const float* s, int64_t rank,
                                     const float* lambda_d, const float* lambda_b, ProjectionSource B, float* g,
                                     float* grad_lambda_b, void* stream);
 
@@ -55,11 +55,11 @@ struct RowBank {
 
 // y [M, N] (holding x W^T + bias) += lambda_b[ids[m]] * (u B_N^T), u [M, rank] contiguous float32 (the
 // rows of s already scaled by their lambda_d); rows without adapter are left as they are.
-const char* launch_expand_add_bank(void* y, DType dtype, int64_t sy0, int64_t sy1, int64_t M, int64_t N,
+const char* launch_fused_forward_bank(void* y, DType dtype, int64_t sy0, int64_t sy1, int64_t M, int64_t N,
                                    const float* u, int64_t rank, RowBank lambda_b, ProjectionSource B, void* stream);
 
 // g [M, rank] = (grad_y * lambda_b[ids[m]]) B_N (zero rows for rows without adapter).
-const char* launch_adapter_backward_bank(Activation grad_y, int64_t M, int64_t N, int64_t rank, RowBank lambda_b,
+const char* launch_rank_grads_bank(Activation grad_y, int64_t M, int64_t N, int64_t rank, RowBank lambda_b,
                                          ProjectionSource B, float* g, void* stream);
 
 // out [M, N] (contiguous float32) = grad_y * (u B_N^T): each row's contribution to the lambda_b gradient.

@@ -4,12 +4,12 @@
 with CPU and, when built with CUDA, CUDA implementations:
 
 - ``shrink``: ``s = (x * mask * scale) A_K^T`` (float32 ``[M, r]``)
-- ``expand_add``: ``y = x W^T + bias + lambda_b * ((lambda_d * s) B_N^T)``
-- ``adapter_backward``: ``(g, grad_lambda_d, grad_lambda_b)`` with ``g = (grad_y * lambda_b) B_N``
+- ``fused_forward``: ``y = x W^T + bias + lambda_b * ((lambda_d * s) B_N^T)``
+- ``rank_grads``: ``(g, grad_lambda_d, grad_lambda_b)`` with ``g = (grad_y * lambda_b) B_N``
 - ``grad_input``: ``grad_x = grad_y W + mask * scale * ((g * lambda_d) A_K)``
 
 The last three take an optional ``adapter_ids`` (int64 ``[M]``, -1 = base layer only): ``lambda_d`` and
-``lambda_b`` are then banks ``[n, r]``, ``[n, N]``, each row uses its bank row, and ``adapter_backward``
+``lambda_b`` are then banks ``[n, r]``, ``[n, N]``, each row uses its bank row, and ``rank_grads``
 returns the bank gradients ``[n, r]``, ``[n, N]`` (reduced in a fixed order: no float atomics).
 - ``projection_tile``: a generated tile of ``A``/``B`` (tests only)
 
@@ -94,12 +94,12 @@ def register_fakes() -> None:
     def _shrink(x, A, rank, key0, key1, bound, drop_key0, drop_key1, drop_threshold, drop_scale, in_offset=0):
         return x.new_empty((x.shape[0], rank), dtype=torch.float32)
 
-    @torch.library.register_fake(lib + "expand_add")
-    def _expand_add(x, weight, bias, s, lambda_d, lambda_b, B, key0, key1, bound, out_offset=0, adapter_ids=None):
+    @torch.library.register_fake(lib + "fused_forward")
+    def _fused_forward(x, weight, bias, s, lambda_d, lambda_b, B, key0, key1, bound, out_offset=0, adapter_ids=None):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
-    @torch.library.register_fake(lib + "adapter_backward")
-    def _adapter_backward(grad_y, s, lambda_d, lambda_b, B, key0, key1, bound, need_lambda_b, out_offset=0,
+    @torch.library.register_fake(lib + "rank_grads")
+    def _rank_grads(grad_y, s, lambda_d, lambda_b, B, key0, key1, bound, need_lambda_b, out_offset=0,
                           adapter_ids=None):
         if adapter_ids is not None:  # bank gradients
             gb = (lambda_b.shape[0], grad_y.shape[1]) if need_lambda_b else (0,)
@@ -229,10 +229,10 @@ class NativeBackend(Backend):
         s = _shrink(x2d, a, problem.projection.rank, problem.dropout, problem.in_offset)
         ids = problem.adapter_ids
         if ids is None:
-            y = ops().expand_add(x2d, problem.weight, problem.bias, s, problem.lambda_d, problem.lambda_b,
+            y = ops().fused_forward(x2d, problem.weight, problem.bias, s, problem.lambda_d, problem.lambda_b,
                                  b.stored, b.key0, b.key1, b.bound, problem.out_offset)
         else:  # banks as the ops take them: contiguous float32
-            y = ops().expand_add(x2d, problem.weight, problem.bias, s, problem.lambda_d.contiguous(),
+            y = ops().fused_forward(x2d, problem.weight, problem.bias, s, problem.lambda_d.contiguous(),
                                  problem.lambda_b.contiguous(), b.stored, b.key0, b.key1, b.bound,
                                  problem.out_offset, ids.contiguous())
         return y, s
@@ -245,7 +245,7 @@ class NativeBackend(Backend):
         extra = ()
         if ids is not None:  # banks: contiguous; the ids follow as the ops' last argument
             ld, lb, extra = ld.contiguous(), lb.contiguous(), (ids.contiguous(),)
-        g, grad_d, grad_b = ops().adapter_backward(
+        g, grad_d, grad_b = ops().rank_grads(
             grad_y2d, s, ld, lb, b.stored, b.key0, b.key1, b.bound, need_b, problem.out_offset, *extra
         )
         grad_x = None
