@@ -251,20 +251,14 @@ def dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, adapter_ids=None, in_offset=0,
                  out_offset=0) -> Problem:
-    K = weight.shape[1]
+    N, K = weight.shape
     x2d = x if x.dim() == 2 else x.reshape(-1, K)
-    return Problem(
-        x2d=x2d,
-        weight=weight,
-        bias=dense(bias),
-        lambda_d=dense(lambda_d),
-        lambda_b=dense(lambda_b),
-        projection=projection,
-        dropout=dropout,
-        M=x2d.shape[0],
-        K=K,
-        N=weight.shape[0],
-        adapter_ids=dense(adapter_ids),
-        in_offset=in_offset,
-        out_offset=out_offset,
-    )
+    # dense(), inlined for the usual case (contiguous vectors): this runs on every call
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    if not lambda_d.is_contiguous():
+        lambda_d = lambda_d.contiguous()
+    if not lambda_b.is_contiguous():
+        lambda_b = lambda_b.contiguous()
+    return Problem(x2d, weight, bias, lambda_d, lambda_b, projection, dropout, x2d.shape[0], K, N,
+                   dense(adapter_ids), in_offset, out_offset)

@@ -35,9 +35,10 @@ def _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offse
     )  # every validity and dispatch input; each attribute read is ~0.1 µs, still 5x cheaper than validate()
 
 
-def _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset) -> Backend:
+def _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset,
+                     compiling: bool) -> Backend:
     """Validate a single-adapter call and pick its backend, memoised on the call's metadata."""
-    if torch.compiler.is_compiling():  # dynamo traces the checks themselves (and guards on the metadata)
+    if compiling:  # dynamo traces the checks themselves (and guards on the metadata)
         validate(x, weight, bias, lambda_d, lambda_b, projection, None, in_offset, out_offset)
         return select(make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset,
                                    out_offset), backend)
@@ -116,11 +117,13 @@ def vera_linear(
     Any strides are accepted for every tensor argument; ``K`` must be positive and meta tensors are
     refused. Works under ``torch.compile(fullgraph=True)``, dropout included.
     """
+    compiling = torch.compiler.is_compiling()
     ac_device = None
     if torch._C._is_any_autocast_enabled() and isinstance(x, torch.Tensor):
         x, weight, bias, ac_device = _autocast_inputs(x, weight, bias)
     if adapter_ids is None:
-        chosen = _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset)
+        chosen = _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset,
+                                  compiling)
         ids = None
     else:  # ids are values: checked on every call
         validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
@@ -130,12 +133,12 @@ def vera_linear(
     problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, ids, in_offset, out_offset)
     if chosen is None:
         chosen = select(problem, backend)
-    if torch.compiler.is_compiling():  # caches must exist before the traced Function (see Backend.prepare)
+    if compiling:  # caches must exist before the traced Function (see Backend.prepare)
         chosen.prepare(problem)
     if ac_device is None:
-        return _run(x, lambda_d, lambda_b, problem, chosen)
+        return _run(x, lambda_d, lambda_b, problem, chosen, compiling)
     with torch.autocast(ac_device, enabled=False):  # the inputs are cast; the backend's math is its own
-        return _run(x, lambda_d, lambda_b, problem, chosen)
+        return _run(x, lambda_d, lambda_b, problem, chosen, compiling)
 
 
 # ``Function.apply`` minus its Python prologue (argument binding for ``setup_context`` and functorch's
@@ -144,9 +147,9 @@ def vera_linear(
 _apply_direct = super(torch.autograd.Function, VeRAFunction).apply
 
 
-def _run(x, lambda_d, lambda_b, problem, backend):
+def _run(x, lambda_d, lambda_b, problem, backend, compiling):
     if torch.is_grad_enabled() and (x.requires_grad or lambda_d.requires_grad or lambda_b.requires_grad):
-        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        if compiling or torch._C._are_functorch_transforms_active():
             return VeRAFunction.apply(x, lambda_d, lambda_b, problem, backend)
         return _apply_direct(x, lambda_d, lambda_b, problem, backend)
     y2d, _ = backend.forward(problem)  # inference: nothing to save, no autograd node
