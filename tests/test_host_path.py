@@ -29,6 +29,9 @@ def test_cached_signature_still_rejects_bad_input():
         vk.vera_linear(x, W.double(), b, ld, lb, proj)
     with pytest.raises(ValueError, match="max_in_features"):
         vk.vera_linear(x, W, b, ld, lb, vk.Projection(3, 4, 8, 16))
+    vk.vera_linear(x, W, b, ld, lb, proj, in_offset=1)
+    with pytest.raises(TypeError, match="in_offset"):  # equal as a key to the cached int 1, but not an int
+        vk.vera_linear(x, W, b, ld, lb, proj, in_offset=1.0)
 
 
 def test_in_place_metadata_changes_are_seen():

@@ -31,7 +31,7 @@ def _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offse
         type(lambda_d), lambda_d.shape, lambda_d.dtype, lambda_d.device,
         type(lambda_b), lambda_b.shape, lambda_b.dtype, lambda_b.device,
         id(projection), backend, current_override(), env_backend(), torch.is_grad_enabled(),
-        in_offset, out_offset,
+        type(in_offset), in_offset, type(out_offset), out_offset,  # 1.0 == 1 but only an int is valid
     )  # every validity and dispatch input; each attribute read is ~0.1 µs, still 5x cheaper than validate()
 
 
