@@ -23,7 +23,7 @@ import os
 
 from setuptools import find_packages, setup
 
-CPU_SOURCES = ["csrc/vera_ops.cpp", "csrc/vera_cpu.cpp"]
+CPU_SOURCES = ["csrc/vera_ops.cpp", "csrc/vera_cpu.cpp", "csrc/vera_host.cpp"]
 CUDA_SOURCES = ["csrc/cuda/vera_cuda.cpp", "csrc/cuda/vera_cuda_kernels.cu"]
 DEFAULT_CUDA_ARCHS = "80;90"
 

@@ -10,10 +10,13 @@
 #include <Python.h>
 #include <torch/library.h>
 
+PyMethodDef* vera_host_methods();  // vera_host.cpp
+
 extern "C" {
 // Importing vera_kernels._C loads this library, whose static initialisers register the ops.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "vera_kernels native ops", -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "vera_kernels native ops", -1,
+                                          vera_host_methods()};
   return PyModule_Create(&module_def);
 }
 }

@@ -84,7 +84,7 @@ def test_inference_builds_no_autograd_node():
         y = vk.vera_linear(x, W, b, ld, lb, proj)
     assert y.grad_fn is None and y.is_inference()
     y = vk.vera_linear(x, W, b, ld, lb, proj)
-    assert type(y.grad_fn).__name__ == "VeRAFunctionBackward"
+    assert y.grad_fn is not None  # the C++ node of the native call, or the Python Function's
     ref = vk.reference.vera_linear(x, W, b, ld.detach(), lb, proj)
     torch.testing.assert_close(y.detach(), ref)
 

@@ -54,7 +54,7 @@ class VeRAFunction(torch.autograd.Function):
         ctx.meta = (problem.projection, dropout, problem.K, problem.N, problem.in_offset, problem.out_offset)
         ctx.backend = backend
         ctx.x_shape = x.shape
-        return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], problem.N)
+        return y2d  # [M, N]: the caller reshapes (a view made in here could not be modified in place)
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -35,13 +35,15 @@ def _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offse
     )  # every validity and dispatch input; each attribute read is ~0.1 µs, still 5x cheaper than validate()
 
 
-def _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset,
-                     compiling: bool) -> Backend:
-    """Validate a single-adapter call and pick its backend, memoised on the call's metadata."""
+def _checked_plan(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset,
+                  compiling: bool):
+    """Validate a single-adapter call and pick its backend, memoised on the call's metadata: returns
+    ``(backend, native)`` with ``native`` the backend's :meth:`Backend.native_call` answer (``None``
+    while compiling)."""
     if compiling:  # dynamo traces the checks themselves (and guards on the metadata)
         validate(x, weight, bias, lambda_d, lambda_b, projection, None, in_offset, out_offset)
         return select(make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset,
-                                   out_offset), backend)
+                                   out_offset), backend), None
     try:
         key = _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset)
         hit = _PLAN_CACHE.get(key)
@@ -50,13 +52,14 @@ def _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, i
     if hit is not None and hit[0] is projection:
         return hit[1]
     validate(x, weight, bias, lambda_d, lambda_b, projection, None, in_offset, out_offset)
-    chosen = select(make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset,
-                                 out_offset), backend)
+    problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset, out_offset)
+    chosen = select(problem, backend)
+    plan = (chosen, chosen.native_call(problem))
     if key is not None:
         if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
             _PLAN_CACHE.clear()
-        _PLAN_CACHE[key] = (projection, chosen)  # the projection is kept alive, so its id is not reused
-    return chosen
+        _PLAN_CACHE[key] = (projection, plan)  # the projection is kept alive, so its id is not reused
+    return plan
 
 
 def _autocast_inputs(x, weight, bias):
@@ -122,14 +125,20 @@ def vera_linear(
     if torch._C._is_any_autocast_enabled() and isinstance(x, torch.Tensor):
         x, weight, bias, ac_device = _autocast_inputs(x, weight, bias)
     if adapter_ids is None:
-        chosen = _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset,
-                                  compiling)
+        chosen, native = _checked_plan(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset,
+                                       out_offset, compiling)
         ids = None
     else:  # ids are values: checked on every call
         validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
         ids = flatten_adapter_ids(adapter_ids, x, lambda_d.shape[0])
-        chosen = None
+        chosen = native = None
     dropout = None if (dropout_p == 0.0 and type(dropout_p) in (float, int)) else make_dropout(dropout_p, training)
+    if native is not None and dropout is None and not torch._C._are_functorch_transforms_active():
+        fn, extra = native  # the whole call in native code (Backend.native_call)
+        if ac_device is None:
+            return fn(x, weight, bias, lambda_d, lambda_b, *extra)
+        with torch.autocast(ac_device, enabled=False):
+            return fn(x, weight, bias, lambda_d, lambda_b, *extra)
     problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, ids, in_offset, out_offset)
     if chosen is None:
         chosen = select(problem, backend)
@@ -141,16 +150,26 @@ def vera_linear(
         return _run(x, lambda_d, lambda_b, problem, chosen, compiling)
 
 
+FUNCTORCH_ERROR = (
+    "vera_kernels: functorch transforms (torch.func.grad, vmap, jacrev, functional_call under grad, ...) cannot "
+    "differentiate vera_linear / VeRALinear; use torch.autograd (loss.backward(), torch.autograd.grad), or "
+    "vera_kernels.reference.vera_linear, which is plain differentiable PyTorch"
+)
+
 # ``Function.apply`` minus its Python prologue (argument binding for ``setup_context`` and functorch's
-# dead-wrapper unwrapping), which costs as much as PEFT's whole formula at decode sizes. Used only when no
-# functorch transform is active and dynamo is not tracing; otherwise the full ``apply`` runs.
+# dead-wrapper unwrapping), which costs as much as PEFT's whole formula at decode sizes. Used when dynamo is
+# not tracing; while it traces the full ``apply`` runs.
 _apply_direct = super(torch.autograd.Function, VeRAFunction).apply
 
 
 def _run(x, lambda_d, lambda_b, problem, backend, compiling):
     if torch.is_grad_enabled() and (x.requires_grad or lambda_d.requires_grad or lambda_b.requires_grad):
-        if compiling or torch._C._are_functorch_transforms_active():
-            return VeRAFunction.apply(x, lambda_d, lambda_b, problem, backend)
-        return _apply_direct(x, lambda_d, lambda_b, problem, backend)
-    y2d, _ = backend.forward(problem)  # inference: nothing to save, no autograd node
+        if compiling:
+            y2d = VeRAFunction.apply(x, lambda_d, lambda_b, problem, backend)
+        elif torch._C._are_functorch_transforms_active():
+            raise NotImplementedError(FUNCTORCH_ERROR)
+        else:
+            y2d = _apply_direct(x, lambda_d, lambda_b, problem, backend)
+    else:
+        y2d, _ = backend.forward(problem)  # inference: nothing to save, no autograd node
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], problem.N)

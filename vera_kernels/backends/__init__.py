@@ -99,7 +99,11 @@ def backends() -> Dict[str, Optional[str]]:
     return out
 
 
-_override = threading.local()
+class _Override(threading.local):
+    name: Optional[str] = None  # a class default: reading it never raises (a getattr miss costs ~0.6 µs)
+
+
+_override = _Override()
 
 
 @contextlib.contextmanager
@@ -114,7 +118,7 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     """
     if name is not None:
         _check_name(name)
-    previous = getattr(_override, "name", None)
+    previous = _override.name
     _override.name = name
     try:
         yield
@@ -138,7 +142,7 @@ def env_backend() -> Optional[str]:
 
 def current_override() -> Optional[str]:
     """The backend named by the innermost active ``use_backend`` block of this thread, or None."""
-    return getattr(_override, "name", None)
+    return _override.name
 
 
 def select(problem: Problem, requested: Optional[str] = None) -> Backend:

@@ -66,7 +66,8 @@ def load_error() -> Optional[str]:
         _load_error = f"the native extension {MODULE} failed to load ({type(e).__name__}: {e}); rebuild it: {BUILD_HINT}"
     if _load_error is not None:
         warn_once("native-load", f"vera_kernels: {_load_error}. The 'cpu' and 'cuda' backends are unavailable; "
-                  "calls use the 'torch' backend.")
+                  "calls use the 'torch' backend, in Python only (its native call, which saves host time per "
+                  "call, is in the extension too).")
     return _load_error
 
 
@@ -78,6 +79,14 @@ def ops():
 def has_kernel(device_type: str) -> bool:
     """Whether the loaded extension implements the ops for ``device_type`` ("cpu" or "cuda")."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("vera_kernels::shrink", device_type.upper())
+
+
+def host_function(name: str):
+    """The plain Python function ``name`` of ``vera_kernels._C`` (not a torch op), or ``None`` when the
+    extension is unavailable or predates it."""
+    if load_error() is not None:
+        return None
+    return getattr(importlib.import_module(MODULE), name, None)
 
 
 # --- fake (meta) kernels: shapes and dtypes only, for torch.compile and FakeTensor -----------------

@@ -3,6 +3,11 @@
 Unlike the naive reference it saves only ``s`` for backward (the autograd Function does that) and
 regenerates the dropout mask from its seed. ``A``/``B`` are materialised once per (dtype, device) and
 cached on the projection, as PEFT keeps them in buffers.
+
+The common call (inputs already in the compute dtype, one adapter, no dropout) runs as one native call
+when the extension is loaded (:meth:`TorchBackend.native_call`): the same ATen ops issued from C++, with a
+C++ autograd node, which removes the per-op and per-Function Python cost that dominates at decode sizes.
+Everything else, and every call while ``torch.compile`` traces, runs the Python below.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from ..core import ACCEPTED_DTYPES, Problem
 from ..banks import bank_sum, gather_rows
 from ..projection import dropout_keep_mask
 from ..reference import vera_forward_math
+from ._native import host_function
 from .base import Backend
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _sliced_ab(problem: Problem, dtype):
@@ -75,6 +83,20 @@ class TorchBackend(Backend):
     def prepare(self, problem: Problem) -> None:
         _sliced_ab(problem, problem.compute_dtype)  # fills the cache outside any traced Function
 
+    def native_call(self, problem: Problem):
+        """Inputs already in the compute dtype (float32, float64), plain tensors: the whole call in
+        ``vera_kernels._C.plain_vera_linear`` (csrc/vera_host.cpp, these formulas in C++ with a C++ autograd
+        node), when the extension is loaded."""
+        if problem.x2d.dtype != problem.compute_dtype:
+            return None
+        if any(type(t) not in _PLAIN_TYPES for t in (problem.x2d, problem.weight, problem.bias, problem.lambda_d,
+                                                      problem.lambda_b) if t is not None):
+            return None  # tensor subclasses (DTensor, ...) keep their Python-level behaviour
+        fn = host_function("plain_vera_linear")
+        if fn is None:
+            return None
+        return fn, _sliced_ab(problem, problem.compute_dtype)
+
     def forward(self, problem: Problem):
         cd = problem.compute_dtype
         A_K, B_N = _sliced_ab(problem, cd)
@@ -82,10 +104,6 @@ class TorchBackend(Backend):
             return self._bank_forward(problem, A_K, B_N, cd)
         x2d = problem.x2d
         dp = problem.dropout
-        if dp is None and x2d.dtype == cd:  # float32 inputs: PEFT's formula with no casts
-            s = F.linear(x2d, A_K)
-            adapter = F.linear(problem.lambda_d * s, B_N)
-            return torch.addcmul(F.linear(x2d, problem.weight, problem.bias), problem.lambda_b, adapter), s
         if dp is not None and dp.seed_is_tensor:  # vera_forward_math's formula with the mask from a tensor seed
             base = torch.nn.functional.linear(x2d, problem.weight, problem.bias)
             xa = dropped(x2d.to(cd), problem)
@@ -133,8 +151,6 @@ class TorchBackend(Backend):
         need_x, need_d, need_b = needs_input_grad
         cd = problem.compute_dtype
         A_K, B_N = _sliced_ab(problem, cd)
-        if problem.adapter_ids is None and problem.dropout is None and grad_y2d.dtype == cd:
-            return self._plain_backward(problem, grad_y2d, s, A_K, B_N, need_x, need_d, need_b)
         lambda_d = problem.lambda_d.to(cd)
         lambda_b = problem.lambda_b.to(cd)
         gy = grad_y2d.to(cd)
@@ -156,21 +172,6 @@ class TorchBackend(Backend):
                 adapter = dropped(adapter, problem)
             base = grad_y2d @ problem.weight  # in x.dtype, like the base layer's backward
             grad_x = (base.to(cd) + adapter).to(grad_y2d.dtype)
-        return grad_x, grad_d, grad_b
-
-    def _plain_backward(self, problem: Problem, gy, s, A_K, B_N, need_x, need_d, need_b):
-        """``backward`` for float32 inputs, one adapter, no dropout: the same formulas without casts, the
-        base and adapter parts of ``grad_x`` in one ``addmm`` (small calls are dominated by per-op cost)."""
-        lambda_d = problem.lambda_d
-        g = torch.mm(gy * problem.lambda_b, B_N)  # [M, r]
-        grad_d = (s * g).sum(0) if need_d else None
-        grad_b = None
-        if need_b:
-            if problem.M <= s.shape[1]:
-                grad_b = (gy * F.linear(lambda_d * s, B_N)).sum(0)
-            else:
-                grad_b = (B_N * torch.mm(gy.t(), lambda_d * s)).sum(1)
-        grad_x = torch.addmm(torch.mm(g * lambda_d, A_K), gy, problem.weight) if need_x else None
         return grad_x, grad_d, grad_b
 
 

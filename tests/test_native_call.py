@@ -1,0 +1,218 @@
+"""The "torch" backend's native call (``vera_kernels._C.plain_vera_linear``, csrc/vera_host.cpp): inputs in the
+compute dtype, one adapter, no dropout run forward and backward in C++ with a C++ autograd node.
+
+Every test runs both ways, ``native`` and ``python`` (the same calls through the Python autograd Function,
+as without the extension or under torch.compile), against the float64 reference, on awkward shapes and
+strides and every subset of inputs needing a gradient; and the autograd behaviours a user relies on
+(double backward refused, retain_graph, in-place on the output, checkpointing, in-place changes to saved
+tensors) must be the same both ways.
+"""
+
+import pytest
+import torch
+
+import vera_kernels as vk
+from vera_kernels import functional
+from vera_kernels.autograd import DOUBLE_BACKWARD_ERROR
+from vera_kernels.backends import torch_backend
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NATIVE = vk.backends()["cpu"] is None  # the extension is loaded
+
+
+@pytest.fixture(params=["native", "python"])
+def path(request, monkeypatch):
+    if request.param == "native" and not NATIVE:
+        pytest.skip("vera_kernels._C is not built")
+    if request.param == "python":
+        monkeypatch.setattr(torch_backend.TorchBackend, "native_call", lambda self, problem: None)
+    functional._PLAN_CACHE.clear()  # the native answer is memoised per call signature
+    yield request.param
+    functional._PLAN_CACHE.clear()
+
+
+def _node_kind(y):
+    fn = y.grad_fn
+    if "View" in fn.name():  # the Python path reshapes [M, N] to x's leading dims outside its Function
+        fn = fn.next_functions[0][0]
+    name = fn.name()
+    return "native" if "PlainVeRA" in name else "python" if "VeRAFunction" in name else name
+
+
+def _inputs(x_shape, K=12, N=10, r=4, dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*x_shape, generator=g).to(dtype)
+    W = torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    ld = (torch.rand(r, generator=g) + 0.5).to(dtype if dtype == torch.float64 else torch.float32)
+    lb = torch.randn(N, generator=g).to(ld.dtype)
+    return x, W, b, ld, lb, vk.Projection(11, r, 16, 16)
+
+
+def _grads(fn, x, W, b, ld, lb, proj, needs, loss):
+    x, ld, lb = (t.detach().clone().requires_grad_(n) for t, n in zip((x, ld, lb), needs))
+    y = fn(x, W, b, ld, lb, proj)
+    leaves = [t for t, n in zip((x, ld, lb), needs) if n]
+    grads = torch.autograd.grad(loss(y), leaves) if leaves else ()
+    return y, grads
+
+
+CASES = {  # name: (x shape, how x is made awkward)
+    "2d": ((3, 12), None),
+    "1d": ((12,), None),
+    "3d": ((2, 5, 12), None),
+    "empty": ((0, 12), None),
+    "tall": ((40, 12), None),  # M > r: grad_lambda_b's [N, r] form
+    "strided": ((3, 24), "every-other-column"),
+    "expanded": ((1, 12), "expand"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, False),
+                                   (False, True, False), (False, False, True)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_values_and_gradients_match_the_reference(path, case, needs, bias):
+    shape, how = CASES[case]
+    x, W, b, ld, lb, proj = _inputs(shape, bias=bias)
+    if how == "every-other-column":
+        x = x[:, ::2]
+    elif how == "expand":
+        x = x.expand(4, 12)
+    gy = torch.randn(*x.shape[:-1], 10, generator=torch.Generator().manual_seed(1))
+
+    def loss(y):
+        return (y * gy).sum() + y.sum()  # y.sum() sends an expanded (stride 0) gradient
+
+    y, grads = _grads(vk.vera_linear, x, W, b, ld, lb, proj, needs, loss)
+    if any(needs) and x.numel() > 0:
+        assert _node_kind(y) == path
+    y64, ref = _grads(vk.reference.vera_linear, x.double(), W.double(), None if b is None else b.double(),
+                      ld.double(), lb.double(), proj, needs, lambda y: (y * gy.double()).sum() + y.sum())
+    assert y.shape == y64.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y, y64.float(), rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(ref)
+    for g, r in zip(grads, ref):
+        assert g.dtype == torch.float32 and g.shape == r.shape
+        torch.testing.assert_close(g, r.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_float64_runs_natively_and_passes_gradcheck(path):
+    x, W, b, ld, lb, proj = _inputs((3, 12), dtype=torch.float64)
+    x.requires_grad_(True)
+    ld.requires_grad_(True)
+    lb.requires_grad_(True)
+    assert _node_kind(vk.vera_linear(x, W, b, ld, lb, proj)) == path
+    assert torch.autograd.gradcheck(lambda x, ld, lb: vk.vera_linear(x, W, b, ld, lb, proj), (x, ld, lb))
+
+
+def test_other_calls_go_through_the_python_function():
+    """16-bit inputs, dropout and adapter ids are not the native call's: the Python Function serves them."""
+    functional._PLAN_CACHE.clear()
+    x, W, b, ld, lb, proj = _inputs((3, 12))
+    ld.requires_grad_(True)
+    y = vk.vera_linear(x.bfloat16(), W.bfloat16(), b.bfloat16(), ld, lb, proj)
+    assert _node_kind(y) == "python"
+    y = vk.vera_linear(x, W, b, ld, lb, proj, dropout_p=0.25, training=True)
+    assert _node_kind(y) == "python"
+    y = vk.vera_linear(x, W, b, ld[None].expand(2, 4), lb[None].expand(2, 10), proj,
+                       adapter_ids=torch.tensor([0, 1, -1]))
+    assert _node_kind(y) == "python"
+    y = vk.vera_linear(x, W, b, ld, lb, proj, dropout_p=0.25, training=False)  # dropout off in eval
+    assert _node_kind(y) == ("native" if NATIVE else "python")
+
+
+def test_double_backward_raises_the_same_clear_error(path):
+    x, W, b, ld, lb, proj = _inputs((3, 12))
+    x.requires_grad_(True)
+    ld.requires_grad_(True)
+    y = vk.vera_linear(x, W, b, ld, lb, proj)
+    gx, gd = torch.autograd.grad(y.square().sum(), (x, ld), create_graph=True)
+    with pytest.raises(RuntimeError) as err:
+        (gx.sum() + gd.sum()).backward()
+    assert DOUBLE_BACKWARD_ERROR in str(err.value)
+
+
+def test_second_backward_needs_retain_graph(path):
+    x, W, b, ld, lb, proj = _inputs((3, 12))
+    ld.requires_grad_(True)
+    y = vk.vera_linear(x, W, b, ld, lb, proj)
+    first = torch.autograd.grad(y.sum(), ld, retain_graph=True)[0]
+    again = torch.autograd.grad(y.sum(), ld)[0]
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="second time|already been freed"):
+        torch.autograd.grad(y.sum(), ld)
+
+
+def test_output_can_be_modified_in_place(path):
+    """Like nn.Linear's output (a view made inside an autograd Function could not be)."""
+    x, W, b, ld, lb, proj = _inputs((2, 5, 12))
+    ld.requires_grad_(True)
+    y = vk.vera_linear(x, W, b, ld, lb, proj)
+    y.mul_(2).add_(1)
+    (gd,) = torch.autograd.grad(y.sum(), ld)
+    ld64 = ld.detach().double().requires_grad_(True)
+    y64 = vk.reference.vera_linear(x.double(), W.double(), b.double(), ld64, lb.double(), proj)
+    (rd,) = torch.autograd.grad((2 * y64 + 1).sum(), ld64)
+    torch.testing.assert_close(gd, rd.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_checkpointing_gives_the_same_gradients(path):
+    x, W, b, ld, lb, proj = _inputs((4, 12))
+    ld.requires_grad_(True)
+    lb.requires_grad_(True)
+
+    def block(inp):
+        return vk.vera_linear(torch.tanh(inp), W, b, ld, lb, proj).relu()
+
+    plain = torch.autograd.grad(block(x).sum(), (ld, lb))
+    ckpt = torch.autograd.grad(torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).sum(), (ld, lb))
+    torch.testing.assert_close(ckpt, plain, rtol=0, atol=0)
+
+
+def test_weight_changed_in_place_before_backward_is_refused(path):
+    x, W, b, ld, lb, proj = _inputs((3, 12))
+    ld.requires_grad_(True)
+    y = vk.vera_linear(x, W, b, ld, lb, proj)
+    with torch.no_grad():
+        W.mul_(2)  # backward would use the new values: autograd's saved-tensor check refuses it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_functorch_transforms_are_refused_clearly(path):
+    x, W, b, ld, lb, proj = _inputs((3, 12))
+    with pytest.raises(NotImplementedError, match="functorch transforms"):
+        torch.func.grad(lambda d: vk.vera_linear(x, W, b, d, lb, proj).square().sum())(ld)
+
+
+def test_layer_training_step_matches_between_paths(monkeypatch):
+    """A VeRALinear stack trained 3 steps: the native and Python paths give the same vectors."""
+    if not NATIVE:
+        pytest.skip("vera_kernels._C is not built")
+
+    def train():
+        torch.manual_seed(0)
+        proj = vk.Projection(5, 8, 32, 32)
+        stack = torch.nn.Sequential(vk.VeRALinear(32, 32, projection=proj), torch.nn.GELU(),
+                                    vk.VeRALinear(32, 32, projection=proj))
+        with torch.no_grad():
+            for m in stack:
+                if isinstance(m, vk.VeRALinear):
+                    m.lambda_b.normal_()
+        opt = torch.optim.AdamW([p for p in stack.parameters() if p.requires_grad], lr=1e-2)
+        x = torch.randn(3, 7, 32)
+        for _ in range(3):
+            opt.zero_grad()
+            stack(x).square().mean().backward()
+            opt.step()
+        return [p.detach().clone() for p in stack.parameters() if p.requires_grad]
+
+    functional._PLAN_CACHE.clear()
+    native = train()
+    monkeypatch.setattr(torch_backend.TorchBackend, "native_call", lambda self, problem: None)
+    functional._PLAN_CACHE.clear()
+    python = train()
+    functional._PLAN_CACHE.clear()
+    torch.testing.assert_close(native, python, rtol=1e-5, atol=1e-6)
