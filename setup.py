@@ -1,8 +1,9 @@
 """Build and install vera_kernels.
 
 The pure-Python package (projection, reference, "torch" backend, Triton kernels) needs no compiler.
-``native_extensions()`` below declares the native extension ``vera_kernels._C`` (csrc/): its CPU ops are
-always built (C++, OpenMP, ninja); its CUDA ops too when torch has CUDA and nvcc is found.
+``native_extensions()`` below declares the native extension ``vera_kernels._C`` (csrc/): its CPU ops and the
+"torch" backend's native call (csrc/vera_host.cpp) are always built (C++, OpenMP, ninja); its CUDA ops too
+when torch has CUDA and nvcc is found.
 
 Environment variables (read at build time):
 
