@@ -1,7 +1,6 @@
 // The "torch" backend's common call in native code: one adapter, no dropout, inputs already in the compute
 // dtype (float32, or float64). It computes docs/DESIGN.md §1 with ATen ops, as the torch backend's Python does
-// (vera_kernels/backends/torch_backend.py), with lambda_b folded into B_N ([N, r]) instead of scaling an
-// [M, N] product. What moves here is the host cost: from Python each ATen op costs about a microsecond of
+// (vera_kernels/backends/torch_backend.py). What moves here is the host cost: from Python each ATen op costs about a microsecond of
 // argument parsing and an autograd Function a few more, which at decode sizes is more than the arithmetic.
 // Here one Python call runs the whole forward and a C++ autograd Function records the node, saving only s
 // (docs/DESIGN.md §1) besides references to the frozen W, A, B and the trainable vectors; its backward runs
@@ -47,22 +46,31 @@ void load_double_backward_error() {
 }
 
 // Under create_graph=True, route the defined gradients through a node that raises double_backward_error
-// when differentiated (what the Python Function does with torch._C._functions.DelayedError).
-variable_list first_order_only(variable_list grads) {
+// when differentiated (what the Python Function does with torch._C._functions.DelayedError). The node's
+// inputs also include `links` (the vectors and the incoming gradient), so that differentiating a gradient
+// with respect to them reaches the error instead of finding no path (which would give None under
+// allow_unused).
+variable_list first_order_only(variable_list grads, const variable_list& links) {
   if (!at::GradMode::is_enabled()) {
     return grads;
   }
-  variable_list defined;
+  variable_list inputs;
   for (const auto& g : grads) {
     if (g.defined()) {
-      defined.push_back(g.detach().requires_grad_(true));
+      inputs.push_back(g.detach().requires_grad_(true));
     }
   }
-  if (defined.empty()) {
+  const size_t n = inputs.size();
+  if (n == 0) {
     return grads;
   }
-  torch::autograd::DelayedError err(double_backward_error, static_cast<int64_t>(defined.size()));
-  variable_list wrapped = err.apply(std::move(defined));
+  for (const auto& t : links) {
+    if (t.defined()) {
+      inputs.push_back(t);
+    }
+  }
+  torch::autograd::DelayedError err(double_backward_error, static_cast<int64_t>(inputs.size()));
+  variable_list wrapped = err.apply(std::move(inputs));
   size_t next = 0;
   for (auto& g : grads) {
     if (g.defined()) {
@@ -72,32 +80,22 @@ variable_list first_order_only(variable_list grads) {
   return grads;
 }
 
-// lambda_b folded into B_N: [N, r], the columns of the rank-r update (cheaper than scaling an [M, N]
-// product whenever M > r, and the same op count at decode).
-at::Tensor scaled_b(const at::Tensor& B_N, const at::Tensor& lambda_b) {
-  return B_N * lambda_b.unsqueeze(1);
-}
-
-// y (x's leading dims, N) and s [M, r]: the base product, then the rank-r update accumulated into it in
-// place. y is a fresh tensor, never a view (an output that is a view made inside a custom Function could
-// not be modified in place).
+// y (x's leading dims, N) and s [M, r]. For x of other than two dims y is an _unsafe_view of the [M, N]
+// result: the product is not referenced anywhere else, and an ordinary view made inside a custom Function
+// could not be modified in place by the caller.
 std::pair<at::Tensor, at::Tensor> forward_math(const at::Tensor& x, const at::Tensor& lambda_d,
                                                const at::Tensor& lambda_b, const at::Tensor& weight,
                                                const at::Tensor& A_K, const at::Tensor& B_N,
                                                const std::optional<at::Tensor>& bias) {
-  const int64_t N = weight.size(0);
   const at::Tensor x2d = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
-  at::Tensor s = at::linear(x2d, A_K);  // [M, r]
-  std::vector<int64_t> out_sizes = x.sizes().vec();
-  out_sizes.back() = N;
-  at::Tensor y = at::empty(out_sizes, x.options());  // [..., N], written through its [M, N] view
-  at::Tensor y2d = y.view({-1, N});
-  if (bias.has_value()) {
-    at::addmm_out(y2d, *bias, x2d, weight.t());
-  } else {
-    at::mm_out(y2d, x2d, weight.t());
+  at::Tensor s = at::linear(x2d, A_K);              // [M, r]
+  at::Tensor y = at::linear(x2d, weight, bias);     // [M, N], a fresh tensor
+  y.addcmul_(lambda_b, at::linear(lambda_d * s, B_N));
+  if (x.dim() != 2) {
+    std::vector<int64_t> out_sizes = x.sizes().vec();
+    out_sizes.back() = weight.size(0);
+    y = at::_unsafe_view(y, out_sizes);
   }
-  y2d.addmm_(lambda_d * s, scaled_b(B_N, lambda_b).t());
   return {std::move(y), std::move(s)};
 }
 
@@ -108,7 +106,11 @@ struct PlainVeRA : public torch::autograd::Function<PlainVeRA> {
                             const at::Tensor& lambda_b, const at::Tensor& weight, const at::Tensor& A_K,
                             const at::Tensor& B_N, const std::optional<at::Tensor>& bias) {
     auto [y, s] = forward_math(x, lambda_d, lambda_b, weight, A_K, B_N, bias);
-    ctx->save_for_backward({s, weight, lambda_d, lambda_b, A_K, B_N});
+    ctx->save_for_backward({s, weight, lambda_d, lambda_b});
+    // A_K/B_N are slices of the projection's own cache, never changed in place: kept outside the saved
+    // tensors so that saved-tensor hooks (offloading, checkpointing) see what the Python Function saves
+    ctx->saved_data["A_K"] = A_K;
+    ctx->saved_data["B_N"] = B_N;
     if (x.dim() != 2) {
       ctx->saved_data["x_sizes"] = x.sizes().vec();
     }
@@ -122,13 +124,13 @@ struct PlainVeRA : public torch::autograd::Function<PlainVeRA> {
     at::Tensor grad_x, grad_d, grad_b;
     if (need_x || need_d || need_b) {
       const variable_list saved = ctx->get_saved_variables();
-      const at::Tensor &s = saved[0], &weight = saved[1], &lambda_d = saved[2], &lambda_b = saved[3],
-                       &A_K = saved[4], &B_N = saved[5];
+      const at::Tensor &s = saved[0], &weight = saved[1], &lambda_d = saved[2], &lambda_b = saved[3];
+      const at::Tensor A_K = ctx->saved_data["A_K"].toTensor(), B_N = ctx->saved_data["B_N"].toTensor();
       at::NoGradGuard no_grad;
-      const at::Tensor gy = grad_outputs[0].reshape({-1, weight.size(0)});
-      at::Tensor g;  // (gy * lambda_b) B_N, [M, r]
+      const at::Tensor gy = grad_outputs[0].reshape({s.size(0), weight.size(0)});
+      at::Tensor g;  // (gy * lambda_b) B_N = gy (lambda_b B_N), [M, r]: lambda_b on the small [N, r] side
       if (need_x || need_d) {
-        g = at::mm(gy, scaled_b(B_N, lambda_b));
+        g = at::mm(gy, B_N * lambda_b.unsqueeze(1));
       }
       if (need_d) {
         grad_d = (s * g).sum(0);
@@ -148,7 +150,12 @@ struct PlainVeRA : public torch::autograd::Function<PlainVeRA> {
         }
       }
     }
-    variable_list grads = first_order_only({grad_x, grad_d, grad_b});
+    variable_list links;
+    if (at::GradMode::is_enabled() && (grad_x.defined() || grad_d.defined() || grad_b.defined())) {
+      const variable_list saved = ctx->get_saved_variables();
+      links = {saved[2], saved[3], grad_outputs[0]};
+    }
+    variable_list grads = first_order_only({grad_x, grad_d, grad_b}, links);
     grads.resize(7);  // no gradient for weight, A_K, B_N, bias
     return grads;
   }

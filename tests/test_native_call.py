@@ -8,46 +8,22 @@ strides and every subset of inputs needing a gradient; and the autograd behaviou
 tensors) must be the same both ways.
 """
 
+import warnings
+
 import pytest
 import torch
 
 import vera_kernels as vk
 from vera_kernels import functional
 from vera_kernels.autograd import DOUBLE_BACKWARD_ERROR
-from vera_kernels.backends import torch_backend
+
+from conftest import NATIVE_CALL as NATIVE, call_inputs, node_kind, python_only
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NATIVE = vk.backends()["cpu"] is None  # the extension is loaded
 
-
-@pytest.fixture(params=["native", "python"])
-def path(request, monkeypatch):
-    if request.param == "native" and not NATIVE:
-        pytest.skip("vera_kernels._C is not built")
-    if request.param == "python":
-        monkeypatch.setattr(torch_backend.TorchBackend, "native_call", lambda self, problem: None)
-    functional._PLAN_CACHE.clear()  # the native answer is memoised per call signature
-    yield request.param
-    functional._PLAN_CACHE.clear()
-
-
-def _node_kind(y):
-    fn = y.grad_fn
-    if "View" in fn.name():  # the Python path reshapes [M, N] to x's leading dims outside its Function
-        fn = fn.next_functions[0][0]
-    name = fn.name()
-    return "native" if "PlainVeRA" in name else "python" if "VeRAFunction" in name else name
-
-
-def _inputs(x_shape, K=12, N=10, r=4, dtype=torch.float32, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*x_shape, generator=g).to(dtype)
-    W = torch.randn(N, K, generator=g).to(dtype)
-    b = torch.randn(N, generator=g).to(dtype) if bias else None
-    ld = (torch.rand(r, generator=g) + 0.5).to(dtype if dtype == torch.float64 else torch.float32)
-    lb = torch.randn(N, generator=g).to(ld.dtype)
-    return x, W, b, ld, lb, vk.Projection(11, r, 16, 16)
+def _inputs(x_shape, K=12, N=10, **kw):
+    return call_inputs(x_shape, K, N, **kw)
 
 
 def _grads(fn, x, W, b, ld, lb, proj, needs, loss):
@@ -87,7 +63,7 @@ def test_values_and_gradients_match_the_reference(path, case, needs, bias):
 
     y, grads = _grads(vk.vera_linear, x, W, b, ld, lb, proj, needs, loss)
     if any(needs) and x.numel() > 0:
-        assert _node_kind(y) == path
+        assert node_kind(y) == path
     y64, ref = _grads(vk.reference.vera_linear, x.double(), W.double(), None if b is None else b.double(),
                       ld.double(), lb.double(), proj, needs, lambda y: (y * gy.double()).sum() + y.sum())
     assert y.shape == y64.shape and y.dtype == torch.float32
@@ -103,7 +79,7 @@ def test_float64_runs_natively_and_passes_gradcheck(path):
     x.requires_grad_(True)
     ld.requires_grad_(True)
     lb.requires_grad_(True)
-    assert _node_kind(vk.vera_linear(x, W, b, ld, lb, proj)) == path
+    assert node_kind(vk.vera_linear(x, W, b, ld, lb, proj)) == path
     assert torch.autograd.gradcheck(lambda x, ld, lb: vk.vera_linear(x, W, b, ld, lb, proj), (x, ld, lb))
 
 
@@ -113,14 +89,14 @@ def test_other_calls_go_through_the_python_function():
     x, W, b, ld, lb, proj = _inputs((3, 12))
     ld.requires_grad_(True)
     y = vk.vera_linear(x.bfloat16(), W.bfloat16(), b.bfloat16(), ld, lb, proj)
-    assert _node_kind(y) == "python"
+    assert node_kind(y) == "python"
     y = vk.vera_linear(x, W, b, ld, lb, proj, dropout_p=0.25, training=True)
-    assert _node_kind(y) == "python"
+    assert node_kind(y) == "python"
     y = vk.vera_linear(x, W, b, ld[None].expand(2, 4), lb[None].expand(2, 10), proj,
                        adapter_ids=torch.tensor([0, 1, -1]))
-    assert _node_kind(y) == "python"
+    assert node_kind(y) == "python"
     y = vk.vera_linear(x, W, b, ld, lb, proj, dropout_p=0.25, training=False)  # dropout off in eval
-    assert _node_kind(y) == ("native" if NATIVE else "python")
+    assert node_kind(y) == ("native" if NATIVE else "python")
 
 
 def test_double_backward_raises_the_same_clear_error(path):
@@ -158,7 +134,8 @@ def test_output_can_be_modified_in_place(path):
     torch.testing.assert_close(gd, rd.float(), rtol=1e-5, atol=1e-4)
 
 
-def test_checkpointing_gives_the_same_gradients(path):
+def _block():
+    """``x`` and a small differentiable block around one call, with trainable ``lambda_d``/``lambda_b``."""
     x, W, b, ld, lb, proj = _inputs((4, 12))
     ld.requires_grad_(True)
     lb.requires_grad_(True)
@@ -166,9 +143,28 @@ def test_checkpointing_gives_the_same_gradients(path):
     def block(inp):
         return vk.vera_linear(torch.tanh(inp), W, b, ld, lb, proj).relu()
 
+    return x, block, (ld, lb)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_gives_the_same_gradients(path, reentrant):
+    x, block, (ld, lb) = _block()
     plain = torch.autograd.grad(block(x).sum(), (ld, lb))
-    ckpt = torch.autograd.grad(torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).sum(), (ld, lb))
-    torch.testing.assert_close(ckpt, plain, rtol=0, atol=0)
+    xr = x.clone().requires_grad_(reentrant)  # the reentrant form needs an input that requires grad
+    torch.utils.checkpoint.checkpoint(block, xr, use_reentrant=reentrant).sum().backward()
+    torch.testing.assert_close((ld.grad, lb.grad), plain, rtol=0, atol=0)
+
+
+def test_anomaly_mode(path):
+    x, block, vectors = _block()
+    plain = torch.autograd.grad(block(x).sum(), vectors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anomaly mode warns that it is slow
+        with torch.autograd.detect_anomaly():
+            again = torch.autograd.grad(block(x).sum(), vectors)
+            with pytest.raises(RuntimeError, match="nan"):
+                (block(x) * float("nan")).sum().backward()
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
 
 
 def test_weight_changed_in_place_before_backward_is_refused(path):
@@ -211,8 +207,7 @@ def test_layer_training_step_matches_between_paths(monkeypatch):
 
     functional._PLAN_CACHE.clear()
     native = train()
-    monkeypatch.setattr(torch_backend.TorchBackend, "native_call", lambda self, problem: None)
-    functional._PLAN_CACHE.clear()
+    python_only(monkeypatch)
     python = train()
     functional._PLAN_CACHE.clear()
     torch.testing.assert_close(native, python, rtol=1e-5, atol=1e-6)

@@ -18,19 +18,23 @@ DOUBLE_BACKWARD_ERROR = (
 )
 
 
-def _first_order_only(grads):
+def _first_order_only(grads, links=()):
     """Under ``create_graph=True``, make differentiating the returned gradients raise one clear error.
 
     The backends compute the gradients with no graph, so a second differentiation would otherwise give
     wrong (or cryptic) results. Like ``torch.autograd.function.once_differentiable``, with our message.
+    ``links`` (the vectors and the incoming gradient) become inputs of the error node too, so that
+    differentiating a gradient with respect to them reaches the error instead of finding no path (which
+    ``allow_unused=True`` would turn into a silent ``None``).
     """
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
     idx = [i for i, g in enumerate(grads) if g is not None]
     if not idx:
         return grads
-    err = torch._C._functions.DelayedError(DOUBLE_BACKWARD_ERROR.encode(), len(idx))
-    wrapped = err(*[grads[i].detach().requires_grad_() for i in idx])
+    inputs = [grads[i].detach().requires_grad_() for i in idx] + [t for t in links if t is not None]
+    err = torch._C._functions.DelayedError(DOUBLE_BACKWARD_ERROR.encode(), len(inputs))
+    wrapped = err(*inputs)
     if not isinstance(wrapped, tuple):
         wrapped = (wrapped,)
     out = list(grads)
@@ -78,5 +82,5 @@ class VeRAFunction(torch.autograd.Function):
             gx = gx.reshape(ctx.x_shape) if (need_x and gx is not None) else None
             gd = gd.to(lambda_d.dtype) if (need_d and gd is not None) else None
             gb = gb.to(lambda_b.dtype) if (need_b and gb is not None) else None
-        gx, gd, gb = _first_order_only((gx, gd, gb))
+        gx, gd, gb = _first_order_only((gx, gd, gb), (lambda_d, lambda_b, grad_y))
         return gx, gd, gb, None, None

@@ -133,7 +133,8 @@ def vera_linear(
         ids = flatten_adapter_ids(adapter_ids, x, lambda_d.shape[0])
         chosen = native = None
     dropout = None if (dropout_p == 0.0 and type(dropout_p) in (float, int)) else make_dropout(dropout_p, training)
-    if native is not None and dropout is None and not torch._C._are_functorch_transforms_active():
+    if (native is not None and dropout is None and not torch._C._are_functorch_transforms_active()
+            and torch._C._get_tracing_state() is None):  # jit.trace would record the native shapes as constants
         fn, extra = native  # the whole call in native code (Backend.native_call)
         if ac_device is None:
             return fn(x, weight, bias, lambda_d, lambda_b, *extra)
@@ -157,13 +158,14 @@ FUNCTORCH_ERROR = (
 )
 
 # ``Function.apply`` minus its Python prologue (argument binding for ``setup_context`` and functorch's
-# dead-wrapper unwrapping), which costs as much as PEFT's whole formula at decode sizes. Used when dynamo is
-# not tracing; while it traces the full ``apply`` runs.
+# dead-wrapper unwrapping), which costs as much as PEFT's whole formula at decode sizes. Used unless dynamo
+# is tracing; then the full ``apply`` runs.
 _apply_direct = super(torch.autograd.Function, VeRAFunction).apply
 
 
 def _run(x, lambda_d, lambda_b, problem, backend, compiling):
-    if torch.is_grad_enabled() and (x.requires_grad or lambda_d.requires_grad or lambda_b.requires_grad):
+    if (torch.is_grad_enabled() and (x.requires_grad or lambda_d.requires_grad or lambda_b.requires_grad)
+            and torch._C._get_tracing_state() is None):
         if compiling:
             y2d = VeRAFunction.apply(x, lambda_d, lambda_b, problem, backend)
         elif torch._C._are_functorch_transforms_active():
@@ -171,5 +173,8 @@ def _run(x, lambda_d, lambda_b, problem, backend, compiling):
         else:
             y2d = _apply_direct(x, lambda_d, lambda_b, problem, backend)
     else:
-        y2d, _ = backend.forward(problem)  # inference: nothing to save, no autograd node
+        # inference: nothing to save, no autograd node. Also under torch.jit.trace, which records the
+        # backend's ops themselves (an autograd Function cannot be traced); those ops are differentiable
+        # on the "torch" backend, so the traced graph trains too.
+        y2d, _ = backend.forward(problem)
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], problem.N)
