@@ -195,6 +195,10 @@ _simple("type-projection-str", lambda be: err(be, TypeError, "Projection", proje
 _simple("type-projection-tuple", lambda be: err(be, TypeError, "Projection", projection=(0, R, MAX_IN, MAX_OUT)))
 
 # devices
+_simple("layout-sparse-x", lambda be: err(be, TypeError, "dense.*sparse_coo", x=lambda t: t.to_sparse()))
+_simple("layout-csr-x", lambda be: err(be, TypeError, "dense.*sparse_csr", x=lambda t: t.to_sparse_csr()))
+_simple("layout-sparse-weight", lambda be: err(be, TypeError, "weight must be a dense", weight=lambda t: t.to_sparse()))
+_simple("layout-sparse-lambda", lambda be: err(be, TypeError, "lambda_b must be a dense", lambda_b=lambda t: t.to_sparse()))
 _simple("device-meta-x", lambda be: err(be, ValueError, "device", x=lambda t: t.to("meta")))
 _simple("device-meta-weight", lambda be: err(be, ValueError, "device", weight=lambda t: t.to("meta")))
 _simple("device-meta-lambda", lambda be: err(be, ValueError, "device", lambda_b=lambda t: t.to("meta")))

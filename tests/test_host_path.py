@@ -27,6 +27,8 @@ def test_cached_signature_still_rejects_bad_input():
         vk.vera_linear(x, W, b, ld, lb[:-1], proj)
     with pytest.raises(TypeError, match="dtype"):
         vk.vera_linear(x, W.double(), b, ld, lb, proj)
+    with pytest.raises(TypeError, match="dense"):  # same shape, dtype and device as the cached call
+        vk.vera_linear(x.to_sparse(), W, b, ld, lb, proj)
     with pytest.raises(ValueError, match="max_in_features"):
         vk.vera_linear(x, W, b, ld, lb, vk.Projection(3, 4, 8, 16))
     vk.vera_linear(x, W, b, ld, lb, proj, in_offset=1)

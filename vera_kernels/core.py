@@ -175,6 +175,10 @@ def validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids=None, 
     _is_tensor(lambda_b, "lambda_b")
     if bias is not None:
         _is_tensor(bias, "bias")
+    for t, name in ((x, "x"), (weight, "weight"), (bias, "bias"), (lambda_d, "lambda_d"), (lambda_b, "lambda_b")):
+        if t is not None and t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with "
+                            ".to_dense()")
     if x.dtype not in ACCEPTED_DTYPES:
         raise TypeError(
             f"x must be float32, float16 or bfloat16 (float64 on the torch backend), got {x.dtype}"

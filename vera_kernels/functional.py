@@ -25,7 +25,7 @@ _PLAN_CACHE_MAX = 4096
 def _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset):
     """The metadata that decides validation and dispatch; raises AttributeError for non-tensors."""
     return (
-        type(x), x.shape, x.dtype, x.device,
+        type(x), x.shape, x.dtype, x.device, x.layout,
         type(weight), weight.shape, weight.dtype, weight.device, weight.requires_grad,
         None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device, bias.requires_grad),
         type(lambda_d), lambda_d.shape, lambda_d.dtype, lambda_d.device,
