@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -17,6 +18,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACCEPTED_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
 
 _warned: set = set()
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``); here, not in the
+    Triton modules, so that the backend registry can ask without importing triton."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def warn_once(key: str, message: str, category=UserWarning) -> None:

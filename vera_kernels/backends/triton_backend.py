@@ -8,17 +8,12 @@ name it). ``triton`` is imported lazily, so ``import vera_kernels`` works withou
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import List, Optional
 
 import torch
 
-from ..core import SUPPORTED_DTYPES, Problem
+from ..core import SUPPORTED_DTYPES, Problem, interpreting
 from .base import Backend, opaque_backward, opaque_forward
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class TritonBackend(Backend):
@@ -29,12 +24,12 @@ class TritonBackend(Backend):
 
     @property
     def device_types(self):
-        return ("cuda", "cpu") if _interpreting() else ("cuda",)
+        return ("cuda", "cpu") if interpreting() else ("cuda",)
 
     def unavailable_reason(self) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install triton)"
-        if _interpreting():
+        if interpreting():
             return None
         if not torch.cuda.is_available():
             return "no CUDA GPU is available (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
@@ -52,7 +47,7 @@ class TritonBackend(Backend):
             A, B = proj.stored
             if A.dtype != torch.float32 or B.dtype != torch.float32:
                 reasons.append("stored projection matrices must be float32")
-        if problem.device.type == "cuda" and not _interpreting():
+        if problem.device.type == "cuda" and not interpreting():
             if torch.cuda.get_device_capability(problem.device)[0] < 8:
                 reasons.append("needs compute capability >= 8.0")
         return reasons
