@@ -23,6 +23,44 @@ def test_opcheck(i):
     torch.library.opcheck(op, args)
 
 
+def _fake_calls(M=3, K=6, N=5, r=4, n=2):
+    """name -> (good args, bad args) of each op, built inside the caller's FakeTensorMode."""
+    e = torch.empty
+    x, W, s, ld, lb, gy, g = e(M, K), e(N, K), e(M, r), e(r), e(N), e(M, N), e(M, r)
+    ids, bank_d, bank_b = e(M, dtype=torch.int64), e(n, r), e(n, N)
+    drop = (0, 0, 0, 1.0)
+    return {
+        "shrink": ((x, e(r, K), r, 0, 0, 0.5, *drop, 0), (x, e(r, K - 1), r, 0, 0, 0.5, *drop, 0)),
+        "fused_forward": ((x, W, None, s, ld, lb, None, 1, 2, 0.5, 0, None),
+                          (x, e(N, K + 1), None, s, ld, lb, None, 1, 2, 0.5, 0, None)),
+        "fused_forward-bias": ((x, W, e(N), s, ld, lb, None, 1, 2, 0.5, 0, None),
+                               (x, W, e(N + 1), s, ld, lb, None, 1, 2, 0.5, 0, None)),
+        "fused_forward-s": ((x, W, None, s, ld, lb, None, 1, 2, 0.5, 0, None),
+                            (x, W, None, e(M + 1, r), ld, lb, None, 1, 2, 0.5, 0, None)),
+        "fused_forward-bank": ((x, W, None, s, bank_d, bank_b, None, 1, 2, 0.5, 0, ids),
+                               (x, W, None, s, bank_d, e(n + 1, N), None, 1, 2, 0.5, 0, ids)),
+        "rank_grads": ((gy, s, ld, lb, None, 1, 2, 0.5, True, 0, None),
+                       (gy, s, ld, e(N + 1), None, 1, 2, 0.5, True, 0, None)),
+        "grad_input": ((gy, W, g, ld, None, 1, 2, 0.5, *drop, 0, None),
+                       (gy, e(N + 1, K), g, ld, None, 1, 2, 0.5, *drop, 0, None)),
+    }
+
+
+@pytest.mark.parametrize("name", ["shrink", "fused_forward", "fused_forward-bias", "fused_forward-s",
+                                  "fused_forward-bank", "rank_grads", "grad_input"])
+def test_fake_kernels_check_shapes(name):
+    """Under FakeTensor (torch.compile's tracing) the ops refuse inconsistent shapes, as the kernels do,
+    instead of handing a wrong shape on."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        good, bad = _fake_calls()[name]
+        op = getattr(ops, name.split("-")[0])
+        op(*good)
+        with pytest.raises(RuntimeError, match="vera_kernels: "):
+            op(*bad)
+
+
 def test_op_errors_are_clear():
     x = torch.randn(3, 4)
     with pytest.raises(RuntimeError, match="must be float32"):

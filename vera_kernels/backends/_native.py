@@ -101,15 +101,26 @@ def register_fakes() -> None:
 
     @torch.library.register_fake(lib + "shrink")
     def _shrink(x, A, rank, key0, key1, bound, drop_key0, drop_key1, drop_threshold, drop_scale, in_offset=0):
+        _check(x.dim() == 2, lambda: f"x must be 2-D, got {x.dim()}-D")
+        if A is not None:
+            _check(A.dim() == 2 and A.shape[0] == rank and A.shape[1] >= in_offset + x.shape[1],
+                   lambda: f"A must be [{rank}, >= {in_offset} + {x.shape[1]}], got {tuple(A.shape)}")
         return x.new_empty((x.shape[0], rank), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "fused_forward")
     def _fused_forward(x, weight, bias, s, lambda_d, lambda_b, B, key0, key1, bound, out_offset=0, adapter_ids=None):
+        _check(x.dim() == 2 and weight.dim() == 2 and weight.shape[1] == x.shape[1],
+               lambda: f"weight must be [N, K] like x [M, K], got {tuple(weight.shape)} for x {tuple(x.shape)}")
+        _check(bias is None or tuple(bias.shape) == (weight.shape[0],),
+               lambda: f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+        _check_adapter_inputs(s, lambda_d, lambda_b, weight.shape[0], adapter_ids, x.shape[0])
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake(lib + "rank_grads")
     def _rank_grads(grad_y, s, lambda_d, lambda_b, B, key0, key1, bound, need_lambda_b, out_offset=0,
                           adapter_ids=None):
+        _check(grad_y.dim() == 2, lambda: f"grad_y must be 2-D, got {grad_y.dim()}-D")
+        _check_adapter_inputs(s, lambda_d, lambda_b, grad_y.shape[1], adapter_ids, grad_y.shape[0])
         if adapter_ids is not None:  # bank gradients
             gb = (lambda_b.shape[0], grad_y.shape[1]) if need_lambda_b else (0,)
             return s.new_empty(s.shape), s.new_empty(lambda_d.shape), s.new_empty(gb)
@@ -119,7 +130,32 @@ def register_fakes() -> None:
     @torch.library.register_fake(lib + "grad_input")
     def _grad_input(grad_y, weight, g, lambda_d, A, key0, key1, bound, drop_key0, drop_key1, drop_threshold,
                     drop_scale, in_offset=0, adapter_ids=None):
+        _check(grad_y.dim() == 2 and weight.dim() == 2 and weight.shape[0] == grad_y.shape[1],
+               lambda: f"weight must be [N, K] with grad_y [M, N], got {tuple(weight.shape)} for grad_y "
+                       f"{tuple(grad_y.shape)}")
+        _check(g.dim() == 2 and g.shape[0] == grad_y.shape[0],
+               lambda: f"g must be [{grad_y.shape[0]}, r], got {tuple(g.shape)}")
         return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
+
+
+def _check(cond, message) -> None:
+    """A fake kernel's shape check: the same conditions as the native ops' (csrc/vera_ops.h), raised while
+    tracing instead of as a wrong shape later."""
+    torch._check(cond, lambda: "vera_kernels: " + message())
+
+
+def _check_adapter_inputs(s, lambda_d, lambda_b, N, adapter_ids, M) -> None:
+    """s [M, r]; vectors [r], [N], or with adapter_ids [M] banks [n, r], [n, N]."""
+    _check(s.dim() == 2 and s.shape[0] == M, lambda: f"s must be [{M}, r], got {tuple(s.shape)}")
+    r = s.shape[1]
+    if adapter_ids is None:
+        _check(tuple(lambda_d.shape) == (r,) and tuple(lambda_b.shape) == (N,),
+               lambda: f"lambda_d/lambda_b must be [{r}]/[{N}], got {tuple(lambda_d.shape)}/{tuple(lambda_b.shape)}")
+    else:
+        _check(tuple(adapter_ids.shape) == (M,), lambda: f"adapter_ids must be [{M}], got {tuple(adapter_ids.shape)}")
+        _check(lambda_d.dim() == 2 and lambda_d.shape[1] == r and tuple(lambda_b.shape) == (lambda_d.shape[0], N),
+               lambda: f"with adapter_ids, lambda_d/lambda_b must be banks [n, {r}]/[n, {N}], got "
+                       f"{tuple(lambda_d.shape)}/{tuple(lambda_b.shape)}")
 
 
 if hasattr(torch.ops.vera_kernels, "shrink"):  # imported by torch for a library loaded some other way
