@@ -137,3 +137,20 @@ def test_direct_apply_gives_the_reference_values_and_gradients():
     rd, rb = torch.autograd.grad(ref.square().sum(), (ld, lb))
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close((gd, gb), (rd, rb))
+
+
+def test_export_with_a_dynamic_batch_adds_no_guard_on_it():
+    """``torch.export`` (strict) of a layer with trainable vectors and a dynamic M: the backward's choice
+    between its two grad_lambda_b forms must not turn into a guard on M (export would refuse the range)."""
+    from torch.export import Dim, export
+
+    torch.manual_seed(0)
+    layer = vk.VeRALinear(6, 5, projection=vk.Projection(1, 4, 16, 16))
+    x = torch.randn(8, 6)
+    layer(x)  # A/B cached eagerly first (see the README's serving section)
+    with vk.use_backend("torch"):
+        ep = export(layer, (x,), dynamic_shapes={"x": {0: Dim("M", min=2, max=4096)}}, strict=True)
+    (rng,) = ep.range_constraints.values()
+    assert (rng.lower, rng.upper) == (2, 4096)
+    x2 = torch.randn(3, 6)
+    torch.testing.assert_close(ep.module()(x2), layer(x2))

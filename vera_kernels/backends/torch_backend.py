@@ -161,7 +161,8 @@ class TorchBackend(Backend):
             grad_d = (s * g).sum(0) if need_d else None
             grad_b = None
             if need_b:  # two equal forms (docs/DESIGN.md §1); take the one with the smaller transient
-                if problem.M <= s.shape[1]:  # [M, N] intermediate
+                # (while compiling always the [N, r] one: a test on a dynamic M would become a guard on it)
+                if not torch.compiler.is_compiling() and problem.M <= s.shape[1]:  # [M, N] intermediate
                     grad_b = (gy * ((lambda_d * s) @ B_N.t())).sum(0)
                 else:  # rowsum(B_N * (gy^T (lambda_d * s))): [N, r] intermediate
                     grad_b = (B_N * (gy.t() @ (lambda_d * s))).sum(1)
