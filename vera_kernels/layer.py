@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -345,10 +345,12 @@ class VeRALinear(nn.Module):
         else:
             self._merged_lambdas = None
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # Check everything first, so that a refused state changes nothing (torch would copy the tensors
-        # that fit before reporting the ones that do not).
+    def state_problems(self, state_dict, prefix: str = "") -> List[str]:
+        """Why this layer would refuse its entries (under ``prefix``) of ``state_dict``; empty if it loads them.
+
+        Shapes of its tensors, and the extra state (projection, layout, dropout). Used before anything is
+        copied, by the layer and by models adapted with :func:`vera_kernels.apply_vera`.
+        """
         problems = []
         for name, t in (("weight", self.weight), ("bias", self.bias), ("lambda_d", self.lambda_d),
                         ("lambda_b", self.lambda_b)):
@@ -361,6 +363,13 @@ class VeRALinear(nn.Module):
             why = self._extra_state_problem(state_dict[extra])
             if why is not None:
                 problems.append(f"{extra}: {why}")
+        return problems
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Check everything first, so that a refused state changes nothing (torch would copy the tensors
+        # that fit before reporting the ones that do not).
+        problems = self.state_problems(state_dict, prefix)
         if problems:
             error_msgs.extend(problems)
             return

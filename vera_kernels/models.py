@@ -236,6 +236,18 @@ def _reshare_projections(model: nn.Module, incompatible_keys=None) -> None:
             canonical.append(layer.projection)
 
 
+def _refuse_before_loading(model: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys,
+                           unexpected_keys, error_msgs) -> None:
+    """``load_state_dict`` pre-hook of an adapted model: a state that any VeRA layer refuses is refused before
+    any module loads (torch would otherwise copy every other module's tensors first), so nothing changes."""
+    problems = []
+    for name, layer in vera_layers(model).items():
+        problems += layer.state_problems(state_dict, f"{prefix}{name}.")
+    if problems:
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__} (nothing was loaded):\n\t"
+                           + "\n\t".join(problems))
+
+
 def install(model: nn.Module, plan: List[Tuple[str, VeRALinear]], freeze: bool = True) -> None:
     """Swap the planned layers into ``model`` (cannot fail half-way: every layer was built already)."""
     parents = [_parent(model, name) for name, _ in plan]
@@ -249,6 +261,7 @@ def install(model: nn.Module, plan: List[Tuple[str, VeRALinear]], freeze: bool =
             layer.lambda_b.requires_grad_(True)
     if not getattr(model, "_vera_kernels_reshare_hook", None):
         model._vera_kernels_reshare_hook = model.register_load_state_dict_post_hook(_reshare_projections)
+        model._vera_kernels_precheck_hook = model.register_load_state_dict_pre_hook(_refuse_before_loading)
 
 
 def plan_layers(
