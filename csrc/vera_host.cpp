@@ -121,10 +121,13 @@ struct PlainVeRA : public torch::autograd::Function<PlainVeRA> {
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_d = ctx->needs_input_grad(1);
     const bool need_b = ctx->needs_input_grad(2);
+    if (!(need_x || need_d || need_b)) {
+      return variable_list(7);
+    }
+    const variable_list saved = ctx->get_saved_variables();  // once: unpack hooks run once per backward
+    const at::Tensor &s = saved[0], &weight = saved[1], &lambda_d = saved[2], &lambda_b = saved[3];
     at::Tensor grad_x, grad_d, grad_b;
-    if (need_x || need_d || need_b) {
-      const variable_list saved = ctx->get_saved_variables();
-      const at::Tensor &s = saved[0], &weight = saved[1], &lambda_d = saved[2], &lambda_b = saved[3];
+    {
       const at::Tensor A_K = ctx->saved_data["A_K"].toTensor(), B_N = ctx->saved_data["B_N"].toTensor();
       at::NoGradGuard no_grad;
       const at::Tensor gy = grad_outputs[0].reshape({s.size(0), weight.size(0)});
@@ -150,12 +153,7 @@ struct PlainVeRA : public torch::autograd::Function<PlainVeRA> {
         }
       }
     }
-    variable_list links;
-    if (at::GradMode::is_enabled() && (grad_x.defined() || grad_d.defined() || grad_b.defined())) {
-      const variable_list saved = ctx->get_saved_variables();
-      links = {saved[2], saved[3], grad_outputs[0]};
-    }
-    variable_list grads = first_order_only({grad_x, grad_d, grad_b}, links);
+    variable_list grads = first_order_only({grad_x, grad_d, grad_b}, {lambda_d, lambda_b, grad_outputs[0]});
     grads.resize(7);  // no gradient for weight, A_K, B_N, bias
     return grads;
   }

@@ -27,8 +27,14 @@ def test_cached_signature_still_rejects_bad_input():
         vk.vera_linear(x, W, b, ld, lb[:-1], proj)
     with pytest.raises(TypeError, match="dtype"):
         vk.vera_linear(x, W.double(), b, ld, lb, proj)
-    with pytest.raises(TypeError, match="dense"):  # same shape, dtype and device as the cached call
-        vk.vera_linear(x.to_sparse(), W, b, ld, lb, proj)
+    # same shapes, dtypes and devices as the cached call, another layout
+    for sparse in ("x", "weight", "bias", "lambda_d", "lambda_b"):
+        args = dict(x=x, weight=W, bias=b, lambda_d=ld, lambda_b=lb)
+        args[sparse] = args[sparse].to_sparse()
+        with pytest.raises(TypeError, match=f"{sparse} must be a dense"):
+            vk.vera_linear(**args, projection=proj)
+    with pytest.raises(TypeError, match="nested"):
+        vk.vera_linear(torch.nested.nested_tensor([x[0], x[1]]), W, b, ld, lb, proj)
     with pytest.raises(ValueError, match="max_in_features"):
         vk.vera_linear(x, W, b, ld, lb, vk.Projection(3, 4, 8, 16))
     vk.vera_linear(x, W, b, ld, lb, proj, in_offset=1)

@@ -37,23 +37,25 @@ def _inputs(x_shape, K=6, N=5, **kw):
     return call_inputs(x_shape, K, N, **kw)
 
 
-def _run_both(fn, x, W, b, ld, lb, proj, gy_seed=5):
-    """y and the gradients of (x, lambda_d, lambda_b) of ``fn``, all three requiring grad."""
+def _run_both(fn, x, W, b, ld, lb, proj, gy_seed=5, view=None):
+    """y and the gradients of the leaves (x, lambda_d, lambda_b) of ``fn``, all three requiring grad; the
+    call gets ``view(x, lambda_d, lambda_b)`` of the leaves (made after them, so its strides reach the call)."""
     x, ld, lb = (t.detach().clone().requires_grad_(True) for t in (x, ld, lb))
-    y = fn(x, W, b, ld, lb, proj)
+    xv, ldv, lbv = (x, ld, lb) if view is None else view(x, ld, lb)
+    y = fn(xv, W, b, ldv, lbv, proj)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(gy_seed)).to(y.dtype)
     grads = torch.autograd.grad((y * gy).sum(), (x, ld, lb), allow_unused=True)
     return y, grads
 
 
-def _ref64(x, W, b, ld, lb, proj):
+def _ref64(x, W, b, ld, lb, proj, view=None):
     d = lambda t: None if t is None else t.double()  # noqa: E731
-    return _run_both(vk.reference.vera_linear, d(x), d(W), d(b), d(ld), d(lb), proj)
+    return _run_both(vk.reference.vera_linear, d(x), d(W), d(b), d(ld), d(lb), proj, view=view)
 
 
-def _assert_matches_reference(x, W, b, ld, lb, proj, rtol=1e-5, atol=1e-5):
-    y, grads = _run_both(vk.vera_linear, x, W, b, ld, lb, proj)
-    y64, ref = _ref64(x, W, b, ld, lb, proj)
+def _assert_matches_reference(x, W, b, ld, lb, proj, rtol=1e-5, atol=1e-5, view=None):
+    y, grads = _run_both(vk.vera_linear, x, W, b, ld, lb, proj, view=view)
+    y64, ref = _ref64(x, W, b, ld, lb, proj, view)
     assert y.shape == y64.shape, (tuple(y.shape), tuple(y64.shape))
     torch.testing.assert_close(y.double(), y64, rtol=rtol, atol=atol)
     for name, g, r in zip(("grad_x", "grad_lambda_d", "grad_lambda_b"), grads, ref):
@@ -62,13 +64,13 @@ def _assert_matches_reference(x, W, b, ld, lb, proj, rtol=1e-5, atol=1e-5):
     return y
 
 
-# --- cases where the two paths once differed -------------------------------------------------------------
+# --- cases where the two paths could differ -------------------------------------------------------------
 
 @pytest.mark.parametrize("x_shape", [(3, 6), (2, 3, 6), (0, 6), (2, 0, 6)])
 def test_zero_out_features(path, x_shape):
     """N = 0: the empty column shard ColwiseParallel gives a rank when out_features < world size
-    (``distributed.shard_range``: 'the last ones may be shorter or empty'). The Python path returns an
-    empty [..., 0] output and zero lambda_d gradients; the native call must do the same."""
+    (``distributed.shard_range``: 'the last ones may be shorter or empty'): an empty [..., 0] output and
+    zero lambda_d gradients on both paths."""
     x, W, b, ld, lb, proj = _inputs(x_shape, N=0)
     y = _assert_matches_reference(x, W, b, ld, lb, proj)
     assert y.shape == x_shape[:-1] + (0,)
@@ -77,9 +79,8 @@ def test_zero_out_features(path, x_shape):
 
 
 def test_jit_trace_keeps_the_input_shape(path):
-    """torch.jit.trace of an inference model: the native call's C++ shape arithmetic is recorded as
-    constants, so a traced layer called with another leading shape of the same M returned the traced
-    shape (silently wrong) and another M failed with a size mismatch."""
+    """torch.jit.trace of an inference model follows the input's leading shape (shape arithmetic done in
+    C++ would be recorded as constants, so tracing never takes the native call)."""
     torch.manual_seed(0)
     layer = vk.VeRALinear(6, 5, projection=vk.Projection(1, 4, 16, 16))
     with torch.no_grad():
@@ -108,9 +109,39 @@ def test_jit_trace_with_trainable_vectors(path):
     torch.testing.assert_close(got, want)
 
 
+def test_jit_trace_of_dropout_in_training_warns(path):
+    """A traced training-mode layer with dropout would repeat one mask on every call: said once."""
+    layer = vk.VeRALinear(6, 5, projection=vk.Projection(1, 4, 16, 16), dropout=0.5).train()
+    vk.core._warned.discard("trace-dropout")
+    with pytest.warns(UserWarning, match="one and the same dropout mask"):
+        torch.jit.trace(layer, torch.randn(3, 6), check_trace=False)
+
+
+def test_torch_function_modes_see_the_ops(path):
+    """A TorchFunctionMode (tracing tools, FLOP counters written as modes) sees the call's ops on both paths:
+    under a mode the call runs through Python."""
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    x, W, b, ld, lb, proj = _inputs((3, 6))
+    ld.requires_grad_(True)
+    with Seen() as mode:
+        y = vk.vera_linear(x, W, b, ld, lb, proj)
+    assert "linear" in mode.names
+    torch.testing.assert_close(y, vk.reference.vera_linear(x, W, b, ld, lb, proj))
+
+
 def test_forward_mode_ad_through_x_in_inference(path):
-    """Forward-mode AD (torch.autograd.forward_ad) with x dual and nothing requiring grad: the Python path
-    gives the exact tangent; the native call's out= ops refused it ("addmm_out ... out= function")."""
+    """Forward-mode AD (torch.autograd.forward_ad) with x dual and nothing requiring grad: the exact tangent
+    on both paths (so the native forward uses no out= ops, which forward AD refuses)."""
     x, W, b, ld, lb, proj = _inputs((3, 6), dtype=torch.float64)
     t = torch.randn_like(x)
     with fwAD.dual_level():
@@ -132,9 +163,9 @@ def test_forward_mode_ad_through_lambda_in_inference(path):
 
 
 def test_saved_tensor_hooks_see_the_same_tensors(path):
-    """Pack hooks (save_on_cpu, activation offloading, checkpoint-like wrappers) see what a call saves.
-    The Python Function packs s, weight and the two vectors; the native node also packs A_K [r, K] and
-    B_N [N, r], so offloading copies the projection slices on every call of every layer."""
+    """Pack hooks (save_on_cpu, activation offloading, checkpoint-like wrappers) see what a call saves: s,
+    weight and the two vectors on both paths, never the projection slices A_K/B_N (offloading would copy
+    them on every call of every layer)."""
     x, W, b, ld, lb, proj = _inputs((3, 6))
     ld.requires_grad_(True)
     packed = []
@@ -170,28 +201,28 @@ def test_odd_shapes_match_the_reference(path, case):
     _assert_matches_reference(x, W, b, ld, lb, proj)
 
 
+LEAF_VIEWS = {  # awkward views of the leaves (x, lambda_d, lambda_b), made after them
+    "x-transposed": lambda x, ld, lb: (x.t().contiguous().t(), ld, lb),
+    "x-expanded-3d": lambda x, ld, lb: (x[:1].expand(4, 2, 6), ld, lb),  # stride 0 in two dims
+    "lambdas-strided": lambda x, ld, lb: (x, torch.stack([ld, ld + 1], 1)[:, 0], torch.stack([lb, lb - 1], 1)[:, 1]),
+    "lambdas-expanded": lambda x, ld, lb: (x, ld[:1].expand(4), lb[:1].expand(5)),
+}
+
+
 @pytest.mark.parametrize("how", ["x-transposed", "x-expanded-3d", "w-transposed", "w-expanded", "bias-expanded",
                                  "lambdas-strided", "lambdas-expanded", "no-bias", "float64"])
 def test_awkward_layouts_match_the_reference(path, how):
     dtype = torch.float64 if how == "float64" else torch.float32
     x, W, b, ld, lb, proj = _inputs((3, 6), dtype=dtype, bias=how != "no-bias")
-    if how == "x-transposed":
-        x = x.t().contiguous().t()
-    elif how == "x-expanded-3d":
-        x = x[:1].expand(4, 2, 6)  # stride 0 in two dims
-    elif how == "w-transposed":
+    view = LEAF_VIEWS.get(how)
+    if how == "w-transposed":
         W = W.t().contiguous().t()
     elif how == "w-expanded":
         W = W[:1].expand(5, 6)
     elif how == "bias-expanded":
         b = b[:1].expand(5)
-    elif how == "lambdas-strided":
-        ld = torch.stack([ld, ld + 1], 1)[:, 0]
-        lb = torch.stack([lb, lb - 1], 1)[:, 1]
-    elif how == "lambdas-expanded":
-        ld, lb = ld[:1].expand(4), lb[:1].expand(5)
     y = _assert_matches_reference(x, W, b, ld, lb, proj, rtol=1e-5 if dtype == torch.float32 else 1e-10,
-                                  atol=1e-5 if dtype == torch.float32 else 1e-10)
+                                  atol=1e-5 if dtype == torch.float32 else 1e-10, view=view)
     assert node_kind(y) == path
 
 
@@ -216,10 +247,10 @@ def test_fan_in_fan_out_layer_matches_the_reference(path):
 
 @pytest.mark.parametrize("special", ["nan", "zero", "inf-lambda_d", "inf-lambda_b"])
 def test_special_lambda_values_agree_between_paths(special, monkeypatch):
-    """inf/nan/0 in the vectors: the native call must give the Python path's (and the reference's)
-    non-finite pattern. With lambda_b[j] = inf the reference's column j is +-inf (lambda_b * finite); the
-    native call folds lambda_b into B_N, so column j of B_N * lambda_b holds infinities of both signs and
-    the rank-r sum gives NaN there instead."""
+    """inf/nan/0 in the vectors: the native call gives the Python path's (and the reference's) non-finite
+    pattern. With lambda_b[j] = inf the reference's column j is +-inf (lambda_b times a finite sum), which
+    is why the forward does not fold lambda_b into B_N (column j would hold infinities of both signs and
+    the rank-r sum would give NaN)."""
     if not NATIVE:
         pytest.skip("vera_kernels._C is not built")
     x, W, b, ld, lb, proj = _inputs((3, 6))
@@ -314,10 +345,10 @@ def test_double_backward_through_a_model_raises_the_clear_error(path):
 
 
 def test_gradient_penalty_wrt_a_vector_is_refused_clearly(path):
-    """A gradient penalty differentiated with torch.autograd.grad(penalty, lambda_d): the returned gradients
-    are detached copies behind the DelayedError node, so lambda_d is not reachable from them. Both paths
-    raise torch's 'appears to not have been used in the graph' instead of the double-backward message,
-    and with allow_unused=True silently return None (the true second derivative is not zero)."""
+    """A gradient penalty differentiated with torch.autograd.grad(penalty, lambda_d) raises the
+    double-backward message on both paths, also with allow_unused=True: the error node links the vectors,
+    so they are reachable from the returned gradients (otherwise torch would say 'not used in the graph',
+    or return None although the true second derivative is not zero)."""
     x, W, b, ld, lb, proj = _inputs((3, 6))
     x.requires_grad_(True)
     ld.requires_grad_(True)
@@ -401,6 +432,7 @@ def test_two_threads_share_a_layer(path):
         t.start()
     for t in threads:
         t.join(30)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish in 30 s"
     assert not errors
 
 

@@ -70,7 +70,7 @@ class VeRAFunction(torch.autograd.Function):
         if seed is not None:  # drawn inside a compiled graph: the saved tensor, not the traced one
             dropout = Dropout(p=dropout.p, seed=seed, threshold=dropout.threshold, scale=dropout.scale)
         with torch.no_grad():
-            gy2d = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, N)
+            gy2d = grad_y  # [M, N]: the Function returns y2d
             if 0 in gy2d.stride() and gy2d.numel() > 1:  # an expanded grad (y.sum().backward()): kernels read it dense
                 gy2d = gy2d.contiguous()
             problem = Problem(

@@ -183,6 +183,9 @@ def validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids=None, 
     if bias is not None:
         _is_tensor(bias, "bias")
     for t, name in ((x, "x"), (weight, "weight"), (bias, "bias"), (lambda_d, "lambda_d"), (lambda_b, "lambda_b")):
+        if t is not None and t.is_nested:
+            raise TypeError(f"{name} must be a dense tensor, got a nested tensor; pad it to a regular shape "
+                            "(e.g. torch.nested.to_padded_tensor)")
         if t is not None and t.layout != torch.strided:
             raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with "
                             ".to_dense()")

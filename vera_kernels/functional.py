@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .core import flatten_adapter_ids, make_dropout, make_problem, validate
+from .core import flatten_adapter_ids, make_dropout, make_problem, validate, warn_once
 from .autograd import VeRAFunction
 from .backends import Backend, current_override, env_backend, select
 from .projection import Projection
@@ -26,10 +26,10 @@ def _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offse
     """The metadata that decides validation and dispatch; raises AttributeError for non-tensors."""
     return (
         type(x), x.shape, x.dtype, x.device, x.layout,
-        type(weight), weight.shape, weight.dtype, weight.device, weight.requires_grad,
-        None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device, bias.requires_grad),
-        type(lambda_d), lambda_d.shape, lambda_d.dtype, lambda_d.device,
-        type(lambda_b), lambda_b.shape, lambda_b.dtype, lambda_b.device,
+        type(weight), weight.shape, weight.dtype, weight.device, weight.layout, weight.requires_grad,
+        None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device, bias.layout, bias.requires_grad),
+        type(lambda_d), lambda_d.shape, lambda_d.dtype, lambda_d.device, lambda_d.layout,
+        type(lambda_b), lambda_b.shape, lambda_b.dtype, lambda_b.device, lambda_b.layout,
         id(projection), backend, current_override(), env_backend(), torch.is_grad_enabled(),
         type(in_offset), in_offset, type(out_offset), out_offset,  # 1.0 == 1 but only an int is valid
     )  # every validity and dispatch input; each attribute read is ~0.1 µs, still 5x cheaper than validate()
@@ -47,7 +47,7 @@ def _checked_plan(x, weight, bias, lambda_d, lambda_b, projection, backend, in_o
     try:
         key = _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset)
         hit = _PLAN_CACHE.get(key)
-    except (AttributeError, TypeError):  # not tensors / unhashable arguments: validate() says what is wrong
+    except (AttributeError, TypeError, RuntimeError):  # not tensors, unhashable, nested: validate() says what
         key, hit = None, None
     if hit is not None and hit[0] is projection:
         return hit[1]
@@ -133,13 +133,12 @@ def vera_linear(
         ids = flatten_adapter_ids(adapter_ids, x, lambda_d.shape[0])
         chosen = native = None
     dropout = None if (dropout_p == 0.0 and type(dropout_p) in (float, int)) else make_dropout(dropout_p, training)
-    if (native is not None and dropout is None and not torch._C._are_functorch_transforms_active()
-            and torch._C._get_tracing_state() is None):  # jit.trace would record the native shapes as constants
+    if (native is not None and dropout is None and ac_device is None
+            and not torch._C._are_functorch_transforms_active()
+            and torch._C._get_tracing_state() is None  # jit.trace would record the native shapes as constants
+            and not torch._C._is_torch_function_mode_enabled()):  # a mode sees the ops only from Python
         fn, extra = native  # the whole call in native code (Backend.native_call)
-        if ac_device is None:
-            return fn(x, weight, bias, lambda_d, lambda_b, *extra)
-        with torch.autocast(ac_device, enabled=False):
-            return fn(x, weight, bias, lambda_d, lambda_b, *extra)
+        return fn(x, weight, bias, lambda_d, lambda_b, *extra)
     problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, ids, in_offset, out_offset)
     if chosen is None:
         chosen = select(problem, backend)
@@ -152,8 +151,9 @@ def vera_linear(
 
 
 FUNCTORCH_ERROR = (
-    "vera_kernels: functorch transforms (torch.func.grad, vmap, jacrev, functional_call under grad, ...) cannot "
-    "differentiate vera_linear / VeRALinear; use torch.autograd (loss.backward(), torch.autograd.grad), or "
+    "vera_kernels: vera_linear / VeRALinear cannot run under a functorch transform (torch.func.grad, jacrev, "
+    "vmap, ...) while autograd records it (x or the vectors require grad): differentiate with torch.autograd "
+    "(loss.backward(), torch.autograd.grad), run vmap under torch.no_grad() or with frozen vectors, or use "
     "vera_kernels.reference.vera_linear, which is plain differentiable PyTorch"
 )
 
@@ -174,7 +174,11 @@ def _run(x, lambda_d, lambda_b, problem, backend, compiling):
             y2d = _apply_direct(x, lambda_d, lambda_b, problem, backend)
     else:
         # inference: nothing to save, no autograd node. Also under torch.jit.trace, which records the
-        # backend's ops themselves (an autograd Function cannot be traced); those ops are differentiable
-        # on the "torch" backend, so the traced graph trains too.
+        # backend's ops themselves (the tracer fails inside this autograd Function); on the "torch" backend
+        # those ops are differentiable, so the traced graph trains too (saving what autograd saves for them)
+        if problem.dropout is not None and torch._C._get_tracing_state() is not None:
+            warn_once("trace-dropout", "vera_kernels: torch.jit.trace records this call's dropout seed as a "
+                      "constant, so the traced layer applies one and the same dropout mask on every call; "
+                      "trace in eval mode (or with dropout 0), or use torch.compile")
         y2d, _ = backend.forward(problem)
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], problem.N)
