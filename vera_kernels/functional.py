@@ -117,8 +117,10 @@ def vera_linear(
         ``x``, ``lambda_d`` and ``lambda_b`` only, and once: differentiating them again (double backward,
         ``create_graph=True``) raises a clear error.
 
-    Any strides are accepted for every tensor argument; ``K`` must be positive and meta tensors are
-    refused. Works under ``torch.compile(fullgraph=True)``, dropout included.
+    Any strides are accepted for every tensor argument, in the dense (strided) layout: sparse and nested
+    tensors are refused, as are meta tensors; ``K`` must be positive. Works under
+    ``torch.compile(fullgraph=True)`` (dropout included), ``torch.export`` and ``torch.jit.trace``; a
+    functorch transform while autograd records the call is refused with a clear error.
     """
     compiling = torch.compiler.is_compiling()
     ac_device = None
