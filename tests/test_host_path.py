@@ -97,6 +97,20 @@ def test_inference_builds_no_autograd_node():
     torch.testing.assert_close(y.detach(), ref)
 
 
+def test_use_backend_state_is_set_in_every_thread():
+    """The per-thread override always holds ``name``: torch.compile guards on it, and a guard made before a
+    thread's first ``use_backend`` block (attribute missing) failed inside that very block."""
+    import threading
+
+    from vera_kernels.backends import _override
+
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(("name" in vars(_override), _override.name)))
+    t.start()
+    t.join(10)
+    assert seen == [(True, None)]
+
+
 def test_use_backend_rejects_unknown_names_and_nests():
     with pytest.raises(ValueError, match="unknown"):
         with vk.use_backend("gpu"):
