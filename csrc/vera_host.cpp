@@ -1,7 +1,8 @@
 // The "torch" backend's common call in native code: one adapter, no dropout, inputs already in the compute
 // dtype (float32, or float64). It computes docs/DESIGN.md §1 with ATen ops, as the torch backend's Python does
-// (vera_kernels/backends/torch_backend.py). What moves here is the host cost: from Python each ATen op costs about a microsecond of
-// argument parsing and an autograd Function a few more, which at decode sizes is more than the arithmetic.
+// (vera_kernels/backends/torch_backend.py). What moves here is the host cost: from Python each ATen op costs
+// about a microsecond of argument parsing and an autograd Function a few more, which at decode sizes is more
+// than the arithmetic.
 // Here one Python call runs the whole forward and a C++ autograd Function records the node, saving only s
 // (docs/DESIGN.md §1) besides references to the frozen W, A, B and the trainable vectors; its backward runs
 // in C++ too.

@@ -166,8 +166,9 @@ _apply_direct = super(torch.autograd.Function, VeRAFunction).apply
 
 
 def _run(x, lambda_d, lambda_b, problem, backend, compiling):
+    tracing = torch._C._get_tracing_state() is not None
     if (torch.is_grad_enabled() and (x.requires_grad or lambda_d.requires_grad or lambda_b.requires_grad)
-            and torch._C._get_tracing_state() is None):
+            and not tracing):
         if compiling:
             y2d = VeRAFunction.apply(x, lambda_d, lambda_b, problem, backend)
         elif torch._C._are_functorch_transforms_active():
@@ -178,7 +179,7 @@ def _run(x, lambda_d, lambda_b, problem, backend, compiling):
         # inference: nothing to save, no autograd node. Also under torch.jit.trace, which records the
         # backend's ops themselves (the tracer fails inside this autograd Function); on the "torch" backend
         # those ops are differentiable, so the traced graph trains too (saving what autograd saves for them)
-        if problem.dropout is not None and torch._C._get_tracing_state() is not None:
+        if problem.dropout is not None and tracing:
             warn_once("trace-dropout", "vera_kernels: torch.jit.trace records this call's dropout seed as a "
                       "constant, so the traced layer applies one and the same dropout mask on every call; "
                       "trace in eval mode (or with dropout 0), or use torch.compile")

@@ -63,7 +63,8 @@ def load_error() -> Optional[str]:
             raise
         _load_error = f"the native extension {MODULE} is not built; {BUILD_HINT}"
     except Exception as e:  # a broken build (ABI mismatch, missing symbol) must not break the package
-        _load_error = f"the native extension {MODULE} failed to load ({type(e).__name__}: {e}); rebuild it: {BUILD_HINT}"
+        _load_error = (f"the native extension {MODULE} failed to load ({type(e).__name__}: {e}); "
+                       f"rebuild it: {BUILD_HINT}")
     if _load_error is not None:
         warn_once("native-load", f"vera_kernels: {_load_error}. The 'cpu' and 'cuda' backends are unavailable; "
                   "calls use the 'torch' backend, in Python only (its native call, which saves host time per "

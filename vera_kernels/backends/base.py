@@ -62,10 +62,11 @@ class Backend:
 
         ``fn(x, weight, bias, lambda_d, lambda_b, *extra)`` must do what the autograd Function does with
         ``forward``/``backward``: return ``y`` (``x.shape[:-1] + (N,)``) and, when autograd records, attach
-        a node of its own that saves what the Function saves (``s``, and references to ``W`` and the vectors). It saves the Python cost of the Function and of each op
-        at decode sizes. Asked once per call signature (the answer is memoised with the dispatch decision),
-        so it may depend on metadata only; a call with dropout or adapter ids, under ``torch.compile`` or a
-        functorch transform, goes through the Function instead.
+        a node of its own that saves what the Function saves (``s``, and references to ``W`` and the
+        vectors). It saves the Python cost of the Function and of each op at decode sizes. Asked once per
+        call signature (the answer is memoised with the dispatch decision), so it may depend on metadata
+        only. A call with dropout, adapter ids or autocast, or under ``torch.compile``, ``torch.jit.trace``,
+        a functorch transform or a torch-function mode, goes through the Function instead.
         """
         return None
 
