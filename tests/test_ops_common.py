@@ -1,5 +1,5 @@
 """The Triton generator (vera_kernels/ops/_jit.py, materialize.py) against the reference generator, bit for bit,
-and the host helpers of vera_kernels/ops/_host.py."""
+and the launch helpers of vera_kernels/ops/_launch.py."""
 
 import pytest
 import torch
@@ -33,7 +33,7 @@ def test_generator_known_answers():
 
 
 def test_key_args_are_i32():
-    from vera_kernels.ops._host import key_args
+    from vera_kernels.ops._launch import key_args
 
     for seed in (0, 2**31, 2**32 - 1, 2**63, 2**64 - 1):
         k0, k1 = key_args(seed)
@@ -42,7 +42,7 @@ def test_key_args_are_i32():
 
 
 def test_dot_args_follow_matmul_precision():
-    from vera_kernels.ops._host import dot_args
+    from vera_kernels.ops._launch import dot_args
 
     old = torch.get_float32_matmul_precision()
     try:

@@ -36,7 +36,7 @@ def test_load_equals_generate(monkeypatch, dtype):
 
 
 def test_default_generates_and_bad_value_raises(monkeypatch):
-    from vera_kernels.ops._host import AB_SOURCE_ENV, ab_source
+    from vera_kernels.ops._launch import AB_SOURCE_ENV, ab_source
 
     monkeypatch.delenv(AB_SOURCE_ENV, raising=False)
     assert ab_source(1, 4096, 4096, 256, torch.bfloat16) == "generate"

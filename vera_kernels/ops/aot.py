@@ -27,7 +27,7 @@ from typing import Dict, Iterator, List
 import torch
 import triton
 
-from ._host import dot_args
+from ._launch import dot_args
 
 # the modules (the package namespace re-exports the launchers under the same names)
 shrink, fused_forward, rank_grads, grad_input, segment_sum = (

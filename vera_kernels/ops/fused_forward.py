@@ -17,7 +17,7 @@ import triton
 from triton import Config
 import triton.language as tl
 
-from ._host import GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, gemm_plan, projection_args, vector_args
+from ._launch import GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, gemm_plan, projection_args, vector_args
 from ._jit import MATRIX_B, gemm_main_loop, gemm_tile_program, rank_expand, rank_vector
 
 

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import key_args
+from ._launch import key_args
 from ._jit import MATRIX_A, MATRIX_B, projection_tile
 
 

@@ -16,7 +16,7 @@ import triton
 from triton import Config
 import triton.language as tl
 
-from ._host import (
+from ._launch import (
     build_tuners, dot_args, interpreting, kind_of, next_pow2, projection_args, split_reduction, vector_args,
 )
 from ._jit import MATRIX_B, rank_factor_tile, rank_mma, rank_tile_program

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import build_tuners
+from ._launch import build_tuners
 
 CONFIGS = {"segment_sum": [triton.Config({"BLOCK_L": 256}, num_warps=4, num_stages=2)]}
 _INTERPRETER = {"segment_sum": triton.Config({"BLOCK_L": 16}, num_warps=4, num_stages=1)}

@@ -16,7 +16,7 @@ import triton
 from triton import Config
 import triton.language as tl
 
-from ._host import build_tuners, dot_args, dropout_args, kind_of, next_pow2, projection_args, split_reduction
+from ._launch import build_tuners, dot_args, dropout_args, kind_of, next_pow2, projection_args, split_reduction
 from ._jit import MATRIX_A, dropout_keep_tile, mma, rank_factor_tile, rank_tile_program
 
 # K ranges of split programs are multiples of this (every BLOCK_K divides it; keeps tiles 4-aligned).

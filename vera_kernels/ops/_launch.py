@@ -1,4 +1,4 @@
-"""Host-side helpers of the Triton launchers: kernel arguments (keys, dtypes, projection and dropout),
+"""Launch helpers of the Triton kernels: kernel arguments (keys, dtypes, projection and dropout),
 where A/B tiles come from, autotuner construction and the launch choices shared by several ops."""
 
 from __future__ import annotations
