@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .core import ACCEPTED_DTYPES, warn_once
 from .functional import vera_linear
@@ -200,14 +201,17 @@ class VeRALinear(nn.Module):
             return self._special_forward(x, backend)
         # parameters read from the module's own dict: nn.Module.__getattr__ costs ~0.3 µs a name, per call
         params = self._parameters
-        weight, bias = params["weight"], params["bias"]
+        try:
+            weight, bias, lambda_d, lambda_b = params["weight"], params["bias"], params["lambda_d"], params["lambda_b"]
+        except KeyError:  # torch.nn.utils.parametrize made one of them a computed property
+            weight, bias, lambda_d, lambda_b = self.weight, self.bias, self.lambda_d, self.lambda_b
         if self.fan_in_fan_out:
             weight = weight.t()
         if not self.training and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             weight = weight.detach()  # eval mode: the base is frozen whatever its requires_grad says
             bias = None if bias is None else bias.detach()
         return vera_linear(
-            x, weight, bias, params["lambda_d"], params["lambda_b"], self.projection, self.dropout, self.training,
+            x, weight, bias, lambda_d, lambda_b, self.projection, self.dropout, self.training,
             backend, adapter_ids=adapter_ids, in_offset=self.in_offset, out_offset=self.out_offset,
         )
 
@@ -256,6 +260,14 @@ class VeRALinear(nn.Module):
             raise RuntimeError(f"a VeRALinear with a bank of {self.num_adapters} adapters has no single delta "
                                "weight and cannot be merged; serve the bank with vk.adapter_ids instead")
 
+    def _check_weight_stored(self) -> None:
+        """Merging writes into ``weight``: refuse one that torch.nn.utils.parametrize computes."""
+        if parametrize.is_parametrized(self, "weight"):
+            raise RuntimeError(
+                "VeRALinear.weight is parametrized (torch.nn.utils.parametrize): merging would write into a "
+                "computed tensor; remove the parametrization (parametrize.remove_parametrizations) first"
+            )
+
     def _delta(self, lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> torch.Tensor:
         A, B = self.projection.materialize(torch.float32, self.weight.device)
         A_K = A[:, : self.in_features]
@@ -272,6 +284,7 @@ class VeRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("VeRALinear is already merged")
         self._check_mergeable()
+        self._check_weight_stored()
         snapshot = (self.lambda_d.detach().clone(), self.lambda_b.detach().clone())
         w = self.weight_nk()
         w.copy_((w.float() + self._delta(*snapshot)).to(w.dtype))
@@ -286,6 +299,7 @@ class VeRALinear(nn.Module):
         """
         if not self.merged:
             raise RuntimeError("VeRALinear is not merged")
+        self._check_weight_stored()
         snapshot = self._merged_lambdas or (self.lambda_d, self.lambda_b)
         w = self.weight_nk()
         w.copy_((w.float() - self._delta(*snapshot)).to(w.dtype))
@@ -293,11 +307,29 @@ class VeRALinear(nn.Module):
         self.merged = False
 
     # --- dtype handling and state ------------------------------------------------------------
+    # the trained tensors, kept float32 by .half() / .to(torch.bfloat16) (device moves still move them)
+    _float32_names = ("lambda_d", "lambda_b")
+
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for p in (self.lambda_d, self.lambda_b):
-            if p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()  # the trained vectors stay float32 whatever the base dtype
+        # The vectors (and their grads) must never pass through a 16-bit cast: converting them back afterwards
+        # would keep the rounding (1e-8 flushed to 0, 1e6 turned to inf). Under torch.nn.utils.parametrize
+        # the stored tensor is the parametrization's ``original``, converted by the child module this reaches.
+        keep = set()
+        for name in self._float32_names:
+            if parametrize.is_parametrized(self, name):
+                t = self.parametrizations[name].original
+            else:
+                t = self._parameters.get(name)
+            if t is not None:
+                keep.update((id(t), id(t.grad)) if t.grad is not None else (id(t),))
+
+        def convert(t):
+            out = fn(t)
+            if id(t) in keep and out.dtype in (torch.float16, torch.bfloat16) and out.dtype != t.dtype:
+                return t.to(device=out.device)  # the device move alone, from the unrounded tensor
+            return out
+
+        super()._apply(convert, recurse)
         if self._merged_lambdas is not None:
             self._merged_lambdas = tuple(t.to(self.lambda_d.device) for t in self._merged_lambdas)
         return self
