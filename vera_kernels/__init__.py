@@ -12,6 +12,7 @@ from .layer import VeRALinear
 from .models import apply_vera, from_peft, merge_and_unload, print_trainable_parameters, trainable_summary
 from .adapter_io import AdapterFileError, load_adapter, save_adapter, save_peft_adapter
 from .projection import Projection, philox4x32
+from .store import AdapterStore
 
 __all__ = [
     "Projection",
@@ -32,6 +33,7 @@ __all__ = [
     "load_adapter",
     "save_peft_adapter",
     "AdapterFileError",
+    "AdapterStore",
     "ColwiseParallel",
     "RowwiseParallel",
 ]
