@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import vera_kernels as vk
+from vera_kernels.extra_state import decode_extra_state, projection_identity
 
 
 def test_init_follows_the_paper_and_freezes_the_base():
@@ -267,11 +268,53 @@ def test_mismatched_state_is_refused_and_changes_nothing(other, match):
 
 
 def test_seeded_extra_state_is_seed_and_dims_only():
-    layer = vk.VeRALinear(16, 12, rank=4, seed=7)
+    layer = vk.VeRALinear(16, 12, rank=4, seed=2**40 + 7, dropout=0.25)
     layer(torch.randn(2, 16))
     extra = layer.state_dict()["_extra_state"]
-    assert extra["projection"] == {"seed": 7, "rank": 4, "max_in_features": 16, "max_out_features": 12}
-    assert not any(isinstance(v, torch.Tensor) for v in extra.values())
+    assert extra.dtype == torch.int64 and extra.shape == (17,)  # a small tensor, as safetensors needs
+    state = decode_extra_state(extra)
+    assert state["projection"] == projection_identity(vk.Projection(2**40 + 7, 4, 16, 12))
+    assert state["projection_repr"] == repr(layer.projection)
+    assert state["dropout"] == 0.25 and not state["merged"] and state["merged_lambda_d"] is None
+
+
+def test_extra_state_of_earlier_versions_still_loads():
+    """The dict that get_extra_state returned before the state became a tensor."""
+    proj = vk.Projection(3, 4, 16, 12)
+    layer = _trained(vk.VeRALinear(16, 12, projection=proj))
+    layer.merge()
+    sd = layer.state_dict()
+    sd["_extra_state"] = {"projection": proj.state(), "dropout": 0.5, "merged": True, "fan_in_fan_out": False,
+                          "merged_lambda_d": layer._merged_lambdas[0], "merged_lambda_b": layer._merged_lambdas[1]}
+    fresh = vk.VeRALinear(16, 12, projection=proj)
+    fresh.load_state_dict(sd)
+    assert fresh.merged and fresh.dropout == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(fresh._merged_lambdas, layer._merged_lambdas))
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda t: t[:5], "at least 17"),
+    (lambda t: t.float(), "int64"),
+    (lambda t: torch.cat([t[:1] + 1, t[1:]]), "version 2"),
+    (lambda t: torch.cat([t, t[:2]]), "merged values"),
+    (lambda t: "nonsense", "str"),
+], ids=["short", "dtype", "version", "length", "type"])
+def test_corrupt_extra_state_is_refused_and_changes_nothing(corrupt, match):
+    layer = _trained(vk.VeRALinear(16, 12, rank=4, seed=0))
+    snap = _snapshot(layer)
+    sd = layer.state_dict()
+    sd["_extra_state"] = corrupt(sd["_extra_state"])
+    with pytest.raises(RuntimeError, match=match):
+        layer.load_state_dict(sd)
+    _assert_unchanged(layer, snap)
+
+
+def test_merged_extra_state_carries_the_folded_vectors_exactly():
+    layer = _trained(vk.VeRALinear(16, 12, rank=4, seed=0))
+    layer.merge()
+    state = decode_extra_state(layer.state_dict()["_extra_state"])
+    assert state["merged"]
+    assert torch.equal(state["merged_lambda_d"], layer.lambda_d) and torch.equal(state["merged_lambda_b"], layer.lambda_b)
 
 
 @pytest.mark.parametrize("how", ["pickle", "deepcopy"])

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .core import ACCEPTED_DTYPES, warn_once
+from .extra_state import decode_extra_state, encode_extra_state, projection_identity
 from .functional import vera_linear
 from .projection import Projection
 
@@ -40,9 +41,10 @@ class VeRALinear(nn.Module):
             adapter ids from ``vk.adapter_ids(model, ids)`` (or ``forward(x, adapter_ids=...)``), and
             calling such a layer without ids raises. A bank cannot be merged into the weight.
 
-    The state dict holds ``weight``, ``bias``, the two lambdas, and (as extra state) the projection's
-    parameters (seed and dims, or the stored ``A``/``B``), the dropout and whether the layer is merged, so
-    a saved layer reloads to identical outputs. Loading keeps the layer's (shared) projection object and
+    The state dict holds ``weight``, ``bias``, the two lambdas, and (as extra state, one small int64 tensor
+    that safetensors, ``save_pretrained`` and ``transformers.Trainer`` checkpoints accept) the projection's
+    identity (seed and dims, or a SHA-256 of the stored ``A``/``B``), the dropout and whether the layer is
+    merged (with the vectors it folded in), so a saved layer reloads to identical outputs. Loading keeps the layer's (shared) projection object and
     refuses a state made with a different projection (seed, rank or dims) or of other shapes, with a clear
     error and the layer left unchanged.
 
@@ -334,42 +336,44 @@ class VeRALinear(nn.Module):
             self._merged_lambdas = tuple(t.to(self.lambda_d.device) for t in self._merged_lambdas)
         return self
 
-    def get_extra_state(self):
-        state = {"projection": self.projection.state(), "dropout": self.dropout, "merged": self.merged,
-                 "fan_in_fan_out": self.fan_in_fan_out}
-        if self.merged and self._merged_lambdas is not None:
-            state["merged_lambda_d"], state["merged_lambda_b"] = (t.clone() for t in self._merged_lambdas)
-        return state
+    def get_extra_state(self) -> torch.Tensor:
+        """The layer's non-tensor state as one int64 tensor (see :func:`encode_extra_state`)."""
+        return encode_extra_state(self)
 
     def _extra_state_problem(self, state) -> Optional[str]:
         """Why ``state`` (from ``get_extra_state``) cannot be loaded into this layer, or None."""
-        if not isinstance(state, dict) or not {"projection", "dropout", "merged"} <= set(state):
-            return f"extra state must be a dict with projection, dropout and merged, got {state!r:.100}"
-        try:
-            proj = Projection.from_state(state["projection"])
-        except (KeyError, TypeError, ValueError) as e:
-            return f"invalid projection in the state: {e}"
-        if proj != self.projection:
-            return (f"the state was saved with {proj!r} but this layer uses {self.projection!r}; VeRA's A/B "
-                    "differ, so the vectors would not fit: build the layer with that projection "
-                    "(VeRALinear(..., projection=Projection(...)) or the same seed/rank/dims) before loading")
-        if bool(state.get("fan_in_fan_out", False)) != self.fan_in_fan_out:
-            return (f"the state has fan_in_fan_out={bool(state.get('fan_in_fan_out', False))} but this layer has "
+        parsed = decode_extra_state(state)
+        if isinstance(parsed, str):
+            return parsed
+        if parsed["projection"] != projection_identity(self.projection):
+            return (f"the state was saved with {parsed['projection_repr']} but this layer uses "
+                    f"{self.projection!r}; VeRA's A/B differ, so the vectors would not fit: build the layer "
+                    "with that projection (VeRALinear(..., projection=Projection(...)) or the same "
+                    "seed/rank/dims) before loading")
+        if parsed["fan_in_fan_out"] != self.fan_in_fan_out:
+            return (f"the state has fan_in_fan_out={parsed['fan_in_fan_out']} but this layer has "
                     f"fan_in_fan_out={self.fan_in_fan_out} (the weight layouts differ)")
-        d = state["dropout"]
+        d = parsed["dropout"]
         if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0.0 <= float(d) < 1.0:
             return f"dropout in the state must be in [0, 1), got {d!r}"
+        ld, lb = parsed["merged_lambda_d"], parsed["merged_lambda_b"]
+        if ld is not None and (tuple(ld.shape) != tuple(self.lambda_d.shape)
+                               or tuple(lb.shape) != tuple(self.lambda_b.shape)):
+            return (f"the merged vectors in the state have shapes {tuple(ld.shape)}, {tuple(lb.shape)}, this "
+                    f"layer's {tuple(self.lambda_d.shape)}, {tuple(self.lambda_b.shape)}")
         return None
 
     def set_extra_state(self, state) -> None:
-        """Load ``get_extra_state()``'s dict; the projection must equal this layer's (kept, not replaced)."""
+        """Load ``get_extra_state()``'s tensor (or the dict of earlier versions); the projection must equal
+        this layer's (kept, not replaced)."""
         why = self._extra_state_problem(state)
         if why is not None:
             raise ValueError(f"VeRALinear: cannot load this state: {why}")
-        self.dropout = float(state["dropout"])
-        self.merged = bool(state["merged"])
+        parsed = decode_extra_state(state)
+        self.dropout = float(parsed["dropout"])
+        self.merged = bool(parsed["merged"])
         if self.merged:  # what merge() folded in: saved with the state, else the vectors just loaded
-            ld, lb = state.get("merged_lambda_d"), state.get("merged_lambda_b")
+            ld, lb = parsed["merged_lambda_d"], parsed["merged_lambda_b"]
             if ld is None or lb is None:
                 ld, lb = self.lambda_d, self.lambda_b
             self._merged_lambdas = (ld.detach().to(self.lambda_d.device, torch.float32).clone(),
