@@ -39,6 +39,7 @@ from torch import nn
 from .layer import VeRALinear
 from .models import (
     _in_out,
+    bypassed_linears,
     check_slot,
     install,
     linear_kind,
@@ -386,12 +387,19 @@ def _peft_spec(cfg: dict, tensors: Dict[str, torch.Tensor], model: nn.Module, wh
 def _resolve(model: nn.Module, spec: _Spec, where: str) -> Dict[str, nn.Module]:
     """Each adapter path's module in the model, checked against the adapter's shapes."""
     adapted = vera_layers(model)
-    modules = {}
+    bypassed = {} if adapted else bypassed_linears(model)
+    modules, seen = {}, {}
     for path in spec.paths:
         try:
             module = model.get_submodule(path)
         except AttributeError:
             raise AdapterFileError(f"{where}: the model has no module {path!r}") from None
+        if id(module) in seen:
+            raise AdapterFileError(f"{where}: {seen[id(module)]!r} and {path!r} are one module of this model "
+                                   f"(registered under both names); the adapter must name it once")
+        seen[id(module)] = path
+        if id(module) in bypassed:
+            raise AdapterFileError(f"{where}: {path!r} cannot take an adapter: {bypassed[id(module)]}")
         if adapted:
             if not isinstance(module, VeRALinear):
                 raise AdapterFileError(f"{where}: {path!r} is a {type(module).__name__}, not a VeRA layer")

@@ -13,6 +13,7 @@ import importlib
 import numbers
 import re
 import sys
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -95,11 +96,45 @@ def target_matches(target_modules: TargetModules, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def bypassed_linears(model: nn.Module) -> Dict[int, str]:
+    """Linear modules of ``model`` whose ``forward`` their parent never calls, by ``id``, with the reason.
+
+    An adapter on such a module would never run (yet ``merge_and_unload`` would fold it in):
+    ``nn.MultiheadAttention`` hands ``out_proj.weight`` to ``F.multi_head_attention_forward``, and
+    ``nn.TransformerEncoderLayer``'s inference fast path reads ``linear1``/``linear2``'s weights itself.
+    """
+    bypassed = {}
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            bypassed[id(module.out_proj)] = (
+                "nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward and never calls "
+                "out_proj's forward")
+        if isinstance(module, nn.TransformerEncoderLayer):
+            for child in (module.linear1, module.linear2):
+                bypassed[id(child)] = ("nn.TransformerEncoderLayer's inference fast path reads linear1/linear2's "
+                                       "weights directly and never calls their forward")
+    return bypassed
+
+
+def module_paths(model: nn.Module) -> Dict[int, List[str]]:
+    """Every path of every submodule, by ``id``: a module registered under several names (tied) has several."""
+    paths: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            paths.setdefault(id(module), []).append(name)
+    return paths
+
+
 def find_targets(model: nn.Module, target_modules: TargetModules) -> List[Tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs that ``target_modules`` selects, in ``named_modules`` order.
 
+    A module registered under several names (tied) is selected once, under its first name, if any of its
+    names matches; :func:`install` puts its adapter at every name. Modules whose forward their parent
+    bypasses (:func:`bypassed_linears`) are skipped by ``"all-linear"`` with a warning naming them, and
+    refused when named explicitly.
+
     Raises ``TypeError`` when a selected module is neither ``nn.Linear`` nor ``Conv1D`` and
-    ``ValueError`` when nothing is selected.
+    ``ValueError`` when nothing is selected or a selected module's forward is bypassed.
     """
     if isinstance(target_modules, str):
         pass
@@ -109,14 +144,20 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> List[Tuple[
         raise TypeError(f"target_modules must be a str or a list of str, got {target_modules!r}")
     all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
     heads = _output_head_names(model) if all_linear else set()
-    found = []
-    for name, module in model.named_modules():
-        if not name:
+    bypassed = bypassed_linears(model)
+    paths = module_paths(model)
+    found: Dict[int, Tuple[str, nn.Module]] = {}  # by id: a tied module once, under its first name
+    skipped = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or id(module) in found:
             continue
         kind = linear_kind(module)
         if all_linear:
             if kind is not None and name not in heads:
-                found.append((name, module))
+                if id(module) in bypassed:
+                    skipped.append(name)
+                else:
+                    found[id(module)] = (paths[id(module)][0], module)
             continue
         if not target_matches(target_modules, name):
             continue
@@ -127,14 +168,23 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> List[Tuple[
                 f"target module {name!r} is a {type(module).__name__}; VeRA adapts nn.Linear and "
                 f"transformers' Conv1D only"
             )
-        found.append((name, module))
+        if id(module) in bypassed:
+            raise ValueError(f"target module {name!r} cannot take an adapter: {bypassed[id(module)]}, so the "
+                             f"adapter would never run; leave it out of target_modules")
+        found[id(module)] = (paths[id(module)][0], module)
+    skipped = sorted(set(skipped))
+    if skipped:
+        warnings.warn(f"apply_vera('all-linear') skipped {len(skipped)} linear layers whose forward their parent "
+                      f"bypasses, so an adapter there would never run: {skipped[:8]}"
+                      f"{' ...' if len(skipped) > 8 else ''} (nn.MultiheadAttention.out_proj, "
+                      f"nn.TransformerEncoderLayer.linear1/linear2)", UserWarning, stacklevel=3)
     if not found:
         linear = [n for n, m in model.named_modules() if linear_kind(m) is not None][:8]
         raise ValueError(
-            f"target_modules={target_modules!r} selects no linear layer of this model "
-            f"(some linear layers: {linear})"
+            f"target_modules={target_modules!r} selects no linear layer of this model that can take an adapter "
+            f"(some linear layers: {linear}{'; skipped as bypassed: ' + str(skipped[:8]) if skipped else ''})"
         )
-    return found
+    return list(found.values())
 
 
 # --- building and installing layers -------------------------------------------------------------
@@ -248,14 +298,23 @@ def _refuse_before_loading(model: nn.Module, state_dict, prefix, local_metadata,
                            + "\n\t".join(problems))
 
 
+def _swap_sites(model: nn.Module, names: List[str]) -> List[List[Tuple[nn.Module, str]]]:
+    """For each name, ``(parent, child)`` of every path of the module there (a tied module has several)."""
+    paths = module_paths(model)
+    return [[_parent(model, p) for p in paths[id(model.get_submodule(name))]] for name in names]
+
+
 def install(model: nn.Module, plan: List[Tuple[str, VeRALinear]], freeze: bool = True) -> None:
-    """Swap the planned layers into ``model`` (cannot fail half-way: every layer was built already)."""
-    parents = [_parent(model, name) for name, _ in plan]
+    """Swap the planned layers into ``model`` (cannot fail half-way: every layer was built already).
+
+    A module registered under several names (tied) is replaced at every name by the same layer."""
+    sites = _swap_sites(model, [name for name, _ in plan])
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
-    for (parent, child), (_, layer) in zip(parents, plan):
-        setattr(parent, child, layer)
+    for places, (_, layer) in zip(sites, plan):
+        for parent, child in places:
+            setattr(parent, child, layer)
         if freeze:
             layer.lambda_d.requires_grad_(True)
             layer.lambda_b.requires_grad_(True)
@@ -431,15 +490,36 @@ def merge_and_unload(model: nn.Module, *, slot: Optional[int] = None) -> nn.Modu
         raise NotImplementedError(
             f"tensor-parallel shards of VeRALinear cannot be merged (e.g. {sharded[0]!r}); merge the unsharded model"
         )
+    for layer in layers.values():
+        layer._check_weight_stored()
+    shared = _shared_weights(model, layers)
+    if shared:
+        raise ValueError(f"cannot merge: {shared[0]}; merging would change every module that uses that weight "
+                         f"(untie the weights first, or keep the adapter unmerged)")
     plan = [(name, layer, _plain_module(layer)) for name, layer in layers.items()]
-    parents = [_parent(model, name) for name, _, _ in plan]
-    for (parent, child), (_, layer, plain) in zip(parents, plan):
+    sites = _swap_sites(model, [name for name, _, _ in plan])
+    for places, (_, layer, plain) in zip(sites, plan):
         if slot is not None:
             _merge_slot(layer, slot)
         elif not layer.merged:
             layer.merge()
-        setattr(parent, child, plain)
+        for parent, child in places:
+            setattr(parent, child, plain)
     return model
+
+
+def _shared_weights(model: nn.Module, layers: Dict[str, VeRALinear]) -> List[str]:
+    """VeRA layers whose base weight another module of ``model`` also uses (weights tied across modules)."""
+    users: Dict[int, List[str]] = {}
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            users.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    out = []
+    for name, layer in layers.items():
+        others = [u for u in users.get(id(layer.weight), []) if u != f"{name}.weight"]
+        if others:
+            out.append(f"the VeRA layer {name!r} shares its weight with {others[:4]}")
+    return out
 
 
 # --- PEFT models --------------------------------------------------------------------------------
