@@ -13,6 +13,7 @@ from .models import apply_vera, from_peft, merge_and_unload, print_trainable_par
 from .adapter_io import AdapterFileError, load_adapter, save_adapter, save_peft_adapter
 from .projection import Projection, philox4x32
 from .store import AdapterStore
+from .slots import SlotCache
 
 __all__ = [
     "Projection",
@@ -34,6 +35,7 @@ __all__ = [
     "save_peft_adapter",
     "AdapterFileError",
     "AdapterStore",
+    "SlotCache",
     "ColwiseParallel",
     "RowwiseParallel",
 ]

@@ -1,0 +1,226 @@
+"""``vk.SlotCache`` over an ``AdapterStore``: users loaded into bank slots in place, LRU eviction, pinning,
+clear errors; and mixed-user ``model.generate`` (KV cache on, left and right padding, sequences ending early)
+equal to each user's generation alone, token for token."""
+
+import pytest
+import torch
+
+import vera_kernels as vk
+from vera_kernels.slots import SlotsFullError, UnknownUserError
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+import tiny_models as tm  # noqa: E402
+
+RANK = 8
+SEED = 77
+SLOTS = 3
+USERS = [f"user{i}" for i in range(5)]
+PAD = 0
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _bank(n=SLOTS):
+    return vk.apply_vera(tm.base_model("llama"), rank=RANK, seed=SEED, num_adapters=n).eval()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Five users with random vectors (never the initial ones: lambda_b != 0)."""
+    s = vk.AdapterStore(tmp_path_factory.mktemp("store"), model=_bank(), durable=False)
+    g = torch.Generator().manual_seed(0)
+    for u in USERS:
+        s.put(u, {name: (torch.rand(RANK, generator=g) + 0.5, torch.randn(m["out_features"], generator=g))
+                  for name, m in s.modules.items()})
+    return s
+
+
+def _alone(store, user):
+    """The user's own single-adapter model (or the base model for ``None``)."""
+    base = tm.base_model("llama")
+    if user is None:
+        return base
+    model = vk.apply_vera(base, rank=RANK, seed=SEED).eval()
+    with torch.no_grad():
+        for name, (d, b) in store.get(user).items():
+            layer = model.get_submodule(name)
+            layer.lambda_d.copy_(d)
+            layer.lambda_b.copy_(b)
+    return model
+
+
+def _banks(model):
+    return {name: (layer.lambda_d, layer.lambda_b) for name, layer in vk.models.vera_layers(model).items()}
+
+
+def _slot_equals(model, slot, vectors):
+    banks = _banks(model)
+    return all(torch.equal(banks[n][0][slot], d) and torch.equal(banks[n][1][slot], b) for n, (d, b) in vectors.items())
+
+
+# --- the cache ----------------------------------------------------------------------------------
+def test_ids_load_users_in_place(store):
+    model = _bank()
+    ptrs = {n: (d.data_ptr(), b.data_ptr()) for n, (d, b) in _banks(model).items()}
+    params = {n: (d, b) for n, (d, b) in _banks(model).items()}
+    slots = vk.SlotCache(model, store)
+    ids = slots.ids(["user1", None, "user3", "user1"])
+    assert ids.dtype == torch.int64 and ids.tolist() == [0, -1, 1, 0]
+    assert _slot_equals(model, 0, store.get("user1")) and _slot_equals(model, 1, store.get("user3"))
+    for n, (d, b) in _banks(model).items():  # the same Parameters, the same storage: copied in place
+        assert d is params[n][0] and b is params[n][1]
+        assert (d.data_ptr(), b.data_ptr()) == ptrs[n]
+        assert torch.all(b[2] == 0)  # the unused slot keeps its initial vectors
+    assert (slots.hits, slots.misses, slots.evictions) == (0, 2, 0)
+    assert slots.ids([None, None]).tolist() == [-1, -1]
+    assert slots.ids(["user3"]).tolist() == [1] and slots.hits == 1
+
+
+def test_lru_eviction(store):
+    model = _bank()
+    slots = vk.SlotCache(model, store)
+    slots.ids(["user0", "user1", "user2"])  # slots 0, 1, 2
+    slots.ids(["user0"])  # user0 is now the most recent; user1 the least
+    assert slots.ids(["user3"]).tolist() == [1]  # user1's slot
+    assert slots.slot_of("user1") is None and slots.slot_of("user3") == 1
+    assert _slot_equals(model, 1, store.get("user3"))
+    assert slots.ids(["user4", "user0"]).tolist() == [2, 0]  # user2 out, user0 stays
+    assert (slots.misses, slots.evictions, slots.hits) == (5, 2, 2)
+    assert len(slots) == 3 and "user2" not in slots
+
+
+def test_pinned_slots_are_never_evicted(store):
+    model = _bank()
+    slots = vk.SlotCache(model, store)
+    with slots.lease(["user0", "user1"]) as ids:
+        assert ids.tolist() == [0, 1]
+        # the last ids() call's slots stay pinned until the next ids() call
+        assert slots.ids(["user2"]).tolist() == [2]
+        before = {n: (d.clone(), b.clone()) for n, (d, b) in _banks(model).items()}
+        with pytest.raises(SlotsFullError, match="pinned"):
+            with slots.lease(["user3"]):
+                pass
+        # the next ids() call releases user2's slot: it is the only one user3 may take
+        assert slots.ids(["user3"]).tolist() == [2]
+        assert _slot_equals(model, 0, store.get("user0")) and _slot_equals(model, 1, store.get("user1"))
+        for n, (d, b) in _banks(model).items():
+            assert torch.equal(d[:2], before[n][0][:2]) and torch.equal(b[:2], before[n][1][:2])
+    slots.release()
+    assert slots.ids(["user4"]).tolist() == [0]  # the lease ended: user0 was the least recently used
+
+
+def test_too_many_users_and_unknown_users_change_nothing(store):
+    model = _bank()
+    slots = vk.SlotCache(model, store)
+    slots.ids(["user0"])
+    before = {n: (d.clone(), b.clone()) for n, (d, b) in _banks(model).items()}
+    with pytest.raises(SlotsFullError, match="4 distinct users"):
+        slots.ids(USERS[:4])
+    with pytest.raises(UnknownUserError, match="'mallory' is not in the store") as info:
+        slots.ids(["user1", "mallory"])
+    assert isinstance(info.value, KeyError)
+    for n, (d, b) in _banks(model).items():
+        assert torch.equal(d, before[n][0]) and torch.equal(b, before[n][1])
+    assert slots.slot_of("user1") is None and (slots.misses, slots.hits) == (1, 0)
+    with pytest.raises(TypeError, match="str or None"):
+        slots.ids(["user0", 3])
+    with pytest.raises(TypeError, match="sequence"):
+        slots.ids("user0")
+
+
+def test_model_must_match_the_store(store):
+    other = vk.apply_vera(tm.base_model("llama"), rank=RANK, seed=SEED + 1, num_adapters=SLOTS)
+    with pytest.raises(vk.AdapterFileError, match="projection"):
+        vk.SlotCache(other, store)
+    single = vk.apply_vera(tm.base_model("llama"), rank=RANK, seed=SEED)
+    with pytest.raises(ValueError, match="banks"):
+        vk.SlotCache(single, store)
+    with pytest.raises(TypeError, match="AdapterStore"):
+        vk.SlotCache(_bank(), "somewhere")
+
+
+# --- mixed-user generation ----------------------------------------------------------------------
+PROMPT_LENS = (5, 3, 7, 4)
+
+
+def _prompts():
+    return [tm.inputs(1, n, seed=20 + i)[0] for i, n in enumerate(PROMPT_LENS)]
+
+
+def _pad(prompts, side):
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), PAD)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        cols = slice(T - len(p), T) if side == "left" else slice(0, len(p))
+        ids[i, cols], mask[i, cols] = p, 1
+    return ids, mask
+
+
+def _generate(model, ids, mask, new=6, **kw):
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_cache=True,
+                             pad_token_id=PAD, **kw)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_mixed_generate_equals_each_user_alone(store, side):
+    """Each row's greedy tokens equal its user's own model's. Left padding: against the prompt alone,
+    unpadded. Right padding (which shifts where a decoder-only model continues): against the user's own
+    model on the same padded row."""
+    who = ["user2", None, "user0", "user4"]
+    model = _bank()
+    slots = vk.SlotCache(model, store)
+    ids, mask = _pad(_prompts(), side)
+    with vk.adapter_ids(model, slots.ids(who)):
+        out = _generate(model, ids, mask)
+    for i, (user, prompt) in enumerate(zip(who, _prompts())):
+        alone = _alone(store, user)
+        if side == "left":
+            want = _generate(alone, prompt[None], torch.ones(1, len(prompt), dtype=torch.long))
+        else:
+            want = _generate(alone, ids[i:i + 1], mask[i:i + 1])
+        assert torch.equal(out[i], want[0]), (i, user, out[i], want[0])
+    # and the adapters matter: the base model alone differs from every user's row
+    base = _generate(_alone(store, None), ids, mask)
+    assert all(not torch.equal(out[i], base[i]) for i in (0, 2, 3))
+
+
+def test_mixed_generate_with_sequences_ending_early(store):
+    who = ["user1", "user3", None, "user1"]
+    prompts = _prompts()
+    ids, mask = _pad(prompts, "left")
+    first_alone = _generate(_alone(store, who[0]), prompts[0][None], torch.ones(1, len(prompts[0]), dtype=torch.long))
+    eos = int(first_alone[0, 1])  # row 0 ends after its second token
+    model = _bank()
+    slots = vk.SlotCache(model, store)
+    with vk.adapter_ids(model, slots.ids(who)):
+        out = _generate(model, ids, mask, new=8, eos_token_id=eos)
+    ended = 0
+    for i, (user, prompt) in enumerate(zip(who, prompts)):
+        want = _generate(_alone(store, user), prompt[None], torch.ones(1, len(prompt), dtype=torch.long), new=8,
+                         eos_token_id=eos)[0]
+        row = out[i, : len(want)]
+        assert torch.equal(row, want), (i, row, want)
+        assert torch.all(out[i, len(want):] == PAD)  # padded after its eos
+        ended += len(want) < 8
+    assert ended >= 1 and out.shape[1] == 8  # one row ended early, another went on
+
+
+def test_users_swapped_between_batches(store):
+    """Five users through three slots, batch after batch: every batch still equals each user alone."""
+    model = _bank()
+    slots = vk.SlotCache(model, store)
+    prompts = _prompts()[:2]
+    ids, mask = _pad(prompts, "left")
+    alone = {}
+    for who in (["user0", "user1"], ["user2", "user3"], ["user4", "user0"], ["user1", "user4"]):
+        with vk.adapter_ids(model, slots.ids(who)):
+            out = _generate(model, ids, mask, new=4)
+        for i, user in enumerate(who):
+            if user not in alone:
+                alone[user] = _generate(_alone(store, user), ids, mask, new=4)
+            assert torch.equal(out[i], alone[user][i])
+    assert slots.evictions >= 3 and slots.misses == slots.evictions + 3

@@ -1,0 +1,192 @@
+"""``SlotCache``: users of an :class:`~vera_kernels.AdapterStore` brought into the bank slots of a model.
+
+A model adapted with ``num_adapters=n`` holds ``n`` adapters in every VeRA layer. The cache maps users to
+those slots, least recently used first out. Bringing a user in copies its vectors into row ``k`` of every
+layer's ``lambda_d``/``lambda_b`` in place: no parameter is reallocated, so compiled graphs, CUDA graphs and
+optimizer references to the banks stay valid.
+
+Pinning: the slots of the users of one :meth:`SlotCache.ids` call stay pinned (never evicted) until the next
+``ids()`` call or :meth:`SlotCache.release`: the batch that used them is finished by the time the next batch
+is formed. To keep several batches in flight at once (continuous batching), take each one's slots with
+``with slots.lease(users) as ids:``, which pins them until the block exits.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .models import check_slot, shared_projection, vera_layers
+from .store import AdapterStore
+
+__all__ = ["SlotCache", "SlotsFullError", "UnknownUserError"]
+
+
+class SlotsFullError(RuntimeError):
+    """A batch names more distinct users than the model has free (unpinned) slots."""
+
+
+class UnknownUserError(KeyError):
+    """A batch names a user that the store does not hold."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class SlotCache:
+    """Map users to the ``n`` bank slots of ``model`` (built with ``num_adapters=n``), LRU eviction.
+
+    ``model`` must have exactly the store's VeRA layers over the store's projection (checked now if the
+    store has a header, else on the first load). ``ids(users)`` returns the batch's ``adapter_ids``
+    (``None`` -> ``-1``, the base model), loading missing users from the store first::
+
+        slots = vk.SlotCache(model, store)
+        ids = slots.ids(["alice", "bob", None, "alice"])     # tensor([0, 1, -1, 0])
+        with vk.adapter_ids(model, ids):
+            out = model.generate(input_ids, attention_mask=mask)
+
+    ``hits``, ``misses`` (distinct users of a batch already resident, or loaded) and ``evictions`` count
+    what happened. A cache assumes it is the only writer of the model's slots: vectors written there by
+    anything else (``load_adapter(slot=k)``, training) stay, but the cache still thinks slot ``k`` holds its
+    user; store a trained slot with ``store.put(user, (model, slots.slot_of(user)))``.
+    """
+
+    def __init__(self, model: nn.Module, store: AdapterStore):
+        if not isinstance(store, AdapterStore):
+            raise TypeError(f"store must be a vk.AdapterStore, got {type(store).__name__}")
+        layers = vera_layers(model)
+        proj = shared_projection(layers)
+        check_slot(layers, 0, "load")  # banks in every VeRA layer
+        self.model, self.store = model, store
+        self._layers = layers
+        self.num_slots = min(layer.num_adapters for layer in layers.values())
+        self._modules = {name: {"in_features": m.in_features, "out_features": m.out_features,
+                                "fan_in_fan_out": bool(m.fan_in_fan_out)} for name, m in layers.items()}
+        self._projection = proj
+        self._checked = False
+        self._check_store()
+        self._lru: "collections.OrderedDict[str, int]" = collections.OrderedDict()  # least recent first
+        self._user_of: List[Optional[str]] = [None] * self.num_slots
+        self._pins = [0] * self.num_slots
+        self._auto: List[int] = []
+        self.hits = self.misses = self.evictions = 0
+
+    def _check_store(self) -> None:
+        if not self._checked and self.store.projection is not None:
+            self.store._check_layout(self._projection, self._modules, "the SlotCache's model")
+            self._checked = True
+
+    # --- lookup -------------------------------------------------------------------------------
+    def slot_of(self, user: str) -> Optional[int]:
+        """The slot holding ``user``, or ``None``."""
+        return self._lru.get(user)
+
+    def __contains__(self, user) -> bool:
+        return user in self._lru
+
+    def __len__(self) -> int:
+        """Resident users."""
+        return len(self._lru)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    # --- batches ------------------------------------------------------------------------------
+    def ids(self, users: Sequence[Optional[str]]) -> torch.Tensor:
+        """The int64 adapter ids (CPU, ``[len(users)]``) of a batch whose rows belong to ``users``.
+
+        Missing users are loaded into free or least recently used slots. The batch's slots are pinned until
+        the next ``ids()`` call (or :meth:`release`). Raises :class:`SlotsFullError` when the batch has more
+        distinct users than unpinned slots, and :class:`UnknownUserError` (a ``KeyError``) for a user the
+        store lacks; either way no slot changes.
+        """
+        self.release()
+        ids, self._auto = self._acquire(users)
+        return ids
+
+    def release(self) -> None:
+        """Unpin the slots of the last :meth:`ids` call."""
+        for s in self._auto:
+            self._pins[s] -= 1
+        self._auto = []
+
+    @contextlib.contextmanager
+    def lease(self, users: Sequence[Optional[str]]) -> Iterator[torch.Tensor]:
+        """``with slots.lease(users) as ids:`` pins the batch's slots until the block exits (independent of
+        :meth:`ids`'s pins), for several batches in flight at once."""
+        ids, pinned = self._acquire(users)
+        try:
+            yield ids
+        finally:
+            for s in pinned:
+                self._pins[s] -= 1
+
+    def _acquire(self, users: Sequence[Optional[str]]):
+        if isinstance(users, str) or not isinstance(users, Sequence):
+            raise TypeError(f"users must be a sequence of str or None (one per row), got {type(users).__name__}")
+        for u in users:
+            if u is not None and not isinstance(u, str):
+                raise TypeError(f"users must be str or None, got {type(u).__name__} {u!r}")
+        self._check_store()
+        wanted = list(dict.fromkeys(u for u in users if u is not None))
+        missing = [u for u in wanted if u not in self._lru]
+        free = [s for s in range(self.num_slots) if self._user_of[s] is None and self._pins[s] == 0]
+        keep = set(wanted)
+        free += [s for u, s in self._lru.items() if u not in keep and self._pins[s] == 0]  # LRU order
+        if len(missing) > len(free):
+            pinned = sum(1 for p in self._pins if p)
+            raise SlotsFullError(
+                f"the batch names {len(wanted)} distinct users, {len(missing)} of them not resident, but only "
+                f"{len(free)} of the model's {self.num_slots} slots can take them ({pinned} pinned by batches in "
+                f"flight): use smaller batches, release leases, or build the model with more num_adapters")
+        loaded = []
+        for u in missing:  # read everything before changing anything
+            try:
+                loaded.append(self.store.get(u))
+            except KeyError:
+                raise UnknownUserError(f"user {u!r} is not in the store at {self.store.directory!r} (a row of "
+                                       f"the base model alone is None, not an unknown user)") from None
+        for u, vectors in zip(missing, loaded):
+            self._fill(free.pop(0), u, vectors)
+        self.misses += len(missing)
+        self.hits += len(wanted) - len(missing)
+        for u in wanted:
+            self._lru.move_to_end(u)
+        slots = [self._lru[u] for u in wanted]
+        for s in slots:
+            self._pins[s] += 1
+        ids = torch.tensor([-1 if u is None else self._lru[u] for u in users], dtype=torch.int64)
+        return ids, slots
+
+    @torch.no_grad()
+    def _fill(self, slot: int, user: str, vectors: Dict[str, tuple]) -> None:
+        old = self._user_of[slot]
+        if old is not None:
+            del self._lru[old]
+            self.evictions += 1
+        for name, (lambda_d, lambda_b) in vectors.items():
+            layer = self._layers[name]
+            layer.lambda_d[slot].copy_(lambda_d)
+            layer.lambda_b[slot].copy_(lambda_b)
+        self._user_of[slot] = user
+        self._lru[user] = slot
+
+    def evict(self, user: str) -> None:
+        """Forget ``user``'s slot (e.g. after its adapter changed in the store); refused while pinned."""
+        slot = self._lru.get(user)
+        if slot is None:
+            return
+        if self._pins[slot]:
+            raise RuntimeError(f"user {user!r} is in a batch in flight (slot {slot} is pinned)")
+        del self._lru[user]
+        self._user_of[slot] = None
+
+    def __repr__(self) -> str:
+        return (f"SlotCache({len(self)}/{self.num_slots} slots used, hits={self.hits}, misses={self.misses}, "
+                f"evictions={self.evictions})")
