@@ -144,3 +144,177 @@ def test_trainer_resume_into_another_projection_is_refused(tmp_path):
     other = _trainer(tmp_path / "b", seed=99)
     with pytest.raises(RuntimeError, match="seed=1234"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+
+
+# --- disable_adapter ----------------------------------------------------------------------------
+def _logits(model, ids):
+    with torch.no_grad():
+        return tm.output(model, ids)
+
+
+def test_disable_adapter_runs_the_base_model_and_restores():
+    model, base, ids = adapted(), tm.base_model("llama"), tm.inputs()
+    with_adapter = _logits(model, ids)
+    plain = _logits(base, ids)
+    assert not torch.allclose(with_adapter, plain)  # the adapter matters
+    snap = tm.snapshot(model)
+    with vk.disable_adapter(model) as m:
+        assert m is model
+        assert torch.equal(_logits(model, ids), plain)
+        assert all(isinstance(layer, vk.VeRALinear) for layer in vk.models.vera_layers(model).values())
+    tm.assert_unchanged(model, snap)
+    assert torch.equal(_logits(model, ids), with_adapter)
+
+
+def test_disable_adapter_restores_after_an_exception_and_nests():
+    model, ids = adapted(), tm.inputs()
+    with_adapter = _logits(model, ids)
+    with pytest.raises(KeyError):
+        with vk.disable_adapter(model):
+            with vk.disable_adapter(model):
+                pass
+            assert not torch.equal(_logits(model, ids), with_adapter)  # still disabled after the inner block
+            raise KeyError("boom")
+    assert not any(layer.adapter_disabled for layer in vk.models.vera_layers(model).values())
+    assert torch.equal(_logits(model, ids), with_adapter)
+
+
+def test_disable_adapter_gives_the_vectors_no_gradient():
+    model, ids = adapted().train(), tm.inputs()
+    with vk.disable_adapter(model):
+        assert not model(input_ids=ids, labels=ids).loss.requires_grad  # every parameter left is frozen
+    model(input_ids=ids, labels=ids).loss.backward()  # and with the adapter back, they train
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_disable_adapter_on_merged_layers():
+    model, base, ids = adapted(), tm.base_model("llama"), tm.inputs()
+    with_adapter = _logits(model, ids)
+    layers = vk.models.vera_layers(model)
+    merged = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
+    for name in merged:
+        layers[name].merge()
+    with vk.disable_adapter(model):
+        assert not any(layer.merged for layer in layers.values())
+        torch.testing.assert_close(_logits(model, ids), _logits(base, ids), rtol=1e-5, atol=1e-5)
+    assert sorted(n for n, m in layers.items() if m.merged) == merged
+    torch.testing.assert_close(_logits(model, ids), with_adapter, rtol=1e-5, atol=1e-5)
+
+
+def test_disable_adapter_on_banks_needs_no_ids():
+    bank = vk.apply_vera(tm.base_model("llama"), rank=RANK, num_adapters=3).eval()
+    for layer in vk.models.vera_layers(bank).values():
+        torch.nn.init.normal_(layer.lambda_b)
+    ids = tm.inputs()
+    with vk.disable_adapter(bank):
+        assert torch.equal(_logits(bank, ids), _logits(tm.base_model("llama"), ids))
+    with pytest.raises(RuntimeError, match="adapter id"):
+        _logits(bank, ids)
+
+
+def test_controls_refuse_a_model_without_vera_layers():
+    for call in (lambda m: vk.disable_adapter(m).__enter__(), vk.merge_adapter, vk.unmerge_adapter,
+                 vk.get_adapter_state_dict, lambda m: vk.set_adapter_state_dict(m, {})):
+        with pytest.raises(ValueError, match="no VeRA layers"):
+            call(tm.base_model("llama"))
+    with pytest.raises(TypeError, match="nn.Module"):
+        vk.merge_adapter("model")
+
+
+# --- merge_adapter / unmerge_adapter ------------------------------------------------------------
+def test_merge_adapter_and_unmerge_adapter_are_reversible():
+    model, ids = adapted(), tm.inputs()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight")}
+    with_adapter = _logits(model, ids)
+    assert vk.merge_adapter(model) is model
+    layers = vk.models.vera_layers(model)
+    assert all(isinstance(m, vk.VeRALinear) and m.merged for m in layers.values())
+    torch.testing.assert_close(_logits(model, ids), with_adapter, rtol=1e-5, atol=1e-5)
+    changed = [k for k, v in weights.items() if not torch.equal(model.state_dict()[k], v)]
+    assert len(changed) == len(layers)  # every adapted weight, nothing else
+    with pytest.warns(UserWarning, match="merged already"):
+        vk.merge_adapter(model)
+    assert vk.unmerge_adapter(model) is model
+    assert not any(m.merged for m in layers.values())
+    for k, v in weights.items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_logits(model, ids), with_adapter, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="no VeRA layer is merged"):
+        vk.unmerge_adapter(model)
+
+
+def test_merge_adapter_refuses_banks_and_changes_nothing():
+    bank = vk.apply_vera(tm.base_model("llama"), rank=RANK, num_adapters=2)
+    snap = tm.snapshot(bank)
+    with pytest.raises(RuntimeError, match="nothing was merged.*bank of 2"):
+        vk.merge_adapter(bank)
+    tm.assert_unchanged(bank, snap)
+
+
+# --- adapter state dicts ------------------------------------------------------------------------
+def test_adapter_state_dict_round_trip(tmp_path):
+    model, ids = adapted(), tm.inputs()
+    state = vk.get_adapter_state_dict(model)
+    vector_keys = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert set(state) == vector_keys | {"projection"}
+    assert all(torch.equal(state[k], model.state_dict()[k]) for k in vector_keys)
+    st.save_file(state, str(tmp_path / "adapter.safetensors"))  # tensors only: safetensors writes it as is
+    loaded = st.load_file(str(tmp_path / "adapter.safetensors"))
+    other = vk.apply_vera(tm.base_model("llama"), rank=RANK, seed=1234).eval()
+    assert vk.set_adapter_state_dict(other, loaded) is other
+    assert torch.equal(_logits(other, ids), _logits(model, ids))
+    state[next(iter(vector_keys))].add_(1)  # a copy: the model is not changed through it
+    assert torch.equal(_logits(other, ids), _logits(model, ids))
+    without = {k: v for k, v in loaded.items() if k != "projection"}  # the projection entry is optional
+    vk.set_adapter_state_dict(vk.apply_vera(tm.base_model("llama"), rank=RANK, seed=1234), without)
+
+
+def _bad_states():
+    good = vk.get_adapter_state_dict(adapted())
+    first = "model.layers.0.self_attn.q_proj.lambda_b"
+
+    def edit(**changes):
+        state = dict(good)
+        for k, v in changes.items():
+            k = k.replace("__", ".")
+            if v is None:
+                state.pop(k)
+            else:
+                state[k] = v
+        return state
+
+    return {
+        "unknown key": (edit(**{"model__layers__0__self_attn__q_proj__vera_lambda_b": good[first]}), "unknown keys"),
+        "missing key": (edit(**{first.replace(".", "__"): None}), "missing keys"),
+        "shape": (edit(**{first.replace(".", "__"): torch.randn(5)}), r"shape \(5,\)"),
+        "dtype": (edit(**{first.replace(".", "__"): good[first].long()}), "floating-point"),
+        "projection": (vk.get_adapter_state_dict(adapted(seed=99)), "projection"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown key", "missing key", "shape", "dtype", "projection", "merged"])
+def test_set_adapter_state_dict_refuses_and_changes_nothing(case):
+    model = vk.apply_vera(tm.base_model("llama"), rank=RANK, seed=1234)
+    if case == "merged":
+        state, match = vk.get_adapter_state_dict(adapted()), "merged"
+        vk.models.vera_layers(model)["model.layers.1.mlp.up_proj"].merge()
+    else:
+        state, match = _bad_states()[case]
+    snap = tm.snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        vk.set_adapter_state_dict(model, state)
+    tm.assert_unchanged(model, snap)
+
+
+# --- summary and rank ---------------------------------------------------------------------------
+def test_summary_grammar_and_rank_above_every_dimension():
+    one = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    with pytest.warns(UserWarning, match="rank=7 exceeds the dimensions of every selected layer"):
+        vk.apply_vera(one, rank=7)
+    assert "VeRA: 1 layer, rank 7" in vk.trainable_summary(one)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two = vk.apply_vera(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)), rank=6)
+    assert "VeRA: 2 layers, rank 6" in vk.trainable_summary(two)

@@ -11,6 +11,8 @@ from .functional import vera_linear
 from .layer import VeRALinear
 from .models import apply_vera, from_peft, merge_and_unload, print_trainable_parameters, trainable_summary
 from .adapter_io import AdapterFileError, load_adapter, save_adapter, save_peft_adapter
+from .controls import (disable_adapter, get_adapter_state_dict, merge_adapter, set_adapter_state_dict,
+                       unmerge_adapter)
 from .projection import Projection, philox4x32
 from .store import AdapterStore
 from .slots import SlotCache
@@ -34,6 +36,11 @@ __all__ = [
     "load_adapter",
     "save_peft_adapter",
     "AdapterFileError",
+    "disable_adapter",
+    "merge_adapter",
+    "unmerge_adapter",
+    "get_adapter_state_dict",
+    "set_adapter_state_dict",
     "AdapterStore",
     "SlotCache",
     "ColwiseParallel",

@@ -59,6 +59,8 @@ class VeRALinear(nn.Module):
     tensor_parallel: Optional[str] = None
     in_offset: int = 0
     out_offset: int = 0
+    # True inside ``vk.disable_adapter(model)``: forward is the base layer alone.
+    adapter_disabled: bool = False
 
     def __init__(
         self,
@@ -197,6 +199,8 @@ class VeRALinear(nn.Module):
                 adapter_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``adapter_ids`` (only with ``num_adapters > 1``): as ``vk.vera_linear``'s; default: the ids of
         the enclosing ``vk.adapter_ids(model, ids)`` block."""
+        if self.adapter_disabled:  # inside vk.disable_adapter(model): the base layer alone
+            return nn.functional.linear(x, self.weight_nk(), self.bias)
         if self.num_adapters > 1 or adapter_ids is not None:
             adapter_ids = self._row_adapter_ids(adapter_ids)
         if self.merged or self.tensor_parallel is not None:

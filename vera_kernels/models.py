@@ -397,9 +397,24 @@ def apply_vera(
         projection = Projection(seed, rank, max_in, max_out)
     elif not isinstance(projection, Projection):
         raise TypeError(f"projection must be a vera_kernels.Projection, got {type(projection).__name__}")
+    _warn_rank_above_dims(projection, targets)
     plan = plan_layers(targets, projection, d_initial, dropout, num_adapters)
     install(model, plan)
     return model
+
+
+def _warn_rank_above_dims(projection: Projection, targets: Sequence[Tuple[str, nn.Module]]) -> None:
+    """Warn when the rank exceeds every dimension of every selected layer (typically the default rank 256 on
+    a small model). Allowed, as in PEFT (which accepts it silently) and the VeRA paper (r = 1024 on 768-wide
+    layers), but each layer's update then has rank at most min(in, out) while the cost grows with r."""
+    largest = max(max(_in_out(m)) for _, m in targets)
+    if projection.rank > largest:
+        warnings.warn(
+            f"apply_vera: rank={projection.rank} exceeds the dimensions of every selected layer (the largest is "
+            f"{largest}): each layer's update has rank at most min(in_features, out_features), while the "
+            f"adapter's cost grows with the rank; pass a smaller rank= unless this is intended",
+            UserWarning, stacklevel=3,
+        )
 
 
 # --- summaries ----------------------------------------------------------------------------------
@@ -415,7 +430,7 @@ def trainable_summary(model: nn.Module) -> str:
         p = next(iter(projs.values()))
         src = f"seed {p.seed}" if p.is_seeded else "stored A/B"
         line += (
-            f" || VeRA: {len(layers)} layers, rank {p.rank}, projection {src} "
+            f" || VeRA: {len(layers)} layer{'s' if len(layers) != 1 else ''}, rank {p.rank}, projection {src} "
             f"[{p.rank}x{p.max_in_features}, {p.max_out_features}x{p.rank}]"
         )
         if len(projs) > 1:
