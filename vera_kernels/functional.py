@@ -90,6 +90,7 @@ def vera_linear(
     adapter_ids: Optional[torch.Tensor] = None,
     in_offset: int = 0,
     out_offset: int = 0,
+    magnitude: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``y = x W^T + bias + lambda_b * ((lambda_d * (dropout(x) A_K^T)) B_N^T)`` (docs/DESIGN.md §1).
 
@@ -111,6 +112,8 @@ def vera_linear(
             ``[n, N]``; id -1 means the base layer only. Bank gradients go to the rows the batch used.
         in_offset, out_offset: tensor-parallel shards: this call uses ``A[:, in_offset:in_offset + K]``
             and ``B[out_offset:out_offset + N]`` of the global projection.
+        magnitude: DVoRA (``lambda_b``'s shape, float32, trainable): ``y = magnitude / ||W + dW||_row *
+            (x W^T + x dW^T) + bias``, the norm a constant for autograd (``vera_kernels.dora``).
 
     Returns:
         ``[..., N]`` in ``x``'s dtype (the autocast dtype under ``torch.autocast``). Gradients flow to
@@ -122,6 +125,12 @@ def vera_linear(
     ``torch.compile(fullgraph=True)`` (dropout included), ``torch.export`` and ``torch.jit.trace``; a
     functorch transform while autograd records the call is refused with a clear error.
     """
+    if magnitude is not None:
+        from .dora import dvora_linear
+
+        return dvora_linear(x, weight, bias, lambda_d, lambda_b, projection, dropout_p, training, backend,
+                            magnitude=magnitude, adapter_ids=adapter_ids, in_offset=in_offset,
+                            out_offset=out_offset)
     compiling = torch.compiler.is_compiling()
     ac_device = None
     if torch._C._is_any_autocast_enabled() and isinstance(x, torch.Tensor):

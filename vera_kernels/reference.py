@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .core import Dropout, flatten_adapter_ids, make_dropout, validate
 from .projection import Projection, dropout_keep_mask
 
-__all__ = ["vera_linear", "lora_linear", "vera_forward_math"]
+__all__ = ["vera_linear", "lora_linear", "vera_forward_math", "dvora_forward_math"]
 
 
 def vera_forward_math(
@@ -70,6 +70,7 @@ def vera_linear(
     adapter_ids: Optional[torch.Tensor] = None,
     in_offset: int = 0,
     out_offset: int = 0,
+    magnitude: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Naive VeRA forward with plain PyTorch autograd (the oracle).
 
@@ -81,6 +82,9 @@ def vera_linear(
     id -1) and lets autograd scatter the gradients back; ``in_offset``/``out_offset`` slice the global
     ``A``/``B`` as a tensor-parallel shard does (and the dropout mask takes columns from ``in_offset``,
     so a row shard drops exactly its columns of the unsharded mask).
+
+    ``magnitude`` (``lambda_b``'s shape) makes it DVoRA, PEFT's DoRA formula on a materialised
+    ``W + dW``: see :func:`dvora_forward_math`.
     """
     validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
     dropout = make_dropout(dropout_p, training, dropout_seed)
@@ -89,16 +93,61 @@ def vera_linear(
     ab_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else compute_dtype
     A, B = projection.materialize(ab_dtype, x.device, cache=True)
     N, K = weight.shape
+    A_K, B_N = A[:, in_offset:in_offset + K], B[out_offset:out_offset + N]
+    if magnitude is not None:
+        from .dora import _check_magnitude
+
+        _check_magnitude(magnitude, lambda_b, adapter_ids)
+        ids = None if adapter_ids is None else flatten_adapter_ids(adapter_ids, x, lambda_d.shape[0])
+        y2d = dvora_forward_math(x.reshape(-1, K), weight, bias, lambda_d, lambda_b, magnitude, A_K, B_N,
+                                 dropout, compute_dtype, in_offset, ids)
+        return y2d.reshape(*x.shape[:-1], N)
     if adapter_ids is not None:
         ids = flatten_adapter_ids(adapter_ids, x, lambda_d.shape[0])
         used = (ids >= 0).to(lambda_d.dtype)[:, None]
         lambda_d = lambda_d[ids.clamp_min(0)] * used  # [M, r]
         lambda_b = lambda_b[ids.clamp_min(0)] * used  # [M, N]
     y2d, _ = vera_forward_math(
-        x.reshape(-1, K), weight, bias, lambda_d, lambda_b,
-        A[:, in_offset:in_offset + K], B[out_offset:out_offset + N], dropout, compute_dtype, in_offset,
+        x.reshape(-1, K), weight, bias, lambda_d, lambda_b, A_K, B_N, dropout, compute_dtype, in_offset,
     )
     return y2d.reshape(*x.shape[:-1], N)
+
+
+def dvora_forward_math(x2d, weight, bias, lambda_d, lambda_b, magnitude, A_K, B_N, dropout, compute_dtype,
+                       dropout_col0=0, adapter_ids=None) -> torch.Tensor:
+    """DVoRA as PEFT's DoRA computes it, on a materialised ``W + dW`` (the oracle of ``magnitude=``).
+
+    ``c = magnitude / ||W + dW||_row`` with the norm detached (DoRA §4.3), ``dW`` built in
+    ``compute_dtype`` from ``A_K``/``B_N`` as given, and ``xd`` the dropped input (``x`` without dropout):
+    ``y = x W^T + bias + (c - 1) (xd W^T) + c * lambda_b * ((lambda_d * (xd A_K^T)) B_N^T)``, PEFT's
+    ``DoraLinearVariant.forward`` (``peft/tuners/lora/variants.py``). With ``adapter_ids`` the vectors and
+    the magnitude are banks; rows with id -1 get the base layer only.
+    """
+    cd = compute_dtype
+    A_K, B_N = A_K.to(cd), B_N.to(cd)
+    ld, lb, m = lambda_d.to(cd), lambda_b.to(cd), magnitude.to(cd)
+    if adapter_ids is None:
+        ld, lb, m = ld[None], lb[None], m[None]
+    W = weight.to(cd)
+    delta = (lb[:, :, None] * B_N) @ (ld[:, :, None] * A_K)  # [n, N, K]: what DVoRA never builds
+    norm = (W + delta).norm(dim=2).detach()  # [n, N]
+    c = m / norm
+    xd = x2d
+    if dropout is not None:
+        keep = dropout_keep_mask(dropout.seed, dropout.threshold, x2d.shape[0], x2d.shape[1], x2d.device,
+                                 col0=dropout_col0)
+        xd = (x2d.to(cd) * keep.to(cd) * dropout.scale).to(x2d.dtype)
+    s = F.linear(xd.to(cd), A_K)
+    if adapter_ids is None:
+        c, ld, lb = c[0], ld[0], lb[0]
+    else:
+        used = (adapter_ids >= 0).to(cd)[:, None]
+        idx = adapter_ids.clamp_min(0)
+        c = c[idx] * used + (1 - used)
+        ld, lb = ld[idx] * used, lb[idx] * used
+    adapter = lb * F.linear(ld * s, B_N)
+    y = F.linear(x2d, weight, bias).to(cd) + (c - 1) * F.linear(xd, weight).to(cd) + c * adapter
+    return y.to(x2d.dtype)
 
 
 def lora_linear(

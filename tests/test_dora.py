@@ -1,0 +1,204 @@
+"""DVoRA (``magnitude=``, ``VeRALinear(dora=True)``, ``apply_vera(use_dora=True)``) against the oracle that
+materialises ``W + dW`` (``vk.reference.vera_linear(..., magnitude=m)``), on every backend."""
+
+import zlib
+
+import pytest
+import torch
+
+import vera_kernels as vk
+from vera_kernels import dora
+from parity import assert_parity, make_inputs
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (leading dims of x, K, N, r, max_in, max_out, bias)
+SHAPES = [
+    ((5,), 32, 24, 8, 32, 24, True),
+    ((0,), 16, 8, 4, 16, 8, True),  # M = 0
+    ((3,), 1, 17, 3, 4, 20, False),  # K = 1, N = 17, r = 3
+    ((2, 3), 40, 17, 5, 64, 33, True),  # 3-D input, K != N, layer smaller than the projection
+    ((67,), 24, 40, 12, 24, 40, False),  # more rows than one block, N > K
+]
+SHAPE_IDS = ["basic", "M0", "K1-N17-r3", "3d", "M67"]
+
+
+def _materialised_norm(W, ld, lb, proj, in_offset=0, out_offset=0):
+    N, K = W.shape
+    A, B = proj.materialize(torch.float64)
+    A_K, B_N = A[:, in_offset:in_offset + K], B[out_offset:out_offset + N]
+    return (W.double() + (lb.double()[:, None] * B_N) @ (ld.double()[:, None] * A_K)).norm(dim=1)
+
+
+@pytest.mark.parametrize("r", [1, 7, 256, 1024])
+@pytest.mark.parametrize("K,N", [(40, 24), (24, 40), (1500, 7)])
+def test_three_term_identity_float64(r, K, N):
+    """||W_i + dW_i||^2 = ||W_i||^2 + 2 lb_i (B_i * ld).(W A_K^T)_i + lb_i^2 (B_i * ld)^T (A_K A_K^T) (B_i * ld)."""
+    g = torch.Generator().manual_seed(r + K)
+    proj = vk.Projection(int(torch.randint(0, 2**62, (1,), generator=g)), r, K + 2, N + 1)
+    A, B = proj.materialize(torch.float64)
+    A_K, B_N = A[:, :K], B[:N]
+    W = torch.randn(N, K, generator=g, dtype=torch.float64) / K**0.5
+    ld, lb = torch.randn(r, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    u = B_N * ld
+    three = (W * W).sum(1) + 2 * lb * (u * (W @ A_K.t())).sum(1) + lb**2 * ((u @ (A_K @ A_K.t())) * u).sum(1)
+    torch.testing.assert_close(three.sqrt(), _materialised_norm(W, ld, lb, proj), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("r", [1, 7, 256, 1024])
+@pytest.mark.parametrize("K,N,in_off,out_off", [(40, 24, 0, 0), (24, 40, 0, 0), (33, 9, 5, 11)])
+def test_norm_identity_float64(r, K, N, in_off, out_off):
+    g = torch.Generator().manual_seed(r * 1000 + K)
+    proj = vk.Projection(int(torch.randint(0, 2**62, (1,), generator=g)), r, K + in_off + 3, N + out_off + 2)
+    W = torch.randn(N, K, generator=g, dtype=torch.float64) / K**0.5
+    ld = torch.randn(r, generator=g, dtype=torch.float64)
+    lb = torch.randn(N, generator=g, dtype=torch.float64) * 3
+    got = dora.row_norm(W, ld, lb, proj, in_off, out_off)
+    want = _materialised_norm(W, ld, lb, proj, in_off, out_off)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # banks: one norm row per adapter
+    ldb, lbb = torch.randn(3, r, generator=g, dtype=torch.float64), torch.randn(3, N, generator=g, dtype=torch.float64)
+    got = dora.row_norm(W, ldb, lbb, proj, in_off, out_off)
+    want = torch.stack([_materialised_norm(W, ldb[i], lbb[i], proj, in_off, out_off) for i in range(3)])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_norm_identity_float32_large_rank():
+    K, N, r = 48, 20, 1024
+    proj = vk.Projection(5, r, K, N)
+    W = torch.randn(N, K) / K**0.5
+    ld, lb = torch.randn(r) * 0.1, torch.randn(N)
+    got = dora.row_norm(W, ld, lb, proj)
+    want = _materialised_norm(W, ld, lb, proj)
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=0)
+
+
+def test_pieces_refresh_when_the_weight_changes():
+    K, N, r = 16, 12, 4
+    proj = vk.Projection(1, r, K, N)
+    W = torch.randn(N, K)
+    ld, lb = torch.randn(r), torch.randn(N)
+    before = dora.row_norm(W, ld, lb, proj)
+    with torch.no_grad():
+        W.mul_(2.0)  # in place: same storage, new version
+    after = dora.row_norm(W, ld, lb, proj)
+    torch.testing.assert_close(after.double(), _materialised_norm(W, ld, lb, proj), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(before, after)
+    W2 = W.to(torch.float64)  # another tensor: its own entry
+    torch.testing.assert_close(dora.row_norm(W2, ld, lb, proj), _materialised_norm(W2, ld, lb, proj))
+
+
+def _run(fn, x, W, b, ld, lb, m, proj, gy, **kw):
+    x, ld, lb, m = (t.detach().clone().requires_grad_() for t in (x, ld, lb, m))
+    y = fn(x, W, b, ld, lb, proj, magnitude=m, **kw)
+    y.backward(gy.to(y.dtype))
+    return y.detach(), x.grad, ld.grad, lb.grad, m.grad
+
+
+def _check(backend, dtype, x, W, b, ld, lb, m, proj, rng_seed=None, **kw):
+    gy = torch.randn(*x.shape[:-1], W.shape[0]).to(dtype)
+    res = []
+    for cast, g in ((lambda t: t, gy), (lambda t: None if t is None else t.double(), gy.double())):
+        if rng_seed is not None:
+            torch.manual_seed(rng_seed)
+        res.append(_run(vk.reference.vera_linear, cast(x), cast(W), cast(b), cast(ld), cast(lb), cast(m), proj, g,
+                        **kw))
+    same, ref64 = res
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
+    out = _run(vk.vera_linear, x, W, b, ld, lb, m, proj, gy, backend=backend, **kw)
+    for i, what in enumerate(("y", "grad_x", "grad_lambda_d", "grad_lambda_b", "grad_magnitude")):
+        assert out[i] is not None, f"{what}: no gradient"
+        assert out[i].dtype == same[i].dtype, f"{what}: dtype {out[i].dtype} != {same[i].dtype}"
+        assert_parity(out[i], same[i], ref64[i], dtype, what)
+    return out
+
+
+def _magnitude(W, lead=(), gen_seed=0):
+    g = torch.Generator().manual_seed(gen_seed + 7)
+    return W.double().norm(dim=1).float() * (0.5 + torch.rand(*lead, W.shape[0], generator=g))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_parity_forward_backward(backend, shape, dtype):
+    lead, K, N, r, max_in, max_out, bias = shape
+    seed = zlib.crc32(repr((shape, str(dtype))).encode())  # reproducible: near-zero row norms are ill-conditioned
+    x, W, b, ld, lb, proj = make_inputs(lead, K, N, r, dtype, "cpu", bias=bias, max_in=max_in, max_out=max_out,
+                                        gen_seed=seed)
+    _check(backend, dtype, x, W, b, ld, lb, _magnitude(W, gen_seed=seed), proj)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_parity_dropout_as_peft(backend, dtype):
+    x, W, b, ld, lb, proj = make_inputs((2, 9), 24, 20, 6, dtype, "cpu", max_in=30, max_out=20, gen_seed=3)
+    out = _check(backend, dtype, x, W, b, ld, lb, _magnitude(W), proj, rng_seed=11, dropout_p=0.3, training=True)
+    torch.manual_seed(11)  # eval mode: no dropout, a different output
+    y_eval = vk.vera_linear(x, W, b, ld, lb, proj, 0.3, False, backend, magnitude=_magnitude(W))
+    assert not torch.allclose(y_eval.float(), out[0].float())
+
+
+def test_parity_non_contiguous_and_offsets(backend):
+    dtype = torch.float32
+    x, W, b, ld, lb, proj = make_inputs((7,), 20, 12, 5, dtype, "cpu", max_in=40, max_out=30, gen_seed=5)
+    x_t, W_t = x.t().contiguous().t(), W.t().contiguous().t()
+    _check(backend, dtype, x_t, W_t, b, ld, lb, _magnitude(W), proj)
+    try:
+        _check(backend, dtype, x, W, b, ld, lb, _magnitude(W), proj, in_offset=9, out_offset=13)
+    except vk.BackendUnavailableError as e:
+        pytest.skip(f"no shard offsets on {backend}: {e}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_parity_many_adapters(backend, dtype):
+    n, K, N, r = 3, 16, 10, 4
+    x, W, b, _, _, proj = make_inputs((4, 3), K, N, r, dtype, "cpu", gen_seed=9)
+    g = torch.Generator().manual_seed(2)
+    ld, lb = torch.rand(n, r, generator=g) + 0.5, torch.randn(n, N, generator=g)
+    ids = torch.tensor([[0, 2, -1], [1, 1, 0], [-1, -1, 2], [2, 0, 0]])
+    try:
+        _check(backend, dtype, x, W, b, ld, lb, _magnitude(W, (n,)), proj, adapter_ids=ids)
+    except vk.BackendUnavailableError as e:
+        pytest.skip(f"no adapter ids on {backend}: {e}")
+
+
+def test_gradients_only_for_x_vectors_and_magnitude():
+    x, W, b, ld, lb, proj = make_inputs((4,), 8, 6, 3, torch.float32, "cpu")
+    m = _magnitude(W).requires_grad_()
+    ld.requires_grad_()
+    y = vk.vera_linear(x, W, b, ld, lb, proj, magnitude=m)
+    y.sum().backward()
+    assert m.grad is not None and ld.grad is not None and lb.grad is None and W.grad is None and b.grad is None
+    with pytest.raises(ValueError, match="frozen"):
+        vk.vera_linear(x, W.requires_grad_(), b, ld, lb, proj, magnitude=m)
+
+
+def test_double_backward_refused():
+    x, W, b, ld, lb, proj = make_inputs((4,), 8, 6, 3, torch.float32, "cpu")
+    m = _magnitude(W).requires_grad_()
+    y = vk.vera_linear(x, W, b, ld, lb, proj, magnitude=m)
+    (gm,) = torch.autograd.grad(y.square().sum(), m, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gm.sum().backward()
+
+
+def test_fresh_magnitude_is_the_base_layer():
+    """m = ||W||_row with lambda_b = 0: scale 1, the base layer's output."""
+    x, W, b, ld, _, proj = make_inputs((5,), 16, 12, 4, torch.float32, "cpu")
+    lb = torch.zeros(12)
+    y = vk.vera_linear(x, W, b, ld, lb, proj, magnitude=dora.initial_magnitude(W))
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, W, b))
+
+
+@pytest.mark.parametrize("bad,err,match", [
+    (torch.ones(5), ValueError, "magnitude must have lambda_b's shape"),
+    (torch.ones(6, dtype=torch.float16), TypeError, "float32"),
+    ([1.0] * 6, TypeError, "torch.Tensor"),
+])
+def test_bad_magnitude(bad, err, match):
+    x, W, b, ld, lb, proj = make_inputs((4,), 8, 6, 3, torch.float32, "cpu")
+    with pytest.raises(err, match=match):
+        vk.vera_linear(x, W, b, ld, lb, proj, magnitude=bad)
+    with pytest.raises(err, match=match):
+        vk.reference.vera_linear(x, W, b, ld, lb, proj, magnitude=bad)
