@@ -27,10 +27,14 @@ adapter file moves unchanged between a single-adapter model and any slot of a ba
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import numbers
 import os
+import shutil
+import tempfile
+import uuid
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -67,38 +71,155 @@ class AdapterFileError(ValueError):
 
 
 # --- small helpers ------------------------------------------------------------------------------
-def _read_config(directory: str) -> dict:
+def _missing_directory(directory: str) -> FileNotFoundError:
+    """The error for an adapter directory that does not exist, naming what an interrupted save left."""
+    parent, name = os.path.split(os.path.abspath(directory))
+    backups = sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.old-*")))
+    hint = (f"; an interrupted save left the previous adapter at {backups[-1]!r}: rename it back to {directory!r}"
+            if backups else "")
+    return FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: no such directory{hint}")
+
+
+def _read_files(directory: str) -> Dict[str, Optional[bytes]]:
+    """The raw bytes of the config and tensor file (``None`` where absent), both from ONE directory.
+
+    Saves replace the whole directory (:func:`_write`), so reading both files relative to one open
+    directory descriptor gives the old adapter or the new one even while a save replaces it, never a mix.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise _missing_directory(directory)
+    names = (CONFIG_NAME, WEIGHTS_NAME)
+    out: Dict[str, Optional[bytes]] = {}
+    if os.open not in os.supports_dir_fd:  # (Windows) plain paths
+        for name in names:
+            path = os.path.join(directory, name)
+            out[name] = open(path, "rb").read() if os.path.isfile(path) else None  # noqa: SIM115
+        return out
+    dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        for name in names:
+            try:
+                fd = os.open(name, os.O_RDONLY, dir_fd=dfd)
+            except (FileNotFoundError, IsADirectoryError):
+                out[name] = None
+                continue
+            with os.fdopen(fd, "rb") as f:
+                out[name] = f.read()
+    finally:
+        os.close(dfd)
+    return out
+
+
+def _parse_config(raw: Optional[bytes], directory: str) -> dict:
     path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
+    if raw is None:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise AdapterFileError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     return cfg
 
 
-def _read_tensors(directory: str) -> Dict[str, torch.Tensor]:
+def _parse_tensors(raw: Optional[bytes], directory: str) -> Dict[str, torch.Tensor]:
     path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):
+    if raw is None:
         extra = " (pickled .bin files are not read; save with safetensors)" if os.path.isfile(
             os.path.join(directory, "adapter_model.bin")) else ""
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}{extra}")
     st = require("safetensors.torch")
-    return st.load_file(path, device="cpu")
+    try:
+        return st.load(raw)
+    except Exception as e:  # safetensors raises its own SafetensorError (and others) for a damaged file
+        raise AdapterFileError(f"{path}: not a readable safetensors file, truncated or damaged "
+                               f"({type(e).__name__}: {e})") from None
+
+
+def _read_config(directory: str) -> dict:
+    return _parse_config(_read_files(directory)[CONFIG_NAME], os.fspath(directory))
+
+
+def _read_tensors(directory: str) -> Dict[str, torch.Tensor]:
+    return _parse_tensors(_read_files(directory)[WEIGHTS_NAME], os.fspath(directory))
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: str) -> None:
+    if os.open in os.supports_dir_fd:  # POSIX: make the renames durable
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _keep_other_files(old: str, new: str) -> None:
+    """Everything in ``old`` but the adapter's two files, into ``new`` (hard links where possible)."""
+    for entry in os.scandir(old):
+        if entry.name in (CONFIG_NAME, WEIGHTS_NAME):
+            continue
+        dst = os.path.join(new, entry.name)
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), dst)
+        elif entry.is_dir():
+            shutil.copytree(entry.path, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry.path, dst)
 
 
 def _write(directory: str, config: dict, tensors: Dict[str, torch.Tensor]) -> None:
+    """Write the adapter atomically: both files go to a new directory next to ``directory``, which then
+    takes its place by renames, so a reader (or a crash at any point) sees the old adapter or the new one.
+
+    Replacing an existing directory: the old one is renamed away, the new one renamed in, the old one
+    removed; files of the old directory other than the adapter's two are kept (hard-linked). A crash
+    between the two renames leaves the old adapter complete under ``.<name>.old-*`` (which
+    :func:`load_adapter`'s error then names) and the new one under ``.<name>.tmp-*``.
+    """
     st = require("safetensors.torch")
-    os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    st.save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    target = os.path.abspath(os.fspath(directory))
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(f"cannot save an adapter to {directory!r}: it exists and is not a directory")
+    parent, name = os.path.split(target)
+    data = st.save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        _write_file(os.path.join(tmp, WEIGHTS_NAME), data)
+        _write_file(os.path.join(tmp, CONFIG_NAME), text)
+        if not os.path.isdir(target):
+            os.rename(tmp, target)
+        else:
+            _keep_other_files(target, tmp)
+            old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)  # put the old adapter back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _int_field(cfg: dict, key: str, where: str, *, positive: bool = True) -> int:
@@ -151,6 +272,9 @@ def save_adapter(model: nn.Module, directory: str, *, slot: Optional[int] = None
     """Write the model's VeRA adapter to ``directory`` (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     A seeded projection is stored as its seed: the files hold the seed and the trained vectors only.
+    The save is atomic: both files are written to a new directory beside ``directory``, which then replaces
+    it by renames (other files of an existing ``directory`` are kept), so a reader or a crash sees the old
+    adapter or the new one, never one's config with the other's vectors.
     For a model whose layers hold banks of adapters, ``slot=k`` (required there) writes adapter ``k``
     as an ordinary single-adapter file, which :func:`load_adapter` reads into a single-adapter model or
     into any slot of a bank.
@@ -201,7 +325,7 @@ def save_peft_adapter(model: nn.Module, directory: str, *, slot: Optional[int] =
     ``save_projection`` is true: ``A``/``B`` are materialised (float32, sliced to the largest adapted
     layer, as PEFT sizes them), because PEFT regenerates its own projection from a torch generator, not
     from this package's seed. ``target_modules`` lists the full module paths. For a model whose layers
-    hold banks of adapters, ``slot=k`` (required there) writes adapter ``k``.
+    hold banks of adapters, ``slot=k`` (required there) writes adapter ``k``. Atomic, as :func:`save_adapter`.
     """
     peft = require("peft")
     layers = vera_layers(model)
@@ -450,9 +574,12 @@ def load_adapter(model: nn.Module, directory: str, *, slot: Optional[int] = None
     model's VeRA layers, with the same projection (seed or PEFT key or stored matrices, rank, sizes) and
     shapes. ``slot`` is required for such a model and refused for any other (``ValueError``).
 
-    Everything is checked before the model is touched: an unknown format or version, missing or
+    Everything is checked before the model is touched: an unknown format or version, a damaged file
+    (invalid JSON, a truncated or garbage safetensors file: the error names the file), missing or
     unexpected tensors, wrong shapes, a module path the model lacks, or a different seed/rank raise
-    :class:`AdapterFileError` and leave the model unchanged.
+    :class:`AdapterFileError` and leave the model unchanged. Both files are read from one directory even
+    while a save replaces it (saves are atomic), so a reader never pairs one adapter's config with
+    another's vectors.
     """
     where = str(directory)
     adapted = vera_layers(model)
@@ -463,13 +590,12 @@ def load_adapter(model: nn.Module, directory: str, *, slot: Optional[int] = None
             f"slot={slot!r} loads into a model whose VeRA layers hold banks of adapters; this model has no "
             f"VeRA layers: build the banks first with vk.apply_vera(model, ..., num_adapters=n)"
         )
-    cfg = _read_config(directory)
+    raw = _read_files(directory)
+    cfg = _parse_config(raw[CONFIG_NAME], where)
     if "peft_type" in cfg:
-        tensors = _read_tensors(directory)
-        spec = _peft_spec(cfg, tensors, model, where)
+        spec = _peft_spec(cfg, _parse_tensors(raw[WEIGHTS_NAME], where), model, where)
     elif cfg.get("format") == FORMAT:
-        tensors = _read_tensors(directory)
-        spec = _own_spec(cfg, tensors, where)
+        spec = _own_spec(cfg, _parse_tensors(raw[WEIGHTS_NAME], where), where)
     else:
         raise AdapterFileError(
             f"{where}: unknown adapter format {cfg.get('format')!r} (expected {FORMAT!r} or a PEFT VeRA "
