@@ -1,0 +1,183 @@
+"""The "cuda" backend's host logic (csrc/cuda/vera_cuda_host.h), built for CPU and run against the reference.
+
+No GPU is needed: ``tests/csrc/cuda_host_on_cpu.cpp`` compiles the same header with host loops in place of
+the CUDA launchers (they run the same element-wise functors as the kernels), and its ops stand in for
+``torch.ops.vera_kernels`` under the "cpu" backend, so every formula, the GEMM operands (A/B slices in the
+input dtype, float16 operands scaled by powers of two), the projection cache, dropout, offsets and the
+bank reductions are checked by the suites that check the backends, under DESIGN §3's rule. What this does
+not cover is the device itself: cuBLAS, streams, graphs (that is the GPU run's part).
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import vera_kernels as vk
+from vera_kernels.backends import _native
+
+import test_cpu_backend as cpu_suite
+import test_lambda_range as lambda_suite
+import test_many_adapters as bank_suite
+import test_shard_offsets as offsets_suite
+from test_cpu_backend import poison_uninitialised_memory  # noqa: F401  (autouse: outputs start as NaN)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    _native.availability("cpu") is not None, reason=f"native extension unavailable: {_native.availability('cpu')}"
+)
+
+
+@pytest.fixture(scope="module")
+def host_lib():
+    """The ops of the host build (compiled once per source change; the build directory is per checkout)."""
+    from torch.utils import cpp_extension
+
+    tag = f"{abs(hash(str(ROOT))):x}"
+    build = Path(tempfile.gettempdir()) / f"vera_cuda_host_on_cpu-{tag}"
+    build.mkdir(exist_ok=True)
+    cpp_extension.load("vera_cuda_host_on_cpu", [str(ROOT / "tests/csrc/cuda_host_on_cpu.cpp")],
+                       extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O1", "-g0"],
+                       is_python_module=False, build_directory=str(build))
+    return torch.ops.vera_cuda_host_on_cpu
+
+
+class HostOps:
+    """``torch.ops.vera_kernels``' calling convention (with its defaults) on the host build."""
+
+    def __init__(self, lib, may_cache=True):
+        self.lib, self.may_cache = lib, may_cache
+
+    def shrink(self, x, A, rank, key0, key1, bound, dk0, dk1, threshold, scale, in_offset=0):
+        return self.lib.shrink(x, A, rank, key0, key1, bound, dk0, dk1, threshold, scale, in_offset, self.may_cache)
+
+    def fused_forward(self, x, W, bias, s, ld, lb, B, key0, key1, bound, out_offset=0, adapter_ids=None):
+        return self.lib.fused_forward(x, W, bias, s, ld, lb, B, key0, key1, bound, out_offset, adapter_ids,
+                                      self.may_cache)
+
+    def rank_grads(self, gy, s, ld, lb, B, key0, key1, bound, need_b, out_offset=0, adapter_ids=None):
+        return self.lib.rank_grads(gy, s, ld, lb, B, key0, key1, bound, need_b, out_offset, adapter_ids,
+                                   self.may_cache)
+
+    def grad_input(self, gy, W, g, ld, A, key0, key1, bound, dk0, dk1, threshold, scale, in_offset=0,
+                   adapter_ids=None):
+        return self.lib.grad_input(gy, W, g, ld, A, key0, key1, bound, dk0, dk1, threshold, scale, in_offset,
+                                   adapter_ids, self.may_cache)
+
+
+@pytest.fixture(params=[True, False], ids=["cached", "per-call"])
+def cuda_logic(request, host_lib, monkeypatch):
+    """The "cpu" backend runs the CUDA host logic: with the projection cache, and generating per call (as
+    while a CUDA graph is captured)."""
+    ops = HostOps(host_lib, may_cache=request.param)
+    monkeypatch.setattr(_native, "ops", lambda: ops)
+    return ops
+
+
+@pytest.mark.parametrize("M,K,N,r,max_in,max_out", cpu_suite.SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_shapes_fp32(cuda_logic, M, K, N, r, max_in, max_out, bias, p):
+    cpu_suite.test_shapes_fp32(M, K, N, r, max_in, max_out, bias, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_half_dtypes(cuda_logic, dtype, p):
+    cpu_suite.test_half_dtypes(dtype, p)
+
+
+def test_strided_inputs(cuda_logic):
+    cpu_suite.test_strided_inputs()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stored_projection(cuda_logic, dtype):
+    cpu_suite.test_stored_projection(dtype)
+
+
+@pytest.mark.parametrize("need", [(False, True, False), (False, False, True), (True, False, False)])
+def test_partial_gradients(cuda_logic, need):
+    cpu_suite.test_partial_gradients(need)
+
+
+@pytest.mark.parametrize("mag_b", lambda_suite.MAGNITUDES, ids=lambda m: f"lb{m:g}")
+@pytest.mark.parametrize("mag_d", lambda_suite.MAGNITUDES, ids=lambda m: f"ld{m:g}")
+@pytest.mark.parametrize("dtype", lambda_suite.DTYPES, ids=str)
+def test_lambda_range(host_lib, monkeypatch, dtype, mag_d, mag_b):
+    """float16 operands carry lambda_d * s, lambda_b * grad_y scaled by powers of two: never out of range."""
+    monkeypatch.setattr(_native, "ops", lambda: HostOps(host_lib))
+    lambda_suite.test_lambda_range("cpu", "cpu", dtype, mag_d, mag_b)
+
+
+@pytest.mark.parametrize("case", offsets_suite.CASES, ids=lambda c: f"K{c[1]}N{c[2]}r{c[3]}@{c[4]},{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stored", [False, True], ids=["seeded", "stored"])
+def test_offsets(cuda_logic, case, dtype, stored):
+    offsets_suite.test_offsets_match_reference("cpu", case, dtype, stored)
+
+
+@pytest.mark.parametrize("i0", [0, 3, 8])
+def test_offsets_with_dropout(cuda_logic, i0):
+    offsets_suite.test_offsets_with_dropout_match_reference("cpu", i0)
+
+
+@pytest.mark.parametrize("dtype", bank_suite.DTYPES, ids=str)
+def test_bank_per_token_ids(cuda_logic, dtype):
+    bank_suite.test_per_token_ids_match_per_row_single_adapter_calls("cpu", dtype, "cpu")
+
+
+def test_bank_per_sequence_ids_and_base_only_rows(cuda_logic):
+    bank_suite.test_per_sequence_ids_match_per_row_single_adapter_calls("cpu", torch.float16, "cpu")
+    bank_suite.test_all_rows_base_only("cpu", "cpu")
+    bank_suite.test_flat_rows_many_distinct_adapters("cpu", "cpu")
+
+
+def test_bank_gradients_are_deterministic(cuda_logic):
+    bank_suite.test_bank_gradients_are_deterministic("cpu", "cpu")
+
+
+def test_cache_grows_to_the_widest_slice_and_matches_per_call(host_lib, monkeypatch):
+    """Layers of one projection share one buffer per (matrix, dtype), grown to the widest slice (a narrow
+    layer after a wide one reads a prefix of it); every result equals the uncached (per-call) one, and the
+    cache keeps at most 8 buffers however many projections pass through it."""
+    torch.manual_seed(0)
+    shapes = [(9, 7), (40, 36), (5, 3), (21, 36)]
+    layers = [(torch.randn(3, K), torch.randn(N, K), torch.randn(6), torch.randn(N)) for K, N in shapes]
+    projections = [vk.Projection(seed=2**40 + i, rank=6, max_in_features=40, max_out_features=36) for i in range(6)]
+    results = {}
+    for may_cache in (False, True):
+        ops = HostOps(host_lib, may_cache=may_cache)
+        monkeypatch.setattr(_native, "ops", lambda: ops)
+        results[may_cache] = []
+        for proj in projections:
+            for x, W, ld, lb in layers:
+                x, ld, lb = (t.clone().requires_grad_() for t in (x, ld, lb))
+                y = vk.vera_linear(x, W, None, ld, lb, proj, backend="cpu")
+                y.square().sum().backward()
+                results[may_cache].append((y.detach(), x.grad, ld.grad, lb.grad))
+        assert 2 <= host_lib.cache_size() <= 8
+    for cached, per_call in zip(results[True], results[False]):
+        for a, b in zip(cached, per_call):
+            assert torch.equal(a, b)
+    for (x, W, ld, lb), (y, *_) in zip(layers, results[True][-len(layers):]):
+        torch.testing.assert_close(y, vk.reference.vera_linear(x, W, None, ld, lb, projections[-1]))
+
+
+@pytest.mark.parametrize("M", [1, 16, 64, 8192])
+def test_elementwise_grid_fills_the_gpu_at_decode(host_lib, M):
+    """The element-wise kernels (epilogue over [M, N], dropout over [M, K], the A/B slices [r, K], [N, r])
+    cover every element, and a decode-sized problem (M = 16, N = 4096) already spreads over more blocks than
+    an H100 has SMs (132). The products themselves are cuBLAS GEMMs, which pick their own grids."""
+    sms = 132
+    for rows, cols in [(M, 4096), (256, 4096), (4096, 256), (M, 17)]:
+        blocks, threads = host_lib.elementwise_grid(rows, cols)
+        quads = rows * ((cols + 3) // 4)
+        assert threads >= 32 and threads % 32 == 0
+        assert blocks * threads >= quads or blocks == 2**20  # one quad per thread, or a grid-stride loop
+        assert blocks <= 2**31 - 1
+        if rows * cols >= 16 * 4096:
+            assert blocks >= sms, (rows, cols, blocks)
