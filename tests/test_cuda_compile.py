@@ -83,7 +83,7 @@ def sass_mix(sass: str):
             kernel = m.group(1)
             mix[(arch, kernel)] = {"HMMA": 0, "HGMMA": 0, "FFMA": 0, "float_atomics": []}
             continue
-        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
         if kernel is None or not m:
             continue
         op = m.group(1)
