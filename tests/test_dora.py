@@ -221,3 +221,134 @@ def test_bad_magnitude(bad, err, match):
         vk.vera_linear(x, W, b, ld, lb, proj, magnitude=bad)
     with pytest.raises(err, match=match):
         vk.reference.vera_linear(x, W, b, ld, lb, proj, magnitude=bad)
+
+
+# --- the layer, models and adapter files ---------------------------------------------------------------
+def _trained_layer(dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    layer = vk.VeRALinear(24, 12, rank=6, dora=True, dtype=dtype, **kw)
+    with torch.no_grad():
+        layer.lambda_b.copy_(torch.randn_like(layer.lambda_b) * 0.3)
+        layer.magnitude.mul_(1 + 0.2 * torch.rand_like(layer.magnitude))
+    return layer
+
+
+def test_layer_init_forward_and_gradients():
+    layer = vk.VeRALinear(24, 12, rank=6, dora=True)
+    assert layer.magnitude.dtype == torch.float32 and layer.magnitude.requires_grad
+    torch.testing.assert_close(layer.magnitude, layer.weight.double().norm(dim=1).float())
+    x = torch.randn(3, 5, 24)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # starts as base
+    layer = _trained_layer()
+    ref = vk.reference.vera_linear(x, layer.weight, layer.bias, layer.lambda_d, layer.lambda_b, layer.projection,
+                                   magnitude=layer.magnitude)
+    torch.testing.assert_close(layer(x), ref)
+    layer(x).square().sum().backward()
+    assert all(p.grad is not None for p in (layer.lambda_d, layer.lambda_b, layer.magnitude))
+    assert layer.weight.grad is None
+    assert "dora=True" in repr(layer)
+    half = _trained_layer().half()
+    assert half.magnitude.dtype == torch.float32 and half.weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_merge_unmerge(dtype):
+    layer = _trained_layer(dtype)
+    x = torch.randn(4, 24).to(dtype)
+    w0 = layer.weight.detach().clone()
+    with torch.no_grad():
+        y = layer(x)
+        layer.merge()
+        torch.testing.assert_close(layer(x), y, **({} if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)))
+        # as PEFT merges DoRA: the merged rows have norm m
+        torch.testing.assert_close(layer.weight.double().norm(dim=1).float(), layer.magnitude,
+                                   **({} if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)))
+        layer.unmerge()
+        tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(layer.weight, w0, **tol)
+        torch.testing.assert_close(layer(x), y, **({} if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)))
+
+
+def test_layer_norm_cache_follows_load_state_dict():
+    """The cached norm pieces belong to the old weight values: a state load must refresh them."""
+    a, b = _trained_layer(), _trained_layer()
+    with torch.no_grad():
+        b.weight.mul_(3.0)
+        b.magnitude.mul_(0.5)
+    x = torch.randn(5, 24)
+    a(x)  # fills a's cache
+    a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(a(x), b(x))
+    ref = vk.reference.vera_linear(x, a.weight, a.bias, a.lambda_d, a.lambda_b, a.projection, magnitude=a.magnitude)
+    torch.testing.assert_close(a(x), ref)
+
+
+def test_layer_state_refuses_other_kind():
+    plain = vk.VeRALinear(24, 12, rank=6)
+    with pytest.raises(RuntimeError, match="magnitude"):
+        plain.load_state_dict(_trained_layer().state_dict())
+    with pytest.raises(RuntimeError, match="magnitude"):
+        _trained_layer().load_state_dict(plain.state_dict())
+
+
+def test_layer_bank_with_adapter_ids():
+    layer = vk.VeRALinear(16, 10, rank=4, dora=True, num_adapters=3)
+    assert layer.magnitude.shape == (3, 10)
+    with torch.no_grad():
+        layer.lambda_b.copy_(torch.randn(3, 10) * 0.3)
+        layer.magnitude.mul_(1 + 0.2 * torch.rand(3, 10))
+    x, ids = torch.randn(4, 2, 16), torch.tensor([0, 2, -1, 1])
+    y = layer(x, adapter_ids=ids)
+    ref = vk.reference.vera_linear(x, layer.weight, layer.bias, layer.lambda_d, layer.lambda_b, layer.projection,
+                                   adapter_ids=ids, magnitude=layer.magnitude)
+    torch.testing.assert_close(y, ref)
+    y.sum().backward()
+    assert layer.magnitude.grad[[0, 1, 2]].abs().sum(1).gt(0).all()
+    with pytest.raises(RuntimeError, match="cannot be merged"):
+        layer.merge()
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   vocab_size=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_apply_vera_use_dora_save_load(tmp_path):
+    pytest.importorskip("safetensors")
+    model = vk.apply_vera(_tiny_llama(), rank=8, use_dora=True)
+    layers = [m for m in model.modules() if isinstance(m, vk.VeRALinear)]
+    assert layers and all(m.dora for m in layers)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith(".magnitude") for n in trainable)
+    with torch.no_grad():
+        for m in layers:
+            m.lambda_b.normal_(0, 0.1)
+            m.magnitude.mul_(1.1)
+    ids = torch.randint(0, 64, (2, 5))
+    y = model(ids).logits
+    vk.save_adapter(model, tmp_path / "a")
+    cfg = (tmp_path / "a" / "adapter_config.json").read_text()
+    assert '"use_dora": true' in cfg
+    other = vk.load_adapter(_tiny_llama(), tmp_path / "a")
+    assert all(m.dora for m in other.modules() if isinstance(m, vk.VeRALinear))
+    torch.testing.assert_close(other(ids).logits, y)
+    with pytest.raises(ValueError, match="PEFT has no DVoRA"):
+        vk.save_peft_adapter(model, tmp_path / "p")
+    plain = vk.apply_vera(_tiny_llama(), rank=8)
+    with pytest.raises(vk.AdapterFileError, match="DVoRA"):
+        vk.load_adapter(plain, tmp_path / "a")
+    merged = vk.merge_and_unload(model)
+    torch.testing.assert_close(merged(ids).logits, y, atol=1e-5, rtol=1e-4)
+
+
+def test_tensor_parallel_refused():
+    from vera_kernels.distributed import _check_layer
+
+    class Mesh:
+        ndim = 1
+
+    with pytest.raises(NotImplementedError, match="DVoRA"):
+        _check_layer(_trained_layer(), "ColwiseParallel", Mesh())

@@ -12,6 +12,10 @@ This package's format is a directory with ``adapter_config.json`` and ``adapter_
     adapter_model.safetensors  "<module path>.lambda_d" [rank], "<module path>.lambda_b" [out_features],
                               float32
 
+A DVoRA adapter (``apply_vera(..., use_dora=True)``) says ``"use_dora": true`` in the config and adds
+``"<module path>.magnitude"`` [out_features] (float32) per layer; PEFT has no DVoRA, so
+``save_peft_adapter`` refuses it.
+
 The seed is written as a decimal string so that 64-bit seeds survive any JSON reader. A projection
 imported from PEFT with ``projection_prng_key`` records that key instead (kind ``"peft_torch_cpu"``,
 regenerated with :meth:`Projection.from_peft_key`); any other stored projection (kind ``"stored"``)
@@ -293,6 +297,9 @@ def save_adapter(model: nn.Module, directory: str, *, slot: Optional[int] = None
         projection = {"kind": "stored"}
         tensors["projection.A"], tensors["projection.B"] = proj.stored
     dropout, d_initial = _uniform(layers, "dropout"), _uniform(layers, "d_initial")
+    use_dora = _uniform(layers, "dora")
+    if use_dora is None:
+        raise ValueError("the model mixes DVoRA (dora=True) and plain VeRA layers; an adapter file holds one kind")
     targets = {}
     for name, layer in layers.items():
         targets[name] = {
@@ -305,6 +312,9 @@ def save_adapter(model: nn.Module, directory: str, *, slot: Optional[int] = None
         lambda_d, lambda_b = slot_vectors(layer, slot)
         tensors[f"{name}.lambda_d"] = lambda_d.detach().float()
         tensors[f"{name}.lambda_b"] = lambda_b.detach().float()
+        if use_dora:
+            m = layer.magnitude if slot is None else layer.magnitude[slot]
+            tensors[f"{name}.magnitude"] = m.detach().float()
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -316,6 +326,8 @@ def save_adapter(model: nn.Module, directory: str, *, slot: Optional[int] = None
         "d_initial": d_initial if d_initial is not None else 0.1,
         "target_modules": targets,
     }
+    if use_dora:
+        config["use_dora"] = True
     _write(directory, config, tensors)
 
 
@@ -329,6 +341,9 @@ def save_peft_adapter(model: nn.Module, directory: str, *, slot: Optional[int] =
     """
     peft = require("peft")
     layers = vera_layers(model)
+    if any(layer.dora for layer in layers.values()):
+        raise ValueError("this model's adapter is DVoRA (use_dora=True), which PEFT's VeRA format cannot hold (PEFT "
+                         "has no DVoRA): save it with vk.save_adapter")
     proj = shared_projection(layers)
     slot = check_slot(layers, slot, "save")
     if any(layer.merged for layer in layers.values()):
@@ -376,6 +391,8 @@ class _Spec:
         self.d_initial: Dict[str, float] = {}
         self.lambda_d: Dict[str, torch.Tensor] = {}
         self.lambda_b: Dict[str, torch.Tensor] = {}
+        self.use_dora = False  # DVoRA: a magnitude vector per layer
+        self.magnitude: Dict[str, torch.Tensor] = {}
         self.projection: Optional[Projection] = None
         self.make_projection = None  # callable(max_in, max_out) -> Projection, when sized by the model
         self.rank = 0
@@ -401,8 +418,12 @@ def _own_spec(cfg: dict, tensors: Dict[str, torch.Tensor], where: str) -> _Spec:
     targets = cfg.get("target_modules")
     if not isinstance(targets, dict) or not targets:
         raise AdapterFileError(f"{where}: 'target_modules' must be a non-empty object of module paths")
+    use_dora = cfg.get("use_dora", False)
+    if not isinstance(use_dora, bool):
+        raise AdapterFileError(f"{where}: 'use_dora' must be true or false, got {use_dora!r}")
+    spec.use_dora = use_dora
     for path in targets:
-        expected += [f"{path}.lambda_d", f"{path}.lambda_b"]
+        expected += [f"{path}.lambda_d", f"{path}.lambda_b"] + ([f"{path}.magnitude"] if use_dora else [])
     _check_keys(tensors, expected, where)
     if pcfg["kind"] == "philox":
         spec.projection = Projection(_seed_field(pcfg.get("seed"), f"{where}: projection seed"),
@@ -432,6 +453,8 @@ def _own_spec(cfg: dict, tensors: Dict[str, torch.Tensor], where: str) -> _Spec:
                                 if "d_initial" in t else d_initial)
         spec.lambda_d[path] = _check_vector(tensors[f"{path}.lambda_d"], (rank,), f"{path}.lambda_d", where)
         spec.lambda_b[path] = _check_vector(tensors[f"{path}.lambda_b"], (n,), f"{path}.lambda_b", where)
+        if use_dora:
+            spec.magnitude[path] = _check_vector(tensors[f"{path}.magnitude"], (n,), f"{path}.magnitude", where)
     return spec
 
 
@@ -609,6 +632,11 @@ def load_adapter(model: nn.Module, directory: str, *, slot: Optional[int] = None
                 f"{where}: the adapter's projection {spec.projection!r} differs from the model's {current!r} "
                 f"(seed, rank or size mismatch); load it into a plain model instead"
             )
+        kinds = [p for p, m in modules.items() if m.dora != spec.use_dora]
+        if kinds:
+            raise AdapterFileError(f"{where}: the adapter is {'DVoRA' if spec.use_dora else 'plain VeRA'} but the "
+                                   f"model's layers {kinds[:4]} are {'plain VeRA' if spec.use_dora else 'DVoRA'}; "
+                                   "load it into a plain model instead")
         merged = [p for p, m in modules.items() if m.merged]
         if merged:
             raise AdapterFileError(f"{where}: VeRA layers {merged[:4]} are merged; unmerge them first")
@@ -617,15 +645,19 @@ def load_adapter(model: nn.Module, directory: str, *, slot: Optional[int] = None
                 lambda_d, lambda_b = slot_vectors(layer, slot)
                 lambda_d.copy_(spec.lambda_d[path])
                 lambda_b.copy_(spec.lambda_b[path])
+                if spec.use_dora:
+                    (layer.magnitude if slot is None else layer.magnitude[slot]).copy_(spec.magnitude[path])
                 if slot is None:
                     layer.dropout = spec.dropout[path]
                     layer.d_initial = spec.d_initial[path]
         return model
-    plan = plan_layers(list(modules.items()), spec.projection, spec.d_initial, spec.dropout)
+    plan = plan_layers(list(modules.items()), spec.projection, spec.d_initial, spec.dropout, dora=spec.use_dora)
     with torch.no_grad():
         for path, layer in plan:
             layer.lambda_d.copy_(spec.lambda_d[path])
             layer.lambda_b.copy_(spec.lambda_b[path])
+            if spec.use_dora:
+                layer.magnitude.copy_(spec.magnitude[path])
     install(model, plan)
     return model
 

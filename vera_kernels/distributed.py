@@ -152,6 +152,10 @@ def _check_layer(module: nn.Module, style: str, device_mesh: DeviceMesh) -> VeRA
     if getattr(module, "fan_in_fan_out", False):
         raise NotImplementedError(f"vk.{style}: the weight of a fan_in_fan_out VeRALinear (GPT-2 Conv1D) is stored "
                                   "[in, out]; convert it with merge_and_unload or shard an nn.Linear layout")
+    if getattr(module, "magnitude", None) is not None:
+        raise NotImplementedError(f"vk.{style}: tensor parallelism of a DVoRA VeRALinear (dora=True) is not "
+                                  "supported (its row norms would need the shards' magnitude and, row-wise, a "
+                                  "reduction over the shards of in_features); use DDP/FSDP for DVoRA")
     if module.lambda_d.dim() != 1:
         raise NotImplementedError(f"vk.{style}: tensor parallelism of a multi-adapter VeRALinear (banks of "
                                   "vectors) is not supported")

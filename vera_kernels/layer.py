@@ -40,6 +40,9 @@ class VeRALinear(nn.Module):
             ``lambda_b [n, out_features]``, served together in one batch: each call takes its rows'
             adapter ids from ``vk.adapter_ids(model, ids)`` (or ``forward(x, adapter_ids=...)``), and
             calling such a layer without ids raises. A bank cannot be merged into the weight.
+        dora: DVoRA (``vera_kernels.dora``): adds ``magnitude`` (``[out_features]``, or ``[n, out_features]``
+            for a bank; float32, trained), initialised to the base weight's row norms, and computes
+            ``y = magnitude / ||W + dW||_row * (x W^T + x dW^T) + bias`` with the norm a constant for autograd.
 
     The state dict holds ``weight``, ``bias``, the two lambdas, and (as extra state, one small int64 tensor
     that safetensors, ``save_pretrained`` and ``transformers.Trainer`` checkpoints accept) the projection's
@@ -76,6 +79,7 @@ class VeRALinear(nn.Module):
         dtype=None,
         fan_in_fan_out: bool = False,
         num_adapters: int = 1,
+        dora: bool = False,
     ):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
@@ -89,10 +93,11 @@ class VeRALinear(nn.Module):
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
         weight = nn.Parameter(torch.empty(*shape, **factory), requires_grad=False)
         b = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        self._setup(weight, b, projection, d_initial, dropout, fan_in_fan_out, num_adapters)
+        self._setup(weight, b, projection, d_initial, dropout, fan_in_fan_out, num_adapters, dora)
         self.reset_parameters()
 
-    def _setup(self, weight, bias, projection, d_initial, dropout, fan_in_fan_out=False, num_adapters=1) -> None:
+    def _setup(self, weight, bias, projection, d_initial, dropout, fan_in_fan_out=False, num_adapters=1,
+               dora=False) -> None:
         """Shared by ``__init__`` and ``from_linear``: frozen base, projection, fresh lambdas."""
         self.fan_in_fan_out = bool(fan_in_fan_out)
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
@@ -127,6 +132,15 @@ class VeRALinear(nn.Module):
         dev = weight.device
         self.lambda_d = nn.Parameter(torch.empty(*bank, projection.rank, device=dev, dtype=torch.float32))
         self.lambda_b = nn.Parameter(torch.empty(*bank, self.out_features, device=dev, dtype=torch.float32))
+        if not isinstance(dora, bool):
+            raise TypeError(f"dora must be a bool, got {type(dora).__name__}")
+        self.dora = dora
+        self._merged_dora = None  # (magnitude, norm) as merge() folded them in, while merged (DVoRA)
+        if dora:
+            self._float32_names = ("lambda_d", "lambda_b", "magnitude")
+            self.magnitude = nn.Parameter(torch.empty(*bank, self.out_features, device=dev, dtype=torch.float32))
+        else:
+            self.register_parameter("magnitude", None)
         self.merged = False
         self.reset_adapter()
 
@@ -151,6 +165,13 @@ class VeRALinear(nn.Module):
     @torch.no_grad()
     def reset_adapter(self) -> None:
         """The paper's initialisation: ``lambda_b = 0``, ``lambda_d = d_initial``."""
+        if self.magnitude is not None:  # DVoRA: ||W||_row of the unmerged weight (the layer starts as the base)
+            if self.merged:
+                raise RuntimeError("reset_adapter() on a merged DVoRA layer: unmerge() first (the magnitude "
+                                   "starts at the row norms of the unmerged weight)")
+            from .dora import initial_magnitude
+
+            self.magnitude.copy_(initial_magnitude(self.weight_nk()).expand_as(self.magnitude))
         self.lambda_b.zero_()
         self.lambda_d.fill_(self.d_initial)
 
@@ -165,6 +186,7 @@ class VeRALinear(nn.Module):
         seed: int = 0,
         fan_in_fan_out: bool = False,
         num_adapters: int = 1,
+        dora: bool = False,
     ) -> "VeRALinear":
         """Wrap an existing ``nn.Linear``: its weight and bias are shared (not copied) and frozen.
 
@@ -187,7 +209,7 @@ class VeRALinear(nn.Module):
         nn.Module.__init__(layer)
         if projection is None:
             projection = Projection(seed, rank, in_features, out_features)
-        layer._setup(linear.weight, linear.bias, projection, d_initial, dropout, fan_in_fan_out, num_adapters)
+        layer._setup(linear.weight, linear.bias, projection, d_initial, dropout, fan_in_fan_out, num_adapters, dora)
         return layer
 
     def weight_nk(self) -> torch.Tensor:
@@ -216,9 +238,10 @@ class VeRALinear(nn.Module):
         if not self.training and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             weight = weight.detach()  # eval mode: the base is frozen whatever its requires_grad says
             bias = None if bias is None else bias.detach()
+        extra = {} if self.magnitude is None else {"magnitude": self.magnitude}  # DVoRA
         return vera_linear(
             x, weight, bias, lambda_d, lambda_b, self.projection, self.dropout, self.training,
-            backend, adapter_ids=adapter_ids, in_offset=self.in_offset, out_offset=self.out_offset,
+            backend, adapter_ids=adapter_ids, in_offset=self.in_offset, out_offset=self.out_offset, **extra,
         )
 
     def _row_adapter_ids(self, adapter_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -293,7 +316,12 @@ class VeRALinear(nn.Module):
         self._check_weight_stored()
         snapshot = (self.lambda_d.detach().clone(), self.lambda_b.detach().clone())
         w = self.weight_nk()
-        w.copy_((w.float() + self._delta(*snapshot)).to(w.dtype))
+        merged = w.float() + self._delta(*snapshot)
+        if self.magnitude is not None:  # DVoRA, as PEFT merges DoRA: W' = m / ||W + dW||_row * (W + dW)
+            norm = merged.norm(dim=1)
+            self._merged_dora = (self.magnitude.detach().clone(), norm)
+            merged = merged * (self._merged_dora[0] / norm)[:, None]
+        w.copy_(merged.to(w.dtype))
         self._merged_lambdas = snapshot
         self.merged = True
 
@@ -308,7 +336,15 @@ class VeRALinear(nn.Module):
         self._check_weight_stored()
         snapshot = self._merged_lambdas or (self.lambda_d, self.lambda_b)
         w = self.weight_nk()
-        w.copy_((w.float() - self._delta(*snapshot)).to(w.dtype))
+        merged = w.float()
+        if self.magnitude is not None:  # DVoRA: divide by the scale merge() applied, then subtract dW
+            if self._merged_dora is None:
+                raise RuntimeError("this DVoRA layer was loaded merged: the row norms merge() divided by are not "
+                                   "part of the state, so it cannot be unmerged; load the unmerged state instead")
+            m, norm = self._merged_dora
+            merged = merged / (m / norm)[:, None]
+            self._merged_dora = None
+        w.copy_((merged - self._delta(*snapshot)).to(w.dtype))
         self._merged_lambdas = None
         self.merged = False
 
@@ -338,6 +374,8 @@ class VeRALinear(nn.Module):
         super()._apply(convert, recurse)
         if self._merged_lambdas is not None:
             self._merged_lambdas = tuple(t.to(self.lambda_d.device) for t in self._merged_lambdas)
+        if self._merged_dora is not None:
+            self._merged_dora = tuple(t.to(self.lambda_d.device) for t in self._merged_dora)
         return self
 
     def get_extra_state(self) -> torch.Tensor:
@@ -384,6 +422,7 @@ class VeRALinear(nn.Module):
                                     lb.detach().to(self.lambda_b.device, torch.float32).clone())
         else:
             self._merged_lambdas = None
+        self._merged_dora = None  # a merged DVoRA state does not carry the norms merge() divided by
 
     def state_problems(self, state_dict, prefix: str = "") -> List[str]:
         """Why this layer would refuse its entries (under ``prefix``) of ``state_dict``; empty if it loads them.
@@ -393,7 +432,7 @@ class VeRALinear(nn.Module):
         """
         problems = []
         for name, t in (("weight", self.weight), ("bias", self.bias), ("lambda_d", self.lambda_d),
-                        ("lambda_b", self.lambda_b)):
+                        ("lambda_b", self.lambda_b), ("magnitude", self.magnitude)):
             v = state_dict.get(prefix + name)
             if t is not None and isinstance(v, torch.Tensor) and v.shape != t.shape:
                 problems.append(f"size mismatch for {prefix}{name}: the state has shape {tuple(v.shape)}, "
@@ -424,4 +463,5 @@ class VeRALinear(nn.Module):
             f"dropout={self.dropout}, merged={self.merged}"
             + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
             + (f", num_adapters={self.num_adapters}" if self.num_adapters > 1 else "")
+            + (", dora=True" if self.dora else "")
         )

@@ -213,12 +213,12 @@ def _parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
 
 
 def build_layer(module: nn.Module, projection: Projection, d_initial: float, dropout: float,
-                num_adapters: int = 1) -> VeRALinear:
+                num_adapters: int = 1, dora: bool = False) -> VeRALinear:
     """A :class:`VeRALinear` wrapping ``module`` (its weight and bias shared, not copied)."""
     fif = linear_kind(module) == "conv1d"
     return VeRALinear.from_linear(
         module, projection=projection, d_initial=d_initial, dropout=dropout, fan_in_fan_out=fif,
-        num_adapters=num_adapters,
+        num_adapters=num_adapters, dora=dora,
     )
 
 
@@ -329,6 +329,7 @@ def plan_layers(
     d_initial: Union[float, Dict[str, float]],
     dropout: Union[float, Dict[str, float]],
     num_adapters: int = 1,
+    dora: bool = False,
 ) -> List[Tuple[str, VeRALinear]]:
     """New layers for ``targets``; the model is not touched (on error the shared weights' ``requires_grad``
     flags are put back as they were)."""
@@ -339,7 +340,7 @@ def plan_layers(
             d = d_initial[name] if isinstance(d_initial, dict) else d_initial
             p = dropout[name] if isinstance(dropout, dict) else dropout
             try:
-                plan.append((name, build_layer(module, projection, d, p, num_adapters)))
+                plan.append((name, build_layer(module, projection, d, p, num_adapters, dora)))
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{name}: {e}") from None
     except BaseException:
@@ -359,6 +360,7 @@ def apply_vera(
     dropout: float = 0.0,
     num_adapters: int = 1,
     projection: Optional[Projection] = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Put a VeRA adapter on every selected linear layer of ``model``, in place; returns ``model``.
 
@@ -376,6 +378,8 @@ def apply_vera(
             one batch with ``vk.adapter_ids(model, ids)``, filled one slot at a time with
             ``vk.load_adapter(model, directory, slot=k)`` and saved with ``vk.save_adapter(..., slot=k)``.
         projection: an explicit shared :class:`Projection` (at least as large as every selected layer).
+        use_dora: DVoRA (PEFT's name for DoRA): every layer also trains a magnitude vector
+            (``VeRALinear(..., dora=True)``, docs/DESIGN.md "DVoRA").
 
     ``nn.Linear`` layers and transformers' ``Conv1D`` layers (GPT-2; ``fan_in_fan_out``, the weight read
     as a transposed view) become :class:`VeRALinear` sharing their weight and bias; every parameter of
@@ -398,7 +402,9 @@ def apply_vera(
     elif not isinstance(projection, Projection):
         raise TypeError(f"projection must be a vera_kernels.Projection, got {type(projection).__name__}")
     _warn_rank_above_dims(projection, targets)
-    plan = plan_layers(targets, projection, d_initial, dropout, num_adapters)
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
+    plan = plan_layers(targets, projection, d_initial, dropout, num_adapters, use_dora)
     install(model, plan)
     return model
 
@@ -476,6 +482,10 @@ def _plain_module(layer: VeRALinear) -> nn.Module:
 @torch.no_grad()
 def _merge_slot(layer: VeRALinear, slot: int) -> None:
     """Fold adapter ``slot`` of a bank layer into its weight (float32 delta, as ``VeRALinear.merge``)."""
+    if layer.magnitude is not None:
+        raise NotImplementedError("merge_and_unload(slot=k) of DVoRA banks is not supported; serve the bank "
+                                  "with vk.adapter_ids, or load the adapter into a single-adapter DVoRA model and "
+                                  "merge that")
     lambda_d, lambda_b = slot_vectors(layer, slot)
     A, B = layer.projection.materialize(torch.float32, layer.weight.device)
     delta = (lambda_b.float()[:, None] * B[: layer.out_features]) @ (
