@@ -167,6 +167,18 @@ def test_files_checked_on_get(tmp_path):
     shutil.copyfile(other.path("carol"), store.path("carol"))
     with pytest.raises(vk.AdapterFileError, match="another store"):
         store.get("carol")
+    # a file of this store with the wrong shapes (one module short) is refused
+    st = pytest.importorskip("safetensors.torch")
+    meta = {"user": "dave", "store": store._header["fingerprint"]}
+    n = len(store.modules)
+    sizes = sum(m["out_features"] for m in store.modules.values())
+    os.makedirs(os.path.dirname(store.path("dave")), exist_ok=True)
+    for tensors in ({"lambda_d": torch.ones(n - 1, RANK), "lambda_b": torch.ones(sizes)},
+                    {"lambda_d": torch.ones(n, RANK), "lambda_b": torch.ones(sizes - 1)},
+                    {"lambda_d": torch.ones(n, RANK, dtype=torch.float64), "lambda_b": torch.ones(sizes)}):
+        st.save_file(tensors, store.path("dave"), metadata=meta)
+        with pytest.raises(vk.AdapterFileError, match="do not match the store's modules"):
+            store.get("dave")
     # garbage is refused, not half-read
     with open(store.path("alice"), "wb") as f:
         f.write(b"\x05\x00")

@@ -8,10 +8,12 @@ user's adapter is a few kilobytes. The store keeps one small safetensors file pe
                                               recorded once, by the first put (or ``AdapterStore(dir, model=)``)
     <directory>/projection-<hash>.safetensors A/B, only for a projection stored as matrices
     <directory>/users/<hh>/<sha256(key)>.safetensors
-                                              "<path>.lambda_d" [r], "<path>.lambda_b" [N] float32;
+                                              "lambda_d" [L, r] and "lambda_b" [N_1 + ... + N_L] float32: the
+                                              L modules' vectors packed in store.json's (sorted) module order;
                                               metadata {"user": key, "store": <store.json's fingerprint>}
 
-A user key is any string; its SHA-256 names the file (``hh`` = the first two hex digits: 256 shard
+Two packed tensors rather than two per module keep a file's header small (about 200 bytes whatever the
+model) and a read to two tensors. A user key is any string; its SHA-256 names the file (``hh`` = the first two hex digits: 256 shard
 directories, ~4,000 files each at a million users), so a lookup is one ``open`` of a known path, and the
 key itself is kept inside the file and checked on every read. Every file is checked on every get against
 ``store.json`` (same store fingerprint, exactly the recorded modules, the recorded shapes).
@@ -285,10 +287,9 @@ class AdapterStore:
 
     def _write_user(self, user: str, vectors: Vectors) -> None:
         st = require("safetensors.torch")
-        tensors = {}
-        for name, (ld, lb) in vectors.items():
-            tensors[f"{name}.lambda_d"] = ld
-            tensors[f"{name}.lambda_b"] = lb
+        names = sorted(self._header["target_modules"])
+        tensors = {"lambda_d": torch.stack([vectors[n][0] for n in names]),
+                   "lambda_b": torch.cat([vectors[n][1] for n in names])}
         data = st.save(tensors, metadata={"user": user, "store": self._header["fingerprint"]})
         path = self.path(user)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -379,13 +380,13 @@ class AdapterStore:
         st = require("safetensors.torch")
         tensors = st.load(data)
         mods = self._header["target_modules"]
-        expected = {f"{name}.lambda_{s}" for name in mods for s in "db"}
-        if set(tensors) != expected:
-            raise AdapterFileError(f"{path}: tensors differ from the store's modules "
-                                   f"(unexpected {sorted(set(tensors) - expected)[:4]}, "
-                                   f"missing {sorted(expected - set(tensors))[:4]})")
-        return self._from_vectors({name: (tensors[f"{name}.lambda_d"], tensors[f"{name}.lambda_b"])
-                                   for name in mods}, path)
+        names = sorted(mods)
+        sizes = [mods[n]["out_features"] for n in names]
+        shapes = {"lambda_d": (len(names), self._header["rank"]), "lambda_b": (sum(sizes),)}
+        got = {k: tuple(t.shape) for k, t in tensors.items()}
+        if got != shapes or any(t.dtype != torch.float32 for t in tensors.values()):
+            raise AdapterFileError(f"{path}: tensors {got} do not match the store's modules (float32 {shapes})")
+        return dict(zip(names, zip(tensors["lambda_d"].unbind(0), tensors["lambda_b"].split(sizes))))
 
     def __contains__(self, user) -> bool:
         return isinstance(user, str) and os.path.isfile(self.path(user))
