@@ -8,13 +8,21 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():
+import rehearsal_plugin  # noqa: E402
+
+if not torch.cuda.is_available() and not rehearsal_plugin.requested():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
 import vera_kernels as vk  # noqa: E402
 from vera_kernels.backends import get_backend  # noqa: E402
+from rehearsal_plugin import (pytest_addoption, pytest_runtest_makereport,  # noqa: E402,F401 (hooks)
+                              pytest_sessionfinish, pytest_terminal_summary)
+
+
+def pytest_configure(config):
+    rehearsal_plugin.configure(config)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ALL_BACKENDS = ("torch", "cpu", "cuda", "triton")

@@ -13,7 +13,8 @@ from ._launch import key_args
 from ._jit import MATRIX_A, MATRIX_B, projection_tile
 
 
-@triton.jit
+# the key words are never specialised: Triton would turn a word equal to 1 into a constant, which has no bitcast
+@triton.jit(do_not_specialize=["key0", "key1"])
 def _materialize_kernel(out_ptr, rows, cols, stride_r, stride_c, key0, key1, bound,
                         MATRIX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_r = tl.program_id(0).to(tl.int64)
