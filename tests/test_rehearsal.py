@@ -1,0 +1,94 @@
+"""The GPU rehearsal (vera_kernels/ops/rehearsal.py) and what it guards: launches compiled for sm_90 with
+Triton's run-time specialisation, in a subprocess (the rehearsal changes its process for good)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("triton")
+
+# Launches that the interpreter cannot check: a Philox key word equal to 1 (Triton turns an argument
+# equal to 1 into a constant unless told not to), the first configs of the prefill and decode GEMMs
+# (ptxas serialises wgmma whose accumulator other instructions define), and every shrink config at the
+# largest BLOCK_M with aligned inputs (shared memory with the pipelining that alignment allows).
+SCRIPT = textwrap.dedent("""
+    import importlib, json, os, sys
+    import torch
+    from vera_kernels.ops import rehearsal
+    rehearsal.start(90)
+    import vera_kernels as vk
+    from vera_kernels.ops import fused_forward, grad_input, materialize_projection, shrink
+    shrink_module = importlib.import_module('vera_kernels.ops.shrink')
+
+    out = {}
+    try:
+        materialize_projection(vk.Projection(1, 7, 37, 29), torch.device("cpu"))
+        materialize_projection(vk.Projection(2**32 + 7, 7, 37, 29), torch.device("cpu"))
+        out["materialize"] = "ok"
+    except Exception as e:
+        out["materialize"] = f"{type(e).__name__}: {e}"[:300]
+    K = N = 256
+    r = 32
+    proj = vk.Projection(3, r, K, N)
+    W = torch.empty(N, K, dtype=torch.bfloat16)
+    lam_d, lam_b = torch.rand(r), torch.randn(N)
+    for M in (4096, 64):
+        x = torch.empty(M, K, dtype=torch.bfloat16)
+        s = torch.empty(M, r)
+        fused_forward(x, W, None, lam_d, lam_b, s, proj)
+        if M > 64:
+            grad_input(x, W, s, lam_d, proj)
+    os.environ["VERA_KERNELS_AUTOTUNE"] = "1"
+    for tuner in shrink_module.TUNERS.values():  # the tuner list was fixed at import: every config now
+        tuner.configs = shrink_module.CONFIGS["shrink"]
+    shrink(torch.empty(4096, K, dtype=torch.bfloat16), proj)
+    rep = rehearsal.report()
+    out["problems"] = rehearsal.problems(rep)
+    out["over_shared"] = [v for k in rep["kernels"].values() for v in k["over_shared"]]
+    out["compiles"] = rep["totals"]["compiles"]
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def rehearsal_result(tmp_path_factory):
+    env = dict(os.environ, VERA_KERNELS_AUTOTUNE="0", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton-cache")))
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("VERA_KERNELS_AB_SOURCE", None)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_key_word_equal_to_one_compiles(rehearsal_result):
+    assert rehearsal_result["materialize"] == "ok"
+
+
+def test_first_choice_configs_have_no_serialised_wgmma_and_fit(rehearsal_result):
+    assert rehearsal_result["compiles"] >= 8
+    assert rehearsal_result["problems"] == []
+
+
+def test_every_shrink_config_fits_sm90_shared_memory(rehearsal_result):
+    assert rehearsal_result["over_shared"] == []
+
+
+def test_findings_parsed_from_a_ptxas_log():
+    from vera_kernels.ops.rehearsal import ptxas_findings
+
+    log = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+           "non wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline "
+           "stage in the function 'k'\nptxas info    : Used 255 registers, 40 bytes spill stores, 48 bytes spill loads\n")
+    f = ptxas_findings(log)
+    assert len(f["serialised_wgmma"]) == 1 and (f["spill_stores"], f["spill_loads"]) == (40, 48)
+    assert ptxas_findings("ptxas info    : Used 80 registers\n")["serialised_wgmma"] == []
