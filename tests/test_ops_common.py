@@ -1,6 +1,8 @@
 """The Triton generator (vera_kernels/ops/_jit.py, materialize.py) against the reference generator, bit for bit,
 and the launch helpers of vera_kernels/ops/_launch.py."""
 
+import types
+
 import pytest
 import torch
 
@@ -55,3 +57,29 @@ def test_dot_args_follow_matmul_precision():
     # 16-bit inputs: products with float32-scaled operands run in TF32, never on 16-bit operands
     assert dot_args(torch.bfloat16)["RANK_PRECISION"] == dot_args(torch.float16)["RANK_PRECISION"] == "tf32"
     assert dot_args(torch.float16)["IN_DTYPE"] == triton.language.float16
+
+
+def test_launchers_run_on_their_input_device(monkeypatch):
+    """Triton launches on the current CUDA device: every launcher makes its input's device current first
+    (tensors on cuda:1 while cuda:0 is current), and does nothing for CPU tensors."""
+    import contextlib
+
+    from vera_kernels import ops
+    from vera_kernels.ops import _host
+
+    entered = []
+
+    @contextlib.contextmanager
+    def cuda_device(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", cuda_device)
+    inside = []
+    launch = _host.on_input_device(lambda t, k=0: inside.append((list(entered), k)) or k)
+    assert launch(types.SimpleNamespace(device=torch.device("cuda", 1)), k=3) == 3
+    assert inside == [([torch.device("cuda", 1)], 3)]
+    launch(torch.zeros(1))
+    assert entered == [torch.device("cuda", 1)]  # CPU tensors: no CUDA call
+    for name in ("shrink", "fused_forward", "rank_grads", "grad_input", "segment_sum"):
+        assert getattr(getattr(ops, name), "__wrapped__", None) is not None, name

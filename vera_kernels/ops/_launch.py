@@ -3,6 +3,8 @@ where A/B tiles come from, autotuner construction and the launch choices shared 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from typing import Dict, List, Tuple
 
@@ -100,6 +102,24 @@ def dropout_args(dropout) -> tuple:
         return False, 0, 0, 0, 1.0
     k0, k1 = key_args(dropout.seed)
     return True, k0, k1, int(dropout.threshold), float(dropout.scale)
+
+
+def device_guard(device: torch.device):
+    """A context in which ``device`` is the current CUDA device (Triton launches on the current device, like
+    ``c10::cuda::CUDAGuard`` in the native ops); does nothing for other devices."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_input_device(launcher):
+    """Decorator of a launcher whose first argument is a tensor: it runs with that tensor's CUDA device
+    current, so tensors on ``cuda:1`` are not launched on ``cuda:0``."""
+
+    @functools.wraps(launcher)
+    def launch(first, *args, **kwargs):
+        with device_guard(first.device):
+            return launcher(first, *args, **kwargs)
+
+    return launch
 
 
 def sm_count(device) -> int:

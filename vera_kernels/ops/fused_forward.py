@@ -18,6 +18,7 @@ from triton import Config
 import triton.language as tl
 
 from ._launch import GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, gemm_plan, projection_args, vector_args
+from ._launch import on_input_device
 from ._jit import MATRIX_B, gemm_main_loop, gemm_tile_program, rank_expand, rank_vector
 
 
@@ -103,6 +104,7 @@ def _fused_forward_kernel(
 TUNERS = build_tuners(_fused_forward_kernel, CONFIGS, _INTERPRETER, _KEYS)
 
 
+@on_input_device
 def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decode=None, adapter_ids=None,
                   out_offset: int = 0) -> torch.Tensor:
     """``y2d [M, N]`` in ``x2d.dtype`` from ``x2d [M, K]``, ``weight [N, K]`` (any strides), ``s [M, r]``.

@@ -17,6 +17,7 @@ from triton import Config
 import triton.language as tl
 
 from ._launch import (
+    on_input_device,
     GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, dropout_args, gemm_plan, projection_args, vector_args,
 )
 from ._jit import MATRIX_A, dropout_keep_tile, gemm_main_loop, gemm_tile_program, rank_expand
@@ -101,6 +102,7 @@ def _grad_input_kernel(
 TUNERS = build_tuners(_grad_input_kernel, CONFIGS, _INTERPRETER, _KEYS)
 
 
+@on_input_device
 def grad_input(gy2d, weight, g, lambda_d, projection, dropout=None, *, decode=None, adapter_ids=None,
                in_offset: int = 0) -> torch.Tensor:
     """``grad_x2d [M, K]`` in ``gy2d.dtype`` from ``gy2d [M, N]``, ``weight [N, K]`` and ``g [M, r]``.

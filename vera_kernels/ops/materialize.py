@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import key_args
+from ._launch import device_guard, key_args
 from ._jit import MATRIX_A, MATRIX_B, projection_tile
 
 
@@ -42,7 +42,8 @@ def materialize_projection(projection, device, limit=None) -> Tuple[torch.Tensor
             rows, cols = min(rows, limit), min(cols, limit)
         t = torch.full((rows, cols), float("nan"), dtype=torch.float32, device=device)
         grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 16))
-        _materialize_kernel[grid](t, rows, cols, t.stride(0), t.stride(1), k0, k1, bound,
-                                  MATRIX=matrix, BLOCK_R=16, BLOCK_C=16)
+        with device_guard(t.device):
+            _materialize_kernel[grid](t, rows, cols, t.stride(0), t.stride(1), k0, k1, bound,
+                                      MATRIX=matrix, BLOCK_R=16, BLOCK_C=16)
         out.append(t)
     return out[0], out[1]

@@ -17,6 +17,7 @@ from triton import Config
 import triton.language as tl
 
 from ._launch import (
+    on_input_device,
     build_tuners, dot_args, interpreting, kind_of, next_pow2, projection_args, split_reduction, vector_args,
 )
 from ._jit import MATRIX_B, rank_factor_tile, rank_mma, rank_tile_program
@@ -160,6 +161,7 @@ class RankGrads(NamedTuple):
     grad_lambda_b: Optional[torch.Tensor]
 
 
+@on_input_device
 def rank_grads(gy2d, s, lambda_d, lambda_b, projection, *, need_g: bool = True, need_grad_d: bool = False,
                need_grad_b: bool = True, split_n: Optional[int] = None, adapter_ids=None,
                out_offset: int = 0) -> RankGrads:

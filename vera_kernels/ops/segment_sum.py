@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import build_tuners
+from ._launch import build_tuners, on_input_device
 
 CONFIGS = {"segment_sum": [triton.Config({"BLOCK_L": 256}, num_warps=4, num_stages=2)]}
 _INTERPRETER = {"segment_sum": triton.Config({"BLOCK_L": 16}, num_warps=4, num_stages=1)}
@@ -36,6 +36,7 @@ def _segment_sum_kernel(parts_ptr, lo_ptr, hi_ptr, out_ptr, L, MULT, stride_p, s
 TUNERS = build_tuners(_segment_sum_kernel, CONFIGS, _INTERPRETER, _KEYS)
 
 
+@on_input_device
 def segment_sum(parts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, mult: int = 1) -> torch.Tensor:
     """float32 ``[n, L]``: row ``a`` is the sum of ``parts[lo[a] * mult : hi[a] * mult]`` in row order.
 

@@ -17,6 +17,7 @@ from triton import Config
 import triton.language as tl
 
 from ._launch import build_tuners, dot_args, dropout_args, kind_of, next_pow2, projection_args, split_reduction
+from ._launch import on_input_device
 from ._jit import MATRIX_A, dropout_keep_tile, mma, rank_factor_tile, rank_tile_program
 
 # K ranges of split programs are multiples of this (every BLOCK_K divides it; keeps tiles 4-aligned).
@@ -99,6 +100,7 @@ def shrink_launch_params(M: int, K: int, R: int, device, dtype=torch.bfloat16, s
     return block_m, split_k, k_per_split
 
 
+@on_input_device
 def shrink(x2d: torch.Tensor, projection, dropout=None, *, split_k: Optional[int] = None,
            in_offset: int = 0) -> torch.Tensor:
     """``s = (x ⊙ mask · q) A_Kᵀ`` as float32 ``[M, r]`` for ``x2d`` ``[M, K]`` (any strides).
