@@ -65,7 +65,7 @@ def test_launchers_run_on_their_input_device(monkeypatch):
     import contextlib
 
     from vera_kernels import ops
-    from vera_kernels.ops import _host
+    from vera_kernels.ops import _launch
 
     entered = []
 
@@ -76,7 +76,7 @@ def test_launchers_run_on_their_input_device(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", cuda_device)
     inside = []
-    launch = _host.on_input_device(lambda t, k=0: inside.append((list(entered), k)) or k)
+    launch = _launch.on_input_device(lambda t, k=0: inside.append((list(entered), k)) or k)
     assert launch(types.SimpleNamespace(device=torch.device("cuda", 1)), k=3) == 3
     assert inside == [([torch.device("cuda", 1)], 3)]
     launch(torch.zeros(1))

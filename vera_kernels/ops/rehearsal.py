@@ -303,7 +303,7 @@ def start(arch: int) -> None:
 
     backends = importlib.import_module("vera_kernels.backends")  # the package attribute is a function
     from ..backends.triton_backend import TritonBackend
-    from . import _host
+    from . import _launch
 
     _state = _Recorder(arch)
     triton.runtime.driver.set_active(_driver_class()(arch))
@@ -313,7 +313,7 @@ def start(arch: int) -> None:
     # CPU tensors stand for the GPU's: the CUDA priority list, the Triton backend, the GPU's SM count
     backends.PRIORITY["cpu"] = backends.PRIORITY["cuda"]
     TritonBackend.device_types = ("cuda", "cpu")
-    _host.sm_count = lambda device: ARCHS[arch]["sms"]
+    _launch.sm_count = lambda device: ARCHS[arch]["sms"]
 
 
 def report() -> dict:
