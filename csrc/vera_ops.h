@@ -72,7 +72,8 @@ inline ProjectionSource make_source(uint32_t stream, const std::optional<at::Ten
 
 // bank[ids] as float32 [M, cols], zero rows where ids < 0 (the small per-row lambda_d; ATen ops, any device).
 inline at::Tensor gather_bank_rows(const at::Tensor& bank, const at::Tensor& ids) {
-  return bank.index_select(0, ids.clamp_min(0)).mul(ids.ge(0).unsqueeze(1).to(at::kFloat));
+  // masked, not multiplied by a 0/1 mask: rows with id -1 read bank row 0, which may hold inf/NaN (inf * 0 = NaN)
+  return bank.index_select(0, ids.clamp_min(0)).masked_fill(ids.lt(0).unsqueeze(1), 0.0);
 }
 
 inline DropoutSpec no_dropout() { return DropoutSpec{Key{0u, 0u}, 0u, 1.0f, 0}; }

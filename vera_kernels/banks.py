@@ -18,9 +18,10 @@ __all__ = ["gather_rows", "bank_sum", "adapter_ids"]
 
 
 def gather_rows(bank: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``bank[ids]`` in ``dtype`` (``[M, C]``), with zero rows where ``ids == -1``."""
+    """``bank[ids]`` in ``dtype`` (``[M, C]``), with zero rows where ``ids == -1`` (exact zeros, even when bank
+    row 0, which those rows index, holds inf or NaN: a product with a 0/1 mask would give NaN there)."""
     rows = bank.index_select(0, ids.clamp_min(0)).to(dtype)
-    return rows * (ids >= 0).to(dtype)[:, None]
+    return rows.masked_fill((ids < 0)[:, None], 0.0)
 
 
 def bank_sum(rows: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
