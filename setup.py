@@ -1,9 +1,8 @@
 """Build and install vera_kernels.
 
 The pure-Python package (projection, reference, "torch" backend, Triton kernels) needs no compiler.
-``native_extensions()`` below declares the native extension ``vera_kernels._C`` (csrc/): its CPU ops and the
-"torch" backend's native call (csrc/vera_host.cpp) are always built (C++, OpenMP, ninja); its CUDA ops too
-when torch has CUDA and nvcc is found.
+``native_extensions()`` below declares the native extension ``vera_kernels._C`` (csrc/): its CPU ops are
+always built (C++, OpenMP, ninja); its CUDA ops too when torch has CUDA and nvcc is found.
 
 Environment variables (read at build time):
 
@@ -24,7 +23,7 @@ import os
 
 from setuptools import find_packages, setup
 
-CPU_SOURCES = ["csrc/vera_ops.cpp", "csrc/vera_cpu.cpp", "csrc/vera_host.cpp"]
+CPU_SOURCES = ["csrc/vera_ops.cpp", "csrc/vera_cpu.cpp"]
 CUDA_SOURCES = ["csrc/cuda/vera_cuda.cpp", "csrc/cuda/vera_cuda_kernels.cu"]
 DEFAULT_CUDA_ARCHS = "80;90"
 

@@ -406,6 +406,30 @@ void projection_tile_cpu(at::Tensor& out, int64_t stream, int64_t row0, int64_t 
   generate_tile(src, row0, out.size(0), col0, out.size(1), out.mutable_data_ptr<float>());
 }
 
+// out: contiguous bool [rows, cols], the dropout keep-mask of rows [0, rows) and global columns
+// [col0, col0 + cols) (docs/DESIGN.md §2): element (row, col) is kept iff (w >> 8) >= threshold.
+void dropout_keep_mask_cpu(at::Tensor& out, int64_t col0, int64_t key0, int64_t key1, int64_t threshold) {
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kBool && out.is_contiguous(),
+              "vera_kernels: out must be a contiguous 2-D bool tensor, got ", out.scalar_type(), " of ", out.dim(),
+              "-D");
+  TORCH_CHECK(col0 >= 0, "vera_kernels: col0 must be non-negative, got ", col0);
+  TORCH_CHECK(threshold >= 0 && threshold <= (int64_t{1} << 24), "vera_kernels: threshold must be in [0, 2**24], got ",
+              threshold);
+  const Key key = make_key(key0, key1, "dropout key");
+  const int64_t rows = out.size(0), cols = out.size(1);
+  const auto t = static_cast<uint32_t>(threshold);
+  bool* mask = out.mutable_data_ptr<bool>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    std::vector<uint32_t> words(cols);
+    for (int64_t r = r0; r < r1; ++r) {
+      philox_row(kDropout, r, col0, cols, key, words.data());
+      bool* m = mask + r * cols;
+      for (int64_t j = 0; j < cols; ++j) m[j] = dropout_keep(words[j], t);
+    }
+  });
+}
+
 }  // namespace
 
 // Kept alike on purpose: this list and the CUDA one in cuda/vera_cuda.cpp register one implementation of
@@ -417,6 +441,7 @@ TORCH_LIBRARY_IMPL(vera_kernels, CPU, m) {
   m.impl("rank_grads", &rank_grads_cpu);
   m.impl("grad_input", &grad_input_cpu);
   m.impl("projection_tile", &projection_tile_cpu);
+  m.impl("dropout_keep_mask", &dropout_keep_mask_cpu);
 }
 
 }  // namespace vera

@@ -10,13 +10,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
-PyMethodDef* vera_host_methods();  // vera_host.cpp
-
 extern "C" {
 // Importing vera_kernels._C loads this library, whose static initialisers register the ops.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "vera_kernels native ops", -1,
-                                          vera_host_methods()};
+                                          nullptr};
   return PyModule_Create(&module_def);
 }
 }
@@ -50,4 +48,6 @@ TORCH_LIBRARY(vera_kernels, m) {
       tags);
   // tests only: out = rows [row0, ..) x cols [col0, ..) of the generated matrix `stream` (0 = A, 1 = B)
   m.def("projection_tile(Tensor(a!) out, int stream, int row0, int col0, int key0, int key1, float bound) -> ()");
+  // out = the dropout keep-mask (bool [rows, cols]) of rows [0, ..) x global cols [col0, ..) (CPU only)
+  m.def("dropout_keep_mask(Tensor(a!) out, int col0, int key0, int key1, int threshold) -> ()");
 }

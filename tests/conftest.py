@@ -104,43 +104,14 @@ def native_op_samples(adapters=None):
     return out
 
 
-# --- the "torch" backend's two ways of running a call -----------------------------------------------
-
-NATIVE_CALL = vk.backends()["cpu"] is None  # vera_kernels._C is loaded, so its native call exists
-
-
-def python_only(monkeypatch):
-    """Make the "torch" backend run every call through the Python autograd Function (as without the
-    extension or under torch.compile); the plan cache memoises the choice, so it is cleared."""
-    from vera_kernels import functional
-    from vera_kernels.backends import torch_backend
-
-    monkeypatch.setattr(torch_backend.TorchBackend, "native_call", lambda self, problem: None)
-    functional._PLAN_CACHE.clear()
-
-
-@pytest.fixture(params=["native", "python"])
-def path(request, monkeypatch):
-    """Each test twice: the "torch" backend's native call (``vera_kernels._C.plain_vera_linear``) and its
-    Python autograd Function."""
-    from vera_kernels import functional
-
-    if request.param == "native" and not NATIVE_CALL:
-        pytest.skip("vera_kernels._C is not built")
-    functional._PLAN_CACHE.clear()
-    if request.param == "python":
-        python_only(monkeypatch)
-    yield request.param
-    functional._PLAN_CACHE.clear()
-
-
 def node_kind(y):
-    """"native" or "python": which autograd node produced ``y`` (looking through reshapes)."""
+    """"function" when the autograd node that produced ``y`` (looking through reshapes) is VeRAFunction's,
+    else the node's name."""
     fn = y.grad_fn
     while fn is not None and "View" in fn.name():
         fn = fn.next_functions[0][0]
     name = "" if fn is None else fn.name()
-    return "native" if "PlainVeRA" in name else "python" if "VeRAFunction" in name else name
+    return "function" if "VeRAFunction" in name else name
 
 
 def call_inputs(x_shape, K, N, r=4, dtype=torch.float32, bias=True, seed=0, max_dim=16):

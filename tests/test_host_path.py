@@ -92,7 +92,7 @@ def test_inference_builds_no_autograd_node():
         y = vk.vera_linear(x, W, b, ld, lb, proj)
     assert y.grad_fn is None and y.is_inference()
     y = vk.vera_linear(x, W, b, ld, lb, proj)
-    assert y.grad_fn is not None  # the C++ node of the native call, or the Python Function's
+    assert y.grad_fn is not None
     ref = vk.reference.vera_linear(x, W, b, ld.detach(), lb, proj)
     torch.testing.assert_close(y.detach(), ref)
 
@@ -146,8 +146,8 @@ def test_compiled_stack_reduce_overhead_matches_eager():
     torch.testing.assert_close(y_c2, y_e, rtol=1e-5, atol=1e-5)
 
 
-def test_direct_apply_gives_the_reference_values_and_gradients():
-    """The training path (``Function`` applied without ``Function.apply``'s Python prologue)."""
+def test_training_call_gives_the_reference_values_and_gradients():
+    """The training path (the autograd Function) against the reference."""
     x, W, b, ld, lb, proj = _args()
     ld.requires_grad_(True)
     lb.requires_grad_(True)

@@ -18,14 +18,26 @@ DOUBLE_BACKWARD_ERROR = (
 )
 
 
+class _RefuseSecondOrder(torch.autograd.Function):
+    """``apply(n, *grads_and_links)``: the first ``n`` tensors unchanged, from a node whose backward raises
+    :data:`DOUBLE_BACKWARD_ERROR` (what ``torch.autograd.function.once_differentiable`` does, with our message)."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
 def _first_order_only(grads, links=()):
     """Under ``create_graph=True``, make differentiating the returned gradients raise one clear error.
 
     The backends compute the gradients with no graph, so a second differentiation would otherwise give
-    wrong (or cryptic) results. Like ``torch.autograd.function.once_differentiable``, with our message.
-    ``links`` (the vectors and the incoming gradient) become inputs of the error node too, so that
-    differentiating a gradient with respect to them reaches the error instead of finding no path (which
-    ``allow_unused=True`` would turn into a silent ``None``).
+    wrong (or cryptic) results. ``links`` (the vectors and the incoming gradient) become inputs of the error
+    node too, so that differentiating a gradient with respect to them reaches the error instead of finding
+    no path (which ``allow_unused=True`` would turn into a silent ``None``).
     """
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
@@ -33,10 +45,7 @@ def _first_order_only(grads, links=()):
     if not idx:
         return grads
     inputs = [grads[i].detach().requires_grad_() for i in idx] + [t for t in links if t is not None]
-    err = torch._C._functions.DelayedError(DOUBLE_BACKWARD_ERROR.encode(), len(inputs))
-    wrapped = err(*inputs)
-    if not isinstance(wrapped, tuple):
-        wrapped = (wrapped,)
+    wrapped = _RefuseSecondOrder.apply(len(idx), *inputs)
     out = list(grads)
     for i, w in zip(idx, wrapped):
         out[i] = w

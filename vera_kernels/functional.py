@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 
+from ._compat import functorch_transforms_active
 from .core import flatten_adapter_ids, make_dropout, make_problem, validate, warn_once
 from .autograd import VeRAFunction
 from .backends import Backend, current_override, env_backend, select
@@ -17,7 +19,8 @@ __all__ = ["vera_linear"]
 # A call's validity and backend depend only on metadata (shapes, dtypes, devices, flags), so both are
 # memoised on it: a model calls each layer with the same few signatures, and re-validating and re-walking
 # the priority list cost more than PEFT's whole formula at decode sizes. Anything not in the key (values,
-# strides) is either checked per call or handled by every backend.
+# strides) is either checked per call or handled by every backend. An entry refers to its projection
+# weakly: the cache never keeps a deleted model's projection (and its materialised A/B) alive.
 _PLAN_CACHE: dict = {}
 _PLAN_CACHE_MAX = 4096
 
@@ -32,46 +35,47 @@ def _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offse
         type(lambda_b), lambda_b.shape, lambda_b.dtype, lambda_b.device, lambda_b.layout,
         id(projection), backend, current_override(), env_backend(), torch.is_grad_enabled(),
         type(in_offset), in_offset, type(out_offset), out_offset,  # 1.0 == 1 but only an int is valid
-    )  # every validity and dispatch input; each attribute read is ~0.1 µs, still 5x cheaper than validate()
+    )
 
 
-def _checked_plan(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset,
-                  compiling: bool):
-    """Validate a single-adapter call and pick its backend, memoised on the call's metadata: returns
-    ``(backend, native)`` with ``native`` the backend's :meth:`Backend.native_call` answer (``None``
-    while compiling)."""
+def _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset,
+                     compiling: bool) -> Backend:
+    """Validate a single-adapter call and pick its backend, memoised on the call's metadata."""
     if compiling:  # dynamo traces the checks themselves (and guards on the metadata)
         validate(x, weight, bias, lambda_d, lambda_b, projection, None, in_offset, out_offset)
         return select(make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset,
-                                   out_offset), backend), None
+                                   out_offset), backend)
     try:
         key = _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset)
         hit = _PLAN_CACHE.get(key)
     except (AttributeError, TypeError, RuntimeError):  # not tensors, unhashable, nested: validate() says what
         key, hit = None, None
-    if hit is not None and hit[0] is projection:
+    if hit is not None and hit[0]() is projection:  # a live entry (a dead projection's id may be reused)
         return hit[1]
     validate(x, weight, bias, lambda_d, lambda_b, projection, None, in_offset, out_offset)
-    problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset, out_offset)
-    chosen = select(problem, backend)
-    plan = (chosen, chosen.native_call(problem))
+    chosen = select(make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset,
+                                 out_offset), backend)
     if key is not None:
         if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
             _PLAN_CACHE.clear()
-        _PLAN_CACHE[key] = (projection, plan)  # the projection is kept alive, so its id is not reused
-    return plan
+        _PLAN_CACHE[key] = (weakref.ref(projection), chosen)
+    return chosen
 
 
-def _autocast_inputs(x, weight, bias):
-    dev = x.device.type
-    if dev == "meta" or not torch.is_autocast_enabled(dev):  # meta: refused by validate() with a clear error
-        return x, weight, bias, None
-    dtype = torch.get_autocast_dtype(dev)
+def _autocast_enabled(x) -> bool:
+    """Whether ``torch.autocast`` is on for ``x``'s device type (never for a device autocast does not know)."""
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # meta and other device types autocast does not know
+        return False
 
-    def cast(t):
-        return t.to(dtype) if (t is not None and t.dtype.is_floating_point and t.dtype != dtype) else t
 
-    return cast(x), cast(weight), cast(bias), dev
+def _autocast_cast(t, dtype):
+    """``t`` as ``torch.autocast`` casts ``F.linear``'s inputs: floating point to ``dtype``, but float64 is
+    left alone (PyTorch's autocast never touches it)."""
+    if t is None or not t.dtype.is_floating_point or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)
 
 
 # Kept alike on purpose: reference.vera_linear is this function's oracle and takes the same arguments,
@@ -132,33 +136,44 @@ def vera_linear(
                             magnitude=magnitude, adapter_ids=adapter_ids, in_offset=in_offset,
                             out_offset=out_offset)
     compiling = torch.compiler.is_compiling()
-    ac_device = None
-    if torch._C._is_any_autocast_enabled() and isinstance(x, torch.Tensor):
-        x, weight, bias, ac_device = _autocast_inputs(x, weight, bias)
+    if isinstance(x, torch.Tensor) and _autocast_enabled(x):
+        # cast the inputs as autocast casts F.linear's, then run the call with autocast off: the backend's
+        # math (float32 adapter path, one rounding) is its own
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return vera_linear(_autocast_cast(x, dtype), _autocast_cast(weight, dtype), _autocast_cast(bias, dtype),
+                               lambda_d, lambda_b, projection, dropout_p, training, backend,
+                               adapter_ids=adapter_ids, in_offset=in_offset, out_offset=out_offset)
     if adapter_ids is None:
-        chosen, native = _checked_plan(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset,
-                                       out_offset, compiling)
+        chosen = _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset,
+                                  out_offset, compiling)
         ids = None
     else:  # ids are values: checked on every call
         validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
         ids = flatten_adapter_ids(adapter_ids, x, lambda_d.shape[0])
-        chosen = native = None
+        chosen = None
     dropout = None if (dropout_p == 0.0 and type(dropout_p) in (float, int)) else make_dropout(dropout_p, training)
-    if (native is not None and dropout is None and ac_device is None
-            and not torch._C._are_functorch_transforms_active()
-            and torch._C._get_tracing_state() is None  # jit.trace would record the native shapes as constants
-            and not torch._C._is_torch_function_mode_enabled()):  # a mode sees the ops only from Python
-        fn, extra = native  # the whole call in native code (Backend.native_call)
-        return fn(x, weight, bias, lambda_d, lambda_b, *extra)
     problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, ids, in_offset, out_offset)
     if chosen is None:
         chosen = select(problem, backend)
     if compiling:  # caches must exist before the traced Function (see Backend.prepare)
         chosen.prepare(problem)
-    if ac_device is None:
-        return _run(x, lambda_d, lambda_b, problem, chosen, compiling)
-    with torch.autocast(ac_device, enabled=False):  # the inputs are cast; the backend's math is its own
-        return _run(x, lambda_d, lambda_b, problem, chosen, compiling)
+    if (torch.is_grad_enabled() and (x.requires_grad or lambda_d.requires_grad or lambda_b.requires_grad)
+            and not torch.jit.is_tracing()):
+        if functorch_transforms_active() and not compiling:
+            raise NotImplementedError(FUNCTORCH_ERROR)
+        y2d = VeRAFunction.apply(x, lambda_d, lambda_b, problem, chosen)
+    else:
+        # nothing to differentiate: no autograd node, nothing saved. Also under torch.jit.trace, which
+        # records the backend's ops themselves (the tracer fails inside an autograd Function); on the
+        # "torch" backend those ops are differentiable, so the traced graph trains too
+        if dropout is not None and torch.jit.is_tracing():
+            warn_once("trace-dropout", "vera_kernels: torch.jit.trace records this call's dropout seed as a "
+                      "constant, so the traced layer applies one and the same dropout mask on every call; "
+                      "trace in eval mode (or with dropout 0), or use torch.compile")
+        y2d = chosen.forward(problem)[0]
+    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], problem.N)
 
 
 FUNCTORCH_ERROR = (
@@ -167,30 +182,3 @@ FUNCTORCH_ERROR = (
     "(loss.backward(), torch.autograd.grad), run vmap under torch.no_grad() or with frozen vectors, or use "
     "vera_kernels.reference.vera_linear, which is plain differentiable PyTorch"
 )
-
-# ``Function.apply`` minus its Python prologue (argument binding for ``setup_context`` and functorch's
-# dead-wrapper unwrapping), which costs as much as PEFT's whole formula at decode sizes. Used unless dynamo
-# is tracing; then the full ``apply`` runs.
-_apply_direct = super(torch.autograd.Function, VeRAFunction).apply
-
-
-def _run(x, lambda_d, lambda_b, problem, backend, compiling):
-    tracing = torch._C._get_tracing_state() is not None
-    if (torch.is_grad_enabled() and (x.requires_grad or lambda_d.requires_grad or lambda_b.requires_grad)
-            and not tracing):
-        if compiling:
-            y2d = VeRAFunction.apply(x, lambda_d, lambda_b, problem, backend)
-        elif torch._C._are_functorch_transforms_active():
-            raise NotImplementedError(FUNCTORCH_ERROR)
-        else:
-            y2d = _apply_direct(x, lambda_d, lambda_b, problem, backend)
-    else:
-        # inference: nothing to save, no autograd node. Also under torch.jit.trace, which records the
-        # backend's ops themselves (the tracer fails inside this autograd Function); on the "torch" backend
-        # those ops are differentiable, so the traced graph trains too (saving what autograd saves for them)
-        if problem.dropout is not None and tracing:
-            warn_once("trace-dropout", "vera_kernels: torch.jit.trace records this call's dropout seed as a "
-                      "constant, so the traced layer applies one and the same dropout mask on every call; "
-                      "trace in eval mode (or with dropout 0), or use torch.compile")
-        y2d, _ = backend.forward(problem)
-    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], problem.N)

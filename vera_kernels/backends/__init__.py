@@ -15,6 +15,7 @@ from typing import Dict, Iterator, Optional
 
 import torch
 
+from .._compat import env_reader
 from ..core import Problem
 from .base import Backend
 
@@ -131,18 +132,12 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _override.name = previous
 
 
-# os.environ.get costs about a microsecond (it encodes the key each time); this reads the same mapping
-# (so a change made through os.environ, e.g. monkeypatch.setenv, is seen at once) without that cost.
-_ENV_DATA = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+_read_env = env_reader(ENV_VAR)
 
 
 def env_backend() -> Optional[str]:
-    """``$VERA_KERNELS_BACKEND`` (None when unset or empty)."""
-    if _ENV_DATA is None or _ENV_KEY is None:
-        return os.environ.get(ENV_VAR) or None
-    value = _ENV_DATA.get(_ENV_KEY)
-    return os.environ.decodevalue(value) if value else None
+    """``$VERA_KERNELS_BACKEND`` (None when unset or empty), read on every call (a change is seen at once)."""
+    return _read_env() or None
 
 
 def current_override() -> Optional[str]:

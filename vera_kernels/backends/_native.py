@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from .._compat import dispatch_has_kernel
 from ..core import Dropout, Problem, warn_once
 from ..projection import Projection, split_key
 from .base import Backend
@@ -67,8 +68,7 @@ def load_error() -> Optional[str]:
                        f"rebuild it: {BUILD_HINT}")
     if _load_error is not None:
         warn_once("native-load", f"vera_kernels: {_load_error}. The 'cpu' and 'cuda' backends are unavailable; "
-                  "calls use the 'torch' backend, in Python only (its native call, which saves host time per "
-                  "call, is in the extension too).")
+                  "calls use the 'torch' backend.")
     return _load_error
 
 
@@ -79,15 +79,18 @@ def ops():
 
 def has_kernel(device_type: str) -> bool:
     """Whether the loaded extension implements the ops for ``device_type`` ("cpu" or "cuda")."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("vera_kernels::shrink", device_type.upper())
+    return dispatch_has_kernel("vera_kernels::shrink", device_type.upper())
 
 
-def host_function(name: str):
-    """The plain Python function ``name`` of ``vera_kernels._C`` (not a torch op), or ``None`` when the
-    extension is unavailable or predates it."""
-    if load_error() is not None:
-        return None
-    return getattr(importlib.import_module(MODULE), name, None)
+_keep_mask_available: Optional[bool] = None
+
+
+def native_keep_mask_available() -> bool:
+    """Whether the loaded extension has the CPU ``dropout_keep_mask`` op (an older build may lack it)."""
+    global _keep_mask_available
+    if _keep_mask_available is None:
+        _keep_mask_available = load_error() is None and hasattr(ops(), "dropout_keep_mask")
+    return _keep_mask_available
 
 
 # --- fake (meta) kernels: shapes and dtypes only, for torch.compile and FakeTensor -----------------
@@ -116,6 +119,11 @@ def register_fakes() -> None:
                lambda: f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
         _check_adapter_inputs(s, lambda_d, lambda_b, weight.shape[0], adapter_ids, x.shape[0])
         return x.new_empty((x.shape[0], weight.shape[0]))
+
+    if hasattr(ops(), "dropout_keep_mask"):
+        @torch.library.register_fake(lib + "dropout_keep_mask")
+        def _dropout_keep_mask(out, col0, key0, key1, threshold):
+            return None
 
     @torch.library.register_fake(lib + "rank_grads")
     def _rank_grads(grad_y, s, lambda_d, lambda_b, B, key0, key1, bound, need_lambda_b, out_offset=0,

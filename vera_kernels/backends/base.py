@@ -57,19 +57,6 @@ class Backend:
         ``torch.compile`` traces, which it cannot carry out of the graph; build it here instead (override).
         """
 
-    def native_call(self, problem: Problem):
-        """``(fn, extra)`` when this backend runs a whole call natively, or ``None`` (the default).
-
-        ``fn(x, weight, bias, lambda_d, lambda_b, *extra)`` must do what the autograd Function does with
-        ``forward``/``backward``: return ``y`` (``x.shape[:-1] + (N,)``) and, when autograd records, attach
-        a node of its own that saves what the Function saves (``s``, and references to ``W`` and the
-        vectors). It saves the Python cost of the Function and of each op at decode sizes. Asked once per
-        call signature (the answer is memoised with the dispatch decision), so it may depend on metadata
-        only. A call with dropout, adapter ids or autocast, or under ``torch.compile``, ``torch.jit.trace``,
-        a functorch transform or a torch-function mode, goes through the Function instead.
-        """
-        return None
-
     def forward(self, problem: Problem) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y2d [M, N] in x.dtype, s [M, r] in the compute dtype)``."""
         raise NotImplementedError

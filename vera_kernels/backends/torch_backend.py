@@ -3,11 +3,6 @@
 Unlike the naive reference it saves only ``s`` for backward (the autograd Function does that) and
 regenerates the dropout mask from its seed. ``A``/``B`` are materialised once per (dtype, device) and
 cached on the projection, as PEFT keeps them in buffers.
-
-The common call (inputs already in the compute dtype, one adapter, no dropout) runs as one native call
-when the extension is loaded (:meth:`TorchBackend.native_call`): the same ATen ops issued from C++, with a
-C++ autograd node, which removes the per-op and per-Function Python cost that dominates at decode sizes.
-Everything else, and every call while ``torch.compile`` traces, runs the Python below.
 """
 
 from __future__ import annotations
@@ -17,13 +12,9 @@ import torch.nn.functional as F
 
 from ..core import ACCEPTED_DTYPES, Problem
 from ..banks import bank_sum, gather_rows
-from ..projection import dropout_keep_mask
-from ..reference import vera_forward_math
-from ._native import host_function
+from ..projection import dropout_keep_mask, split_key
+from ._native import native_keep_mask_available
 from .base import Backend
-
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
 
 def _sliced_ab(problem: Problem, dtype):
     """``A[:, in_offset : in_offset + K]`` and ``B[out_offset : out_offset + N]`` of the cached global A/B in
@@ -46,11 +37,22 @@ def _sliced_ab(problem: Problem, dtype):
     return out
 
 
+def _int_seed_keep_mask(seed: int, threshold: int, rows: int, cols: int, device, col0: int) -> torch.Tensor:
+    """``projection.dropout_keep_mask``'s bits; on the CPU from the extension's op when it is loaded (one
+    pass of Philox in C++ instead of about two hundred int64 tensor ops)."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cpu" and native_keep_mask_available():
+        out = torch.empty((rows, cols), dtype=torch.bool)
+        torch.ops.vera_kernels.dropout_keep_mask(out, col0, *split_key(seed), threshold)
+        return out
+    return dropout_keep_mask(seed, threshold, rows, cols, device, col0)
+
+
 @torch.library.custom_op("vera_kernels_host::dropout_keep_mask", mutates_args=())
 def _keep_mask_op(seed: torch.Tensor, threshold: int, rows: int, cols: int, device: torch.device,
                   col0: int) -> torch.Tensor:
     """The dropout keep-mask for a seed held in a 0-d tensor (drawn inside a compiled graph)."""
-    return dropout_keep_mask(int(seed.item()), threshold, rows, cols, device, col0)
+    return _int_seed_keep_mask(int(seed.item()), threshold, rows, cols, device, col0)
 
 
 @_keep_mask_op.register_fake
@@ -63,7 +65,7 @@ def keep_mask(dropout, rows: int, cols: int, device, col0: int = 0) -> torch.Ten
     column ``col0`` (a row-parallel shard's ``in_offset``), int or tensor seed."""
     if dropout.seed_is_tensor:
         return _keep_mask_op(dropout.seed, dropout.threshold, rows, cols, torch.device(device), col0)
-    return dropout_keep_mask(dropout.seed, dropout.threshold, rows, cols, device, col0)
+    return _int_seed_keep_mask(dropout.seed, dropout.threshold, rows, cols, device, col0)
 
 
 def dropped(t: torch.Tensor, problem: Problem) -> torch.Tensor:
@@ -83,37 +85,26 @@ class TorchBackend(Backend):
     def prepare(self, problem: Problem) -> None:
         _sliced_ab(problem, problem.compute_dtype)  # fills the cache outside any traced Function
 
-    def native_call(self, problem: Problem):
-        """Inputs already in the compute dtype (float32, float64), plain tensors: the whole call in
-        ``vera_kernels._C.plain_vera_linear`` (csrc/vera_host.cpp, these formulas in C++ with a C++ autograd
-        node), when the extension is loaded."""
-        if problem.x2d.dtype != problem.compute_dtype:
-            return None
-        if any(type(t) not in _PLAIN_TYPES for t in (problem.x2d, problem.weight, problem.bias, problem.lambda_d,
-                                                      problem.lambda_b) if t is not None):
-            return None  # tensor subclasses (DTensor, ...) keep their Python-level behaviour
-        fn = host_function("plain_vera_linear")
-        if fn is None:
-            return None
-        return fn, _sliced_ab(problem, problem.compute_dtype)
-
     def forward(self, problem: Problem):
+        """``vera_forward_math``'s formula (the same ops in the same order), without its no-op casts."""
         cd = problem.compute_dtype
         A_K, B_N = _sliced_ab(problem, cd)
         if problem.adapter_ids is not None:
             return self._bank_forward(problem, A_K, B_N, cd)
-        x2d = problem.x2d
-        dp = problem.dropout
-        if dp is not None and dp.seed_is_tensor:  # vera_forward_math's formula with the mask from a tensor seed
-            base = torch.nn.functional.linear(x2d, problem.weight, problem.bias)
-            xa = dropped(x2d.to(cd), problem)
-            s = xa @ A_K.t()
-            adapter = problem.lambda_b.to(cd) * ((problem.lambda_d.to(cd) * s) @ B_N.t())
-            return (base.to(cd) + adapter).to(x2d.dtype), s
-        return vera_forward_math(
-            problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b,
-            A_K, B_N, problem.dropout, cd, problem.in_offset,
-        )
+        x2d, lambda_d, lambda_b = problem.x2d, problem.lambda_d, problem.lambda_b
+        base = F.linear(x2d, problem.weight, problem.bias)
+        xa = x2d if x2d.dtype == cd else x2d.to(cd)
+        if problem.dropout is not None:
+            xa = dropped(xa, problem)
+        s = F.linear(xa, A_K)
+        if lambda_d.dtype != cd:
+            lambda_d = lambda_d.to(cd)
+        if lambda_b.dtype != cd:
+            lambda_b = lambda_b.to(cd)
+        adapter = lambda_b * F.linear(lambda_d * s, B_N)
+        if base.dtype == cd:
+            return base.add_(adapter), s  # base is this call's own fresh tensor
+        return (base.to(cd) + adapter).to(x2d.dtype), s
 
     def _bank_forward(self, problem: Problem, A_K, B_N, cd):
         """``vera_forward_math`` with each row's bank vectors, in as few full-size passes as the
