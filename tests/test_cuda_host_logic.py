@@ -115,12 +115,14 @@ def test_lambda_range(cuda_logic, dtype, mag_d, mag_b):
 @pytest.mark.parametrize("case", offsets_suite.CASES, ids=lambda c: f"K{c[1]}N{c[2]}r{c[3]}@{c[4]},{c[5]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("stored", [False, True], ids=["seeded", "stored"])
-def test_offsets(cuda_logic, case, dtype, stored):
+def test_offsets(cuda_logic, monkeypatch, case, dtype, stored):
+    monkeypatch.setattr(offsets_suite, "DEVICE", torch.device("cpu"))  # the host build runs on CPU tensors
     offsets_suite.test_offsets_match_reference("cpu", case, dtype, stored)
 
 
 @pytest.mark.parametrize("i0", [0, 3, 8])
-def test_offsets_with_dropout(cuda_logic, i0):
+def test_offsets_with_dropout(cuda_logic, monkeypatch, i0):
+    monkeypatch.setattr(offsets_suite, "DEVICE", torch.device("cpu"))
     offsets_suite.test_offsets_with_dropout_match_reference("cpu", i0)
 
 
