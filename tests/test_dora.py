@@ -352,3 +352,15 @@ def test_tensor_parallel_refused():
 
     with pytest.raises(NotImplementedError, match="DVoRA"):
         _check_layer(_trained_layer(), "ColwiseParallel", Mesh())
+
+
+def test_saved_for_backward_is_x_and_two_vectors():
+    """DVoRA keeps a reference to x and the [N] scale and norm; VeRA keeps s [M, r]; nothing [M, N]."""
+    from benchmarks.dvora import saved_bytes
+
+    M, K, N, r = 64, 48, 40, 8
+    vera, dvora = (vk.VeRALinear(K, N, rank=r, dora=d) for d in (False, True))
+    x = torch.randn(M, K, requires_grad=True)
+    for layer, new, inp in ((vera, M * r * 4, 0), (dvora, 2 * N * 4, M * K * 4)):
+        _, got_new, got_inp = saved_bytes(lambda: layer(x), exclude=list(layer.parameters()), inputs=[x])
+        assert (got_new, got_inp) == (new, inp)
