@@ -198,16 +198,17 @@ def round_tf32(v):
 
 
 @triton.jit
-def rank_mma(a, b, acc, RANK_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+def rank_mma(a, b, acc, RANK_PRECISION: tl.constexpr):
     """``acc + a @ b`` for float32 operands that carry a float32 scaling (lambda_d, lambda_b, s, g).
 
     docs/DESIGN.md §3: such operands are never rounded to a 16-bit type (lambda_b far from 1 would underflow or
     overflow there). ``RANK_PRECISION`` is "tf32" for 16-bit inputs (float32's range, 11 significant
     bits, on the tensor cores) and follows ``torch.get_float32_matmul_precision()`` for float32 inputs.
-    Under the ``INTERPRETER`` (whose ``tl.dot`` ignores the precision) both operands are rounded to TF32
-    first, so interpreter tests see the GPU's rounding.
+    TF32 operands are rounded to nearest here, on the GPU and under the interpreter alike: the tensor
+    cores would truncate float32 operands (a bias towards zero) and the interpreter's ``tl.dot`` ignores
+    the precision, so rounding first gives both the same products.
     """
-    if INTERPRETER and RANK_PRECISION == "tf32":
+    if RANK_PRECISION == "tf32":
         a = round_tf32(a)
         b = round_tf32(b)
     return tl.dot(a, b, acc, input_precision=RANK_PRECISION)
@@ -252,7 +253,7 @@ def rank_expand(acc, v_ptr, stride_vm, stride_vj, lam_ptr, stride_la, ids, offs_
                              IN_DTYPE=IN_DTYPE, INTERPRETER=INTERPRETER, BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_O)
         if SCALE_COLS:
             p = p * col_scale
-        acc = rank_mma(lhs, p, acc, RANK_PRECISION, INTERPRETER)
+        acc = rank_mma(lhs, p, acc, RANK_PRECISION)
     return acc
 
 
