@@ -1,5 +1,6 @@
 """The seed -> A/B generator (docs/DESIGN.md §2): known answers, an independent scalar Philox, slicing, statistics."""
 
+import copy
 import math
 import random
 import struct
@@ -192,3 +193,69 @@ def test_dropout_mask_rate_and_threshold():
     # the mask uses stream 2 of the same generator: element (row, col) from counter (col >> 2, row, 2, 0)
     w = scalar_philox((5 >> 2, 3, 2, 0), (99, 0))[5 & 3]
     assert bool(dropout_keep_mask(99, 2**23, 4, 8)[3, 5]) == ((w >> 8) >= 2**23)
+
+
+# --- the materialised-A/B cache never keeps fake or traced tensors ----------------------------------
+
+def _fresh_layer(dtype=torch.float32):
+    torch.manual_seed(7)
+    layer = vk.VeRALinear(8, 6, rank=4, projection=Projection(31, 4, 8, 6), dtype=dtype)
+    with torch.no_grad():
+        layer.lambda_b.normal_()
+    return layer
+
+
+def _assert_reference(layer, x, twin=None):
+    """``layer(x)`` equals the reference (and, bit for bit, ``twin``: a copy that never saw a fake call);
+    the cache holds plain tensors only."""
+    ref = vk.reference.vera_linear(x, layer.weight, layer.bias, layer.lambda_d, layer.lambda_b,
+                                   Projection(31, 4, 8, 6))  # a separate projection: its own cache
+    y = layer(x)
+    tol = 1e-5 if x.dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+    if twin is not None:
+        assert torch.equal(y, twin(x))
+    for A, B in layer.projection._cache.values():
+        assert type(A) is torch.Tensor and type(B) is torch.Tensor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_mode_call_leaves_no_fake_tensors_in_the_cache(backend, dtype):
+    """A shape-estimation call under FakeTensorMode on a never-run layer, then a real call: the real call
+    computes with real A/B, on every backend (the "torch" backend caches A/B on the projection)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = _fresh_layer(dtype)
+    twin = copy.deepcopy(layer)
+    twin.projection = Projection(31, 4, 8, 6)
+    x = torch.randn(5, 8).to(dtype)
+    with vk.use_backend(backend):
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            y = layer(mode.from_tensor(x))
+        assert tuple(y.shape) == (5, 6) and y.dtype == dtype
+        _assert_reference(layer, x, twin)
+
+
+def test_export_of_a_fresh_layer_leaves_no_fake_tensors_in_the_cache():
+    """torch.export of a never-run layer traces with fake tensors; eager calls afterwards and the exported
+    program both compute the reference."""
+    layer = _fresh_layer()
+    x = torch.randn(5, 8)
+    program = torch.export.export(layer, (x,))
+    _assert_reference(layer, x)
+    torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
+def test_stored_projection_cache_after_fake_call():
+    """A projection from stored tensors (PEFT's) keeps its real tensors through a fake call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    A, B = Projection(31, 4, 8, 6).materialize()
+    proj = Projection.from_tensors(A, B)
+    layer = vk.VeRALinear(8, 6, rank=4, projection=proj)
+    with torch.no_grad():
+        layer.lambda_b.normal_()
+    x = torch.randn(3, 8)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        layer(mode.from_tensor(x))
+    _assert_reference(layer, x)

@@ -6,6 +6,7 @@ import weakref
 from typing import Optional
 
 import torch
+from torch.autograd.forward_ad import unpack_dual
 
 from ._compat import functorch_transforms_active
 from .core import flatten_adapter_ids, make_dropout, make_problem, validate, warn_once
@@ -126,8 +127,11 @@ def vera_linear(
 
     Any strides are accepted for every tensor argument, in the dense (strided) layout: sparse and nested
     tensors are refused, as are meta tensors; ``K`` must be positive. Works under
-    ``torch.compile(fullgraph=True)`` (dropout included), ``torch.export`` and ``torch.jit.trace``; a
-    functorch transform while autograd records the call is refused with a clear error.
+    ``torch.compile(fullgraph=True)`` (dropout included), ``torch.export``, ``torch.jit.trace`` and
+    ``FakeTensorMode``, on every backend, also for a projection that never ran eagerly; a functorch
+    transform while autograd records the call is refused with a clear error. Forward-mode derivatives
+    (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) are given by the "torch" backend when
+    no input requires grad, and refused with a clear error by the others.
     """
     if magnitude is not None:
         from .dora import dvora_linear
@@ -159,6 +163,8 @@ def vera_linear(
         chosen = select(problem, backend)
     if compiling:  # caches must exist before the traced Function (see Backend.prepare)
         chosen.prepare(problem)
+    if not (chosen.forward_ad or compiling) and _has_tangent(x, lambda_d, lambda_b, weight, bias):
+        raise NotImplementedError(FORWARD_AD_ERROR.format(name=chosen.name))
     if (torch.is_grad_enabled() and (x.requires_grad or lambda_d.requires_grad or lambda_b.requires_grad)
             and not torch.jit.is_tracing()):
         if functorch_transforms_active() and not compiling:
@@ -166,8 +172,9 @@ def vera_linear(
         y2d = VeRAFunction.apply(x, lambda_d, lambda_b, problem, chosen)
     else:
         # nothing to differentiate: no autograd node, nothing saved. Also under torch.jit.trace, which
-        # records the backend's ops themselves (the tracer fails inside an autograd Function); on the
-        # "torch" backend those ops are differentiable, so the traced graph trains too
+        # records the backend's ops themselves (the tracer fails inside an autograd Function):
+        # differentiable ops on the "torch" backend, one differentiable opaque op on the others
+        # (backends.base.runs_opaque), so the traced graph trains too
         if dropout is not None and torch.jit.is_tracing():
             warn_once("trace-dropout", "vera_kernels: torch.jit.trace records this call's dropout seed as a "
                       "constant, so the traced layer applies one and the same dropout mask on every call; "
@@ -182,3 +189,16 @@ FUNCTORCH_ERROR = (
     "(loss.backward(), torch.autograd.grad), run vmap under torch.no_grad() or with frozen vectors, or use "
     "vera_kernels.reference.vera_linear, which is plain differentiable PyTorch"
 )
+
+FORWARD_AD_ERROR = (
+    "vera_kernels: the {name!r} backend has no forward-mode derivative (torch.func.jvp, jacfwd, "
+    "torch.autograd.forward_ad): its kernels would drop the tangent. Run the call on the 'torch' backend "
+    "(backend='torch' or `with vera_kernels.use_backend('torch')`), which gives it, or differentiate in "
+    "reverse mode (loss.backward(), torch.autograd.grad)"
+)
+
+
+def _has_tangent(*tensors) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode tangent (a dual tensor of torch.autograd.forward_ad,
+    or an input of torch.func.jvp / jacfwd)."""
+    return any(unpack_dual(t).tangent is not None for t in tensors if t is not None)

@@ -13,7 +13,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["philox4x32", "Projection", "philox_block", "projection_block", "dropout_keep_mask"]
+from ._compat import functorch_transforms_active
+
+__all__ = ["philox4x32", "Projection", "philox_block", "projection_block", "dropout_keep_mask", "cacheable"]
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0 = 0xD2511F53
@@ -148,6 +150,37 @@ def projection_block(seed: int, matrix: int, rows: range, cols: range, bound: fl
     return unit * torch.tensor(bound, dtype=torch.float32, device=device)
 
 
+# A/B generation as one opaque op: tracers (torch.jit.trace, torch.compile, torch.export, FakeTensorMode)
+# record a single call with a shape-only fake instead of the generator's hundreds of integer ops, which
+# inductor would otherwise compile for minutes and jit.trace would record into its graph.
+@torch.library.custom_op("vera_kernels_host::projection_block", mutates_args=())
+def _projection_block_op(key0: int, key1: int, matrix: int, row0: int, rows: int, col0: int, cols: int,
+                         bound: float, device: str) -> torch.Tensor:
+    """``projection_block`` for the seed with Philox key ``(key0, key1)``, as a float32 ``[rows, cols]`` tensor."""
+    return projection_block(key0 | (key1 << 32), matrix, range(row0, row0 + rows), range(col0, col0 + cols),
+                            bound, torch.device(device))
+
+
+@_projection_block_op.register_fake
+def _(key0, key1, matrix, row0, rows, col0, cols, bound, device):
+    return torch.empty((rows, cols), dtype=torch.float32, device=device)
+
+
+def cacheable(*tensors: torch.Tensor) -> bool:
+    """Whether ``tensors`` may be kept in a projection's cache for later calls.
+
+    Only plain tensors computed eagerly qualify: never FakeTensors (``FakeTensorMode``, ``torch.export``),
+    functional tensors, values recorded by ``torch.jit.trace`` (a later trace would see constants where
+    this one saw ops) or tensors made inside a functorch transform. While ``torch.compile`` traces, the
+    stored values are the compiled graph's real outputs, so they qualify.
+    """
+    if torch.compiler.is_dynamo_compiling():
+        return True
+    if torch.jit.is_tracing() or functorch_transforms_active():
+        return False
+    return all(type(t) is torch.Tensor for t in tensors)
+
+
 def _peft_kaiming_uniform(shape, fan_in: int, gen: torch.Generator) -> torch.Tensor:
     """PEFT's ``_kaiming_init``: uniform in ``(-bound, bound)``, the bound computed in the same float steps."""
     gain = math.sqrt(2)
@@ -273,7 +306,8 @@ class Projection:
         """Return ``(A, B)`` of shapes ``[rank, max_in]`` and ``[max_out, rank]`` (reference generator).
 
         Values are generated in float32 and then cast to ``dtype``. With ``cache=True`` the result is
-        kept on this object for reuse (the naive "torch" backend uses that).
+        kept on this object for reuse (the naive "torch" backend uses that), unless they are not real
+        eager tensors (see :func:`cacheable`: e.g. under ``FakeTensorMode`` or ``torch.jit.trace``).
         """
         device = torch.device(device)
         ck = (dtype, device)
@@ -285,8 +319,15 @@ class Projection:
             A = self.generate_a(slice(None), slice(None), device=device).to(dtype)
             B = self.generate_b(slice(None), slice(None), device=device).to(dtype)
         if cache:
-            self._cache[ck] = (A, B)
+            self.remember(ck, (A, B))
         return A, B
+
+    def remember(self, key, tensors: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
+        """Keep ``tensors`` (derived from ``A``/``B``) in this projection's cache under ``key`` when they are
+        :func:`cacheable`; return them either way."""
+        if cacheable(*tensors):
+            self._cache[key] = tensors
+        return tensors
 
     def shard(
         self, in_offset: int, in_features: int, out_offset: int, out_features: int,
@@ -320,7 +361,9 @@ class Projection:
         rr, cr = range(*rows.indices(shape[0])), range(*cols.indices(shape[1]))
         if rr.step != 1 or cr.step != 1:
             raise ValueError("tiles are contiguous: slices with step 1 only")
-        return projection_block(self.seed, matrix, rr, cr, bound, device)
+        k0, k1 = split_key(self.seed)
+        return _projection_block_op(k0, k1, matrix, rr.start, len(rr), cr.start, len(cr), bound,
+                                    str(torch.device(device)))
 
     def generate_a(self, rows: slice = slice(None), cols: slice = slice(None), device="cpu"):
         """A float32 tile ``A[rows, cols]`` regenerated from the seed alone."""

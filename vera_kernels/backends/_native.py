@@ -32,7 +32,7 @@ import torch
 from .._compat import dispatch_has_kernel
 from ..core import Dropout, Problem, warn_once
 from ..projection import Projection, split_key
-from .base import Backend
+from .base import Backend, opaque_backward, opaque_forward, runs_opaque
 
 ENV_NO_NATIVE = "VERA_KERNELS_NO_NATIVE"
 MODULE = "vera_kernels._C"
@@ -277,6 +277,8 @@ class NativeBackend(Backend):
         return availability(self.device_types[0])
 
     def forward(self, problem: Problem):
+        if runs_opaque((problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b), False):
+            return opaque_forward(self, problem)  # differentiable as an op (the native ops are not)
         a = projection_args(problem.projection, 0, problem.device)
         b = projection_args(problem.projection, 1, problem.device)
         x2d = problem.x2d
@@ -292,6 +294,8 @@ class NativeBackend(Backend):
         return y, s
 
     def backward(self, problem: Problem, grad_y2d, s, needs_input_grad):
+        if runs_opaque((grad_y2d, s, problem.weight, problem.lambda_d, problem.lambda_b), False):
+            return opaque_backward(self, problem, grad_y2d, s, needs_input_grad)
         need_x, need_d, need_b = needs_input_grad
         b = projection_args(problem.projection, 1, problem.device)
         ids = problem.adapter_ids

@@ -24,6 +24,7 @@ class Backend:
     dtypes: Tuple[torch.dtype, ...] = SUPPORTED_DTYPES
     supports_adapter_ids: bool = False  # per-row adapter ids over banks lambda_d [n, r], lambda_b [n, N]
     supports_offsets: bool = False  # tensor-parallel shard offsets into the global A/B
+    forward_ad: bool = False  # forward-mode AD (jvp) through ``forward``; without it such calls are refused
 
     def unavailable_reason(self) -> Optional[str]:
         return None
@@ -173,6 +174,47 @@ def _(backend, grad_y2d, s, weight, lambda_d, lambda_b, proj_ints, proj_a, proj_
     gd = lambda_d.new_empty(lambda_d.shape, dtype=torch.float32) if needs[1] else empty
     gb = lambda_b.new_empty(lambda_b.shape, dtype=torch.float32) if needs[2] else empty
     return gx, gd, gb
+
+
+def _backend_forward_setup(ctx, inputs, output):
+    (backend, _, weight, _, lambda_d, lambda_b, proj_ints, proj_a, proj_b, drop_p, drop_seed, drop_threshold,
+     drop_scale, adapter_ids, in_offset, out_offset) = inputs
+    ctx.save_for_backward(output[1], weight, lambda_d, lambda_b, proj_a, proj_b, drop_seed, adapter_ids)
+    ctx.args = (backend, proj_ints, drop_p, drop_threshold, drop_scale, in_offset, out_offset)
+
+
+def _backend_forward_backward(ctx, grad_y2d, _grad_s):
+    # ``s`` is an internal output (the autograd Function saves it, callers never see it): no gradient flows
+    # into it. The base weight and bias are frozen (validation refuses them requiring grad).
+    s, weight, lambda_d, lambda_b, proj_a, proj_b, drop_seed, adapter_ids = ctx.saved_tensors
+    backend, proj_ints, drop_p, drop_threshold, drop_scale, in_offset, out_offset = ctx.args
+    needs = [ctx.needs_input_grad[1], ctx.needs_input_grad[4], ctx.needs_input_grad[5]]
+    gx, gd, gb = _backend_backward(backend, grad_y2d.contiguous(), s, weight, lambda_d, lambda_b, proj_ints,
+                                   proj_a, proj_b, drop_p, drop_seed, drop_threshold, drop_scale, adapter_ids,
+                                   in_offset, out_offset, needs)
+    gx, gd, gb = (g if n else None for g, n in zip((gx, gd, gb), needs))
+    return (None, gx, None, None, gd, gb) + (None,) * 10
+
+
+# Graphs that hold the forward op (a torch.export program, a torch.jit.trace) train through it.
+_backend_forward.register_autograd(_backend_forward_backward, setup_context=_backend_forward_setup)
+
+
+def runs_opaque(tensors, while_compiling: bool) -> bool:
+    """Whether a backend runs a call as the opaque ops above instead of its own host code: while
+    ``torch.jit.trace`` records (it cannot see kernel launches, nor differentiate ops without an autograd
+    formula), while ``torch.export`` traces (its program then calls the ops, which have one), for tensor
+    subclasses (FakeTensors under ``FakeTensorMode``, functional tensors: no memory a kernel could read;
+    the ops' fake kernels or the subclass handle the call), and, if ``while_compiling``, while
+    ``torch.compile`` traces (for host code it cannot trace)."""
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return True
+    if while_compiling and torch.compiler.is_compiling():
+        return True
+    return any(type(t) not in _PLAIN_TYPES for t in tensors if t is not None)
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def opaque_forward(backend: Backend, problem: Problem) -> Tuple[torch.Tensor, torch.Tensor]:

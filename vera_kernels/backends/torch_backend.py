@@ -28,13 +28,11 @@ def _sliced_ab(problem: Problem, dtype):
         return hit
     if problem.dtype in (torch.float16, torch.bfloat16):
         rkey = ("rounded", problem.dtype, dtype, device)
-        if rkey not in proj._cache:
-            proj._cache[rkey] = tuple(t.to(dtype) for t in proj.materialize(problem.dtype, device))
-        A, B = proj._cache[rkey]
+        A, B = proj._cache.get(rkey) or proj.remember(rkey, tuple(t.to(dtype) for t in
+                                                                   proj.materialize(problem.dtype, device)))
     else:
         A, B = proj.materialize(dtype, device, cache=True)
-    out = proj._cache[key] = (A[:, i0 : i0 + problem.K], B[o0 : o0 + problem.N])
-    return out
+    return proj.remember(key, (A[:, i0 : i0 + problem.K], B[o0 : o0 + problem.N]))
 
 
 def _int_seed_keep_mask(seed: int, threshold: int, rows: int, cols: int, device, col0: int) -> torch.Tensor:
@@ -81,6 +79,7 @@ class TorchBackend(Backend):
     dtypes = ACCEPTED_DTYPES
     supports_offsets = True
     supports_adapter_ids = True
+    forward_ad = True  # plain differentiable ops (inference path); the autograd Function has no jvp
 
     def prepare(self, problem: Problem) -> None:
         _sliced_ab(problem, problem.compute_dtype)  # fills the cache outside any traced Function
