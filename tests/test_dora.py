@@ -364,3 +364,25 @@ def test_saved_for_backward_is_x_and_two_vectors():
     for layer, new, inp in ((vera, M * r * 4, 0), (dvora, 2 * N * 4, M * K * 4)):
         _, got_new, got_inp = saved_bytes(lambda: layer(x), exclude=list(layer.parameters()), inputs=[x])
         assert (got_new, got_inp) == (new, inp)
+
+
+def test_adapter_state_dict_store_and_slots(tmp_path):
+    model = vk.apply_vera(_tiny_llama(), rank=8, use_dora=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, vk.VeRALinear):
+                m.magnitude.mul_(1.5)
+    state = vk.get_adapter_state_dict(model)
+    assert any(k.endswith(".magnitude") for k in state)
+    other = vk.apply_vera(_tiny_llama(), rank=8, use_dora=True)
+    vk.set_adapter_state_dict(other, state)
+    ids = torch.randint(0, 64, (1, 4))
+    torch.testing.assert_close(other(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="missing keys"):
+        vk.set_adapter_state_dict(other, {k: v for k, v in state.items() if not k.endswith(".magnitude")})
+    store = vk.AdapterStore(tmp_path / "store")
+    with pytest.raises(ValueError, match="DVoRA"):
+        store.put("alice", (model, None))
+    bank = vk.apply_vera(_tiny_llama(), rank=8, use_dora=True, num_adapters=2)
+    with pytest.raises(ValueError, match="DVoRA"):
+        vk.SlotCache(bank, store)

@@ -160,6 +160,8 @@ def get_adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     for name, layer in layers.items():
         state[f"{name}.lambda_d"] = layer.lambda_d.detach().clone()
         state[f"{name}.lambda_b"] = layer.lambda_b.detach().clone()
+        if layer.magnitude is not None:  # DVoRA
+            state[f"{name}.magnitude"] = layer.magnitude.detach().clone()
     state[PROJECTION_KEY] = torch.tensor(projection_identity(proj), dtype=torch.int64)
     return state
 
@@ -180,6 +182,8 @@ def set_adapter_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> 
     for name, layer in layers.items():
         targets[f"{name}.lambda_d"] = layer.lambda_d
         targets[f"{name}.lambda_b"] = layer.lambda_b
+        if layer.magnitude is not None:  # DVoRA
+            targets[f"{name}.magnitude"] = layer.magnitude
     problems = []
     unknown = sorted(k for k in state if k not in targets and k != PROJECTION_KEY)
     missing = sorted(k for k in targets if k not in state)

@@ -61,6 +61,9 @@ class SlotCache:
         layers = vera_layers(model)
         proj = shared_projection(layers)
         check_slot(layers, 0, "load")  # banks in every VeRA layer
+        if any(layer.dora for layer in layers.values()):
+            raise ValueError("SlotCache fills VeRA banks from an AdapterStore, which holds no DVoRA magnitude; a "
+                             "DVoRA bank (use_dora) is filled with vk.load_adapter(model, directory, slot=k)")
         self.model, self.store = model, store
         self._layers = layers
         self.num_slots = min(layer.num_adapters for layer in layers.values())

@@ -124,6 +124,9 @@ def _projection_record(proj: Projection) -> Tuple[dict, Optional[Dict[str, torch
     return {"kind": "stored", "file": f"projection-{digest}.safetensors"}, {"A": A, "B": B}
 
 
+DVORA_UNSUPPORTED = ("AdapterStore holds VeRA vectors (lambda_d, lambda_b) only; a DVoRA adapter (use_dora) also "
+                     "has a magnitude per layer: keep DVoRA adapters as vk.save_adapter directories")
+
 class AdapterStore:
     """Many users' VeRA adapters under ``directory``: one projection, one list of adapted modules.
 
@@ -324,6 +327,8 @@ class AdapterStore:
         slot = check_slot(layers, slot, "save")
         if any(layer.merged for layer in layers.values()):
             raise ValueError("the model's VeRA layers are merged; store the adapter before merging (or unmerge)")
+        if any(layer.dora for layer in layers.values()):
+            raise ValueError(f"{type(model).__name__}: " + DVORA_UNSUPPORTED)
         self._ensure_header(proj, modules, type(model).__name__)
         return self._from_vectors({name: slot_vectors(layer, slot) for name, layer in layers.items()},
                                   f"{type(model).__name__} slot {slot}")
@@ -347,6 +352,8 @@ class AdapterStore:
                            "fan_in_fan_out": bool(cfg.get("fan_in_fan_out", False))} for p in spec.paths}
         elif cfg.get("format") == FORMAT:
             spec = _own_spec(cfg, tensors, directory)
+            if spec.use_dora:
+                raise AdapterFileError(f"{directory}: " + DVORA_UNSUPPORTED)
             modules = {p: {"in_features": spec.in_out[p][0], "out_features": spec.in_out[p][1],
                            "fan_in_fan_out": spec.fan_in_fan_out[p]} for p in spec.paths}
         else:
