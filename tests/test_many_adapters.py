@@ -169,6 +169,19 @@ def test_bank_sum_matches_a_float64_loop(reduce):
     assert reduce(rows[:0], ids[:0], 7).shape == (7, 9)
 
 
+def test_bank_grouping_reads_nothing_back_to_the_host():
+    """The many-adapters backward's grouping (the Triton row blocks, the sorted bank sum used off the CPU)
+    has sizes fixed by the shapes and no host read, so a CUDA graph can capture it: it runs on the meta
+    device, where a data-dependent size (torch.bincount, torch.unique_consecutive) or a host read
+    (segment_reduce's checks of its lengths) raises."""
+    rank_grads = pytest.importorskip("vera_kernels.ops.rank_grads")
+    ids = torch.tensor([2, 0, -1, 2, 1, 2, 2], device="meta")
+    order, start, length, adapter, first, end = rank_grads.adapter_row_blocks(ids, 4, 2)
+    assert order.shape == (7,) and start.shape == length.shape == adapter.shape == (8,)  # cdiv(7, 2) + 4
+    assert first.shape == end.shape == (4,)
+    assert sorted_bank_sum(torch.empty(7, 3, device="meta"), ids, 4).shape == (4, 3)
+
+
 # --- bad ids ----------------------------------------------------------------------------------------
 
 def _bad_call(ids, ld_shape=None, lb_shape=None):

@@ -41,17 +41,18 @@ def bank_sum(rows: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def sorted_bank_sum(rows: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """``bank_sum`` by a stable sort of the rows by id and a per-adapter ``segment_reduce`` (any device)."""
-    out = rows.new_zeros((n, rows.shape[1]))
+    """``bank_sum`` by a stable sort of the rows by id and a per-adapter ``segment_reduce`` (any device).
+
+    Every size is fixed by the shapes and nothing is read back to the host (a CUDA graph can capture it):
+    one segment per adapter (empty ones sum to zero) plus one for the rows with id -1, which is dropped.
+    """
     keep = ids >= 0
     sorted_ids, order = torch.sort(torch.where(keep, ids, n), stable=True)  # id -1 rows sort last
-    used, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    if used.numel() == 0:
-        return out
-    sums = torch.segment_reduce(rows.index_select(0, order), "sum", lengths=counts, axis=0)
-    valid = used < n
-    out[used[valid]] = sums[valid]  # distinct indices: a plain scatter, no accumulation
-    return out
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=ids.device).index_add_(0, sorted_ids,
+                                                                                 torch.ones_like(sorted_ids))
+    # unsafe: skips segment_reduce's checks of the lengths, which read them on the host (they hold here)
+    sums = torch.segment_reduce(rows.index_select(0, order), "sum", lengths=counts, axis=0, unsafe=True, initial=0)
+    return sums[:n]
 
 
 def _multi_adapter_layers(model: nn.Module) -> List[nn.Module]:

@@ -139,7 +139,8 @@ def adapter_row_blocks(ids: torch.Tensor, num_adapters: int, block_m: int):
     """
     M, n = ids.numel(), num_adapters
     order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids + 1, minlength=n + 1)
+    # rows per id (-1 first) by a scatter into a fixed size: torch.bincount reads the largest id on the host
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=ids.device).index_add_(0, ids + 1, torch.ones_like(ids))
     seg_start = (torch.cumsum(counts, 0) - counts)[1:]
     counts = counts[1:]
     blocks = (counts + block_m - 1) // block_m
