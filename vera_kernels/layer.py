@@ -47,9 +47,9 @@ class VeRALinear(nn.Module):
     The state dict holds ``weight``, ``bias``, the two lambdas, and (as extra state, one small int64 tensor
     that safetensors, ``save_pretrained`` and ``transformers.Trainer`` checkpoints accept) the projection's
     identity (seed and dims, or a SHA-256 of the stored ``A``/``B``), the dropout and whether the layer is
-    merged (with the vectors it folded in), so a saved layer reloads to identical outputs. Loading keeps the layer's (shared) projection object and
-    refuses a state made with a different projection (seed, rank or dims) or of other shapes, with a clear
-    error and the layer left unchanged.
+    merged (with the vectors it folded in), so a saved layer reloads to identical outputs. Loading keeps
+    the layer's (shared) projection object and refuses a state made with a different projection (seed, rank
+    or dims) or of other shapes, with a clear error and the layer left unchanged.
 
     The base ``weight``/``bias`` get no gradient. If they were left with ``requires_grad=True`` (a model
     whose parameters were never frozen), the layer treats them as frozen in eval mode (no gradient can reach
@@ -98,11 +98,25 @@ class VeRALinear(nn.Module):
 
     def _setup(self, weight, bias, projection, d_initial, dropout, fan_in_fan_out=False, num_adapters=1,
                dora=False) -> None:
-        """Shared by ``__init__`` and ``from_linear``: frozen base, projection, fresh lambdas."""
+        """Shared by ``__init__`` and ``from_linear``: frozen base, then projection and fresh lambdas."""
         self.fan_in_fan_out = bool(fan_in_fan_out)
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         if self.fan_in_fan_out:
             self.out_features, self.in_features = self.in_features, self.out_features
+        if weight.dtype not in ACCEPTED_DTYPES:
+            raise TypeError(f"the base weight must be float32, float16, bfloat16 or float64, got {weight.dtype}")
+        weight.requires_grad_(False)
+        self.weight = weight
+        if bias is not None:
+            bias.requires_grad_(False)
+            self.bias = bias
+        else:
+            self.register_parameter("bias", None)
+        self._setup_adapter(projection, d_initial, dropout, num_adapters, weight.device, dora)
+
+    def _setup_adapter(self, projection, d_initial, dropout, num_adapters, device, dora=False) -> None:
+        """The adapter of a layer whose ``in_features``/``out_features`` (and base weight) are set:
+        projection, dropout, ``d_initial`` and fresh float32 lambdas (and DVoRA's magnitude) on ``device``."""
         self._set_projection(projection)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
             raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
@@ -112,33 +126,24 @@ class VeRALinear(nn.Module):
             raise TypeError(f"d_initial must be a finite float, got {type(d_initial).__name__} {d_initial!r}")
         if not math.isfinite(float(d_initial)):
             raise ValueError(f"d_initial must be finite, got {d_initial}")
-        if weight.dtype not in ACCEPTED_DTYPES:
-            raise TypeError(f"the base weight must be float32, float16, bfloat16 or float64, got {weight.dtype}")
         self.dropout = float(dropout)
         self.d_initial = float(d_initial)
         self._merged_lambdas = None  # (lambda_d, lambda_b) as merge() folded them in, while merged
-        weight.requires_grad_(False)
-        self.weight = weight
-        if bias is not None:
-            bias.requires_grad_(False)
-            self.bias = bias
-        else:
-            self.register_parameter("bias", None)
         if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
         self.num_adapters = num_adapters
         self._adapter_ids = None  # set by vk.adapter_ids(model, ids) while a batch runs
         bank = (num_adapters,) if num_adapters > 1 else ()
-        dev = weight.device
-        self.lambda_d = nn.Parameter(torch.empty(*bank, projection.rank, device=dev, dtype=torch.float32))
-        self.lambda_b = nn.Parameter(torch.empty(*bank, self.out_features, device=dev, dtype=torch.float32))
+        self.lambda_d = nn.Parameter(torch.empty(*bank, projection.rank, device=device, dtype=torch.float32))
+        self.lambda_b = nn.Parameter(torch.empty(*bank, self.out_features, device=device, dtype=torch.float32))
         if not isinstance(dora, bool):
             raise TypeError(f"dora must be a bool, got {type(dora).__name__}")
         self.dora = dora
         self._merged_dora = None  # (magnitude, norm) as merge() folded them in, while merged (DVoRA)
         if dora:
             self._float32_names = ("lambda_d", "lambda_b", "magnitude")
-            self.magnitude = nn.Parameter(torch.empty(*bank, self.out_features, device=dev, dtype=torch.float32))
+            self.magnitude = nn.Parameter(torch.empty(*bank, self.out_features, device=device,
+                                                      dtype=torch.float32))
         else:
             self.register_parameter("magnitude", None)
         self.merged = False

@@ -214,7 +214,13 @@ def _parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
 
 def build_layer(module: nn.Module, projection: Projection, d_initial: float, dropout: float,
                 num_adapters: int = 1, dora: bool = False) -> VeRALinear:
-    """A :class:`VeRALinear` wrapping ``module`` (its weight and bias shared, not copied)."""
+    """A :class:`VeRALinear` wrapping ``module`` (its weight and bias shared, not copied); a
+    :class:`~vera_kernels.quantized.QuantizedVeRALinear` around a bitsandbytes 4-bit/8-bit layer."""
+    from .quantized import QuantizedVeRALinear, quantized_kind
+
+    if quantized_kind(module) is not None:
+        return QuantizedVeRALinear(module, projection=projection, d_initial=d_initial, dropout=dropout,
+                                   num_adapters=num_adapters, dora=dora)
     fif = linear_kind(module) == "conv1d"
     return VeRALinear.from_linear(
         module, projection=projection, d_initial=d_initial, dropout=dropout, fan_in_fan_out=fif,
@@ -426,8 +432,10 @@ def _warn_rank_above_dims(projection: Projection, targets: Sequence[Tuple[str, n
 # --- summaries ----------------------------------------------------------------------------------
 def trainable_summary(model: nn.Module) -> str:
     """One line in the style of PEFT's ``print_trainable_parameters``, plus the VeRA layers' projection."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    from .quantized import parameter_count
+
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     pct = 100.0 * trainable / total if total else 0.0
     line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
     layers = vera_layers(model)
@@ -457,7 +465,10 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 # --- merge and unload ---------------------------------------------------------------------------
 def _plain_module(layer: VeRALinear) -> nn.Module:
-    """An ``nn.Linear`` (or ``Conv1D`` for ``fan_in_fan_out``) holding ``layer``'s weight and bias."""
+    """An ``nn.Linear`` (or ``Conv1D`` for ``fan_in_fan_out``) holding ``layer``'s weight and bias; the
+    quantized base module itself for a quantized layer."""
+    if getattr(layer, "quantized", False):
+        return layer.base_layer
     if layer.fan_in_fan_out:
         conv1d = _conv1d_class() or require("transformers.pytorch_utils").Conv1D
         with torch.device("meta"):
@@ -495,7 +506,7 @@ def _merge_slot(layer: VeRALinear, slot: int) -> None:
 
 
 @torch.no_grad()
-def merge_and_unload(model: nn.Module, *, slot: Optional[int] = None) -> nn.Module:
+def merge_and_unload(model: nn.Module, *, slot: Optional[int] = None, requantize: bool = False) -> nn.Module:
     """Fold every VeRA adapter into its base weight and put plain modules back; returns ``model``.
 
     Each :class:`VeRALinear` becomes an ``nn.Linear`` (``Conv1D`` for ``fan_in_fan_out`` layers) whose
@@ -505,10 +516,19 @@ def merge_and_unload(model: nn.Module, *, slot: Optional[int] = None) -> nn.Modu
     A model whose layers hold banks of adapters (``apply_vera(..., num_adapters=n)``) has no single
     adapter to fold in: pass ``slot=k`` to fold adapter ``k`` (the other adapters of the banks are
     dropped with the VeRA layers); without it a ``ValueError`` is raised and the model is unchanged.
+
+    Layers over a quantized base (bitsandbytes 4-bit/8-bit) are put back as that quantized module, with the
+    merged weight quantized again: that loses precision, so it is refused (``RuntimeError``, model
+    unchanged) unless ``requantize=True``.
     """
     layers = vera_layers(model)
     if not layers:
         raise ValueError("the model has no VeRA layers to merge")
+    quantized = [name for name, layer in layers.items()
+                 if getattr(layer, "quantized", False) and not layer.merged]
+    if quantized and not requantize:
+        raise RuntimeError(f"merge_and_unload: {quantized[0]!r} has a quantized base; merging re-quantizes its "
+                           "weight, which loses precision: pass requantize=True to do it anyway")
     slot = check_slot(layers, slot, "merge")
     sharded = [name for name, layer in layers.items() if layer.tensor_parallel is not None]
     if sharded:
@@ -527,7 +547,10 @@ def merge_and_unload(model: nn.Module, *, slot: Optional[int] = None) -> nn.Modu
         if slot is not None:
             _merge_slot(layer, slot)
         elif not layer.merged:
-            layer.merge()
+            if getattr(layer, "quantized", False):
+                layer.merge(requantize=True)
+            else:
+                layer.merge()
         for parent, child in places:
             setattr(parent, child, plain)
     return model
@@ -541,7 +564,8 @@ def _shared_weights(model: nn.Module, layers: Dict[str, VeRALinear]) -> List[str
             users.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
     out = []
     for name, layer in layers.items():
-        others = [u for u in users.get(id(layer.weight), []) if u != f"{name}.weight"]
+        own = (f"{name}.weight", f"{name}.base_layer.weight")  # a quantized layer's weight is its base layer's
+        others = [u for u in users.get(id(layer.weight), []) if u not in own]
         if others:
             out.append(f"the VeRA layer {name!r} shares its weight with {others[:4]}")
     return out
