@@ -116,6 +116,8 @@ def test_layer_refuses_what_it_cannot_do():
         QuantizedVeRALinear(torch.nn.Linear(16, 8))
     with pytest.raises(NotImplementedError, match="banks"):
         QuantizedVeRALinear(q, rank=4, num_adapters=3)
+    with pytest.raises(NotImplementedError, match="DVoRA"):
+        QuantizedVeRALinear(q, rank=4, dora=True)
     layer = QuantizedVeRALinear(q, rank=4)
     with pytest.raises(ValueError, match="'torch' backend only"):
         layer(torch.randn(2, 16), backend="triton")
