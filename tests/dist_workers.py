@@ -34,25 +34,27 @@ LR = 0.02
 class MLP(nn.Module):
     """fc1 (column-parallel under TP) -> gelu -> fc2 (row-parallel), one projection shared by both."""
 
-    def __init__(self, dropout: float = 0.0, hidden: int = HIDDEN):
+    def __init__(self, dropout: float = 0.0, hidden: int = HIDDEN, dora: bool = False):
         super().__init__()
         proj = vk.Projection(seed=7, rank=RANK, max_in_features=hidden, max_out_features=hidden)
-        self.fc1 = vk.VeRALinear(IN, hidden, rank=RANK, projection=proj, dropout=dropout)
-        self.fc2 = vk.VeRALinear(hidden, OUT, rank=RANK, projection=proj, dropout=dropout)
+        self.fc1 = vk.VeRALinear(IN, hidden, rank=RANK, projection=proj, dropout=dropout, dora=dora)
+        self.fc2 = vk.VeRALinear(hidden, OUT, rank=RANK, projection=proj, dropout=dropout, dora=dora)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def make_model(dropout: float = 0.0, hidden: int = HIDDEN) -> MLP:
+def make_model(dropout: float = 0.0, hidden: int = HIDDEN, dora: bool = False) -> MLP:
     """The same model on every rank: weights from a fixed seed, lambda_b moved off zero so that both
-    vectors get non-zero gradients from the first step."""
+    vectors get non-zero gradients from the first step (DVoRA: the magnitude moved off ||W|| too)."""
     torch.manual_seed(1234)
-    model = MLP(dropout, hidden)
+    model = MLP(dropout, hidden, dora)
     with torch.no_grad():
         for layer in (model.fc1, model.fc2):
             layer.lambda_b.copy_(torch.randn_like(layer.lambda_b))
             layer.lambda_d.copy_(torch.randn_like(layer.lambda_d))
+            if dora:
+                layer.magnitude.mul_(1 + 0.3 * torch.rand_like(layer.magnitude))
     return model
 
 
@@ -67,7 +69,7 @@ def vectors(model) -> dict:
     """Every lambda as a plain list of floats (sharded DTensors gathered)."""
     out = {}
     for name, p in model.named_parameters():
-        if "lambda" in name:
+        if "lambda" in name or "magnitude" in name:
             t = p.full_tensor() if hasattr(p, "full_tensor") else p
             out[name.replace("_fsdp_wrapped_module.", "").replace("module.", "")] = t.detach().reshape(-1).tolist()
     return out
@@ -95,10 +97,10 @@ def train(model, x, target, steps=STEPS, seed=5):
     return first, input_grad
 
 
-def single_process(mode: str, backend: str, hidden: int = HIDDEN) -> dict:
+def single_process(mode: str, backend: str, hidden: int = HIDDEN, dora: bool = False) -> dict:
     """The reference run: the whole batch in one process."""
     x, target = make_data()
-    model = make_model(dropout=0.1 if mode == "tp" else 0.0, hidden=hidden)
+    model = make_model(dropout=0.1 if mode == "tp" else 0.0, hidden=hidden, dora=dora)
     model.train()
     with vk.use_backend(backend):
         first, gx = train(model, x, target)
@@ -144,12 +146,12 @@ def scenario_fsdp2(rank, world, backend):
     return result
 
 
-def scenario_tp(rank, world, backend, forward_only=False, hidden=HIDDEN):
+def scenario_tp(rank, world, backend, forward_only=False, hidden=HIDDEN, dora=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
     x, target = make_data()
-    model = make_model(dropout=0.1, hidden=hidden)
+    model = make_model(dropout=0.1, hidden=hidden, dora=dora)
     mesh = init_device_mesh("cpu", (world,))
     parallelize_module(model, mesh, {"fc1": vk.ColwiseParallel(), "fc2": vk.RowwiseParallel()})
     model.train()
@@ -170,7 +172,8 @@ def scenario_tp(rank, world, backend, forward_only=False, hidden=HIDDEN):
 
 UNEVEN_HIDDEN = HIDDEN + 1  # shards of 9 and 8 hidden features
 SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "tp": scenario_tp,
-             "tp_uneven": partial(scenario_tp, hidden=UNEVEN_HIDDEN)}
+             "tp_uneven": partial(scenario_tp, hidden=UNEVEN_HIDDEN),
+             "tp_dora": partial(scenario_tp, hidden=UNEVEN_HIDDEN, dora=True)}
 
 
 def _worker(rank, world, store_path, jobs, results):

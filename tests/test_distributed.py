@@ -42,7 +42,7 @@ def _triton_tp_skip_reason():
 @pytest.fixture(scope="module")
 def results():
     """Every rank's results of every scenario, from one launch of 2 gloo ranks."""
-    jobs = [(mode, b, {}) for b in BACKENDS if _usable(b) is None for mode in ("ddp", "fsdp2", "tp", "tp_uneven")]
+    jobs = [(mode, b, {}) for b in BACKENDS if _usable(b) is None for mode in ("ddp", "fsdp2", "tp", "tp_uneven", "tp_dora")]
     if _triton_tp_skip_reason() is None:
         jobs.append(("tp", "triton", {"forward_only": True}))
     return dw.run_ranks(jobs, timeout=150)
@@ -115,6 +115,21 @@ def test_tensor_parallel_uneven_shards(results, backend):
         _close(r["input_grad"], ref["input_grad"], f"uneven tp rank {rank} input gradient")
         assert tuple(r["offsets"]["fc2"]) == (shard_range(dw.UNEVEN_HIDDEN, dw.WORLD, rank)[0], 0)
     _check_vectors(per_rank, ref, "uneven tp")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_parallel_dvora(results, backend):
+    """DVoRA layers (dora=True) column- then row-parallel, uneven shards, adapter dropout: the row norms of the
+    row-parallel layer are all-reduced over its shards of in_features; outputs, input gradient, vectors and
+    magnitudes match one process."""
+    per_rank = _ranks(results, "tp_dora", backend)
+    ref = dw.single_process("tp", backend, hidden=dw.UNEVEN_HIDDEN, dora=True)
+    assert any("magnitude" in name for name in ref["vectors"])
+    for rank, r in enumerate(per_rank):
+        _close(r["outputs"], ref["outputs"], f"DVoRA tp rank {rank} outputs")
+        _close(r["input_grad"], ref["input_grad"], f"DVoRA tp rank {rank} input gradient")
+        assert r["placements"]["fc1.magnitude"] == "S(0)" and r["placements"]["fc2.magnitude"] == "R"
+    _check_vectors(per_rank, ref, "DVoRA tp")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

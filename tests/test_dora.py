@@ -344,16 +344,6 @@ def test_apply_vera_use_dora_save_load(tmp_path):
     torch.testing.assert_close(merged(ids).logits, y, atol=1e-5, rtol=1e-4)
 
 
-def test_tensor_parallel_refused():
-    from vera_kernels.distributed import _check_layer
-
-    class Mesh:
-        ndim = 1
-
-    with pytest.raises(NotImplementedError, match="DVoRA"):
-        _check_layer(_trained_layer(), "ColwiseParallel", Mesh())
-
-
 def test_saved_for_backward_is_x_and_two_vectors():
     """DVoRA keeps a reference to x and the [N] scale and norm; VeRA keeps s [M, r]; nothing [M, N]."""
     from benchmarks.dvora import saved_bytes

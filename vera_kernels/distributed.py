@@ -117,11 +117,22 @@ def sharded_forward(layer: VeRALinear, x: torch.Tensor, backend: Optional[str] =
         out_placement = Partial()
     else:
         raise ValueError(f"unknown tensor_parallel mode {mode!r}")
-    y = vera_linear(
-        x_local, weight, bias, lambda_d, lambda_b, layer.projection,
-        dropout_p=layer.dropout, training=layer.training, backend=backend,
-        in_offset=layer.in_offset, out_offset=layer.out_offset,
-    )
+    if layer.magnitude is not None:  # DVoRA: row norms are local column-wise, all-reduced row-wise
+        from .dora import dvora_linear
+
+        rowwise = mode == ROWWISE
+        magnitude = _local(layer.magnitude)
+        if rowwise:
+            magnitude = _SumGradOverMesh.apply(magnitude, group)
+        y = dvora_linear(x_local, weight, bias, lambda_d, lambda_b, layer.projection, layer.dropout, layer.training,
+                         backend, magnitude=magnitude, in_offset=layer.in_offset, out_offset=layer.out_offset,
+                         norm_group=group if rowwise else None)
+    else:
+        y = vera_linear(
+            x_local, weight, bias, lambda_d, lambda_b, layer.projection,
+            dropout_p=layer.dropout, training=layer.training, backend=backend,
+            in_offset=layer.in_offset, out_offset=layer.out_offset,
+        )
     shape = tuple(x.shape[:-1]) + (layer.out_features,)
     return DTensor.from_local(y, mesh, [out_placement], run_check=False, shape=torch.Size(shape),
                               stride=_contiguous_strides(shape))
@@ -152,10 +163,6 @@ def _check_layer(module: nn.Module, style: str, device_mesh: DeviceMesh) -> VeRA
     if getattr(module, "fan_in_fan_out", False):
         raise NotImplementedError(f"vk.{style}: the weight of a fan_in_fan_out VeRALinear (GPT-2 Conv1D) is stored "
                                   "[in, out]; convert it with merge_and_unload or shard an nn.Linear layout")
-    if getattr(module, "magnitude", None) is not None:
-        raise NotImplementedError(f"vk.{style}: tensor parallelism of a DVoRA VeRALinear (dora=True) is not "
-                                  "supported (its row norms would need the shards' magnitude and, row-wise, a "
-                                  "reduction over the shards of in_features); use DDP/FSDP for DVoRA")
     if module.lambda_d.dim() != 1:
         raise NotImplementedError(f"vk.{style}: tensor parallelism of a multi-adapter VeRALinear (banks of "
                                   "vectors) is not supported")
@@ -244,7 +251,7 @@ class ColwiseParallel(_VeRAParallelStyle):
                          use_local_output=use_local_output, default_input=Replicate(), default_output=Shard(-1))
 
     def _partition(self, module, device_mesh):
-        for name in ("weight", "bias", "lambda_b"):
+        for name in ("weight", "bias", "lambda_b", "magnitude"):  # magnitude: DVoRA (dora=True)
             _distribute(module, name, device_mesh, Shard(0), self.src_data_rank)
         _distribute(module, "lambda_d", device_mesh, Replicate(), self.src_data_rank)
         offset, length = shard_range(module.out_features, device_mesh.size(), device_mesh.get_local_rank())
@@ -279,7 +286,7 @@ class RowwiseParallel(_VeRAParallelStyle):
 
     def _partition(self, module, device_mesh):
         _distribute(module, "weight", device_mesh, Shard(1), self.src_data_rank)
-        for name in ("bias", "lambda_d", "lambda_b"):
+        for name in ("bias", "lambda_d", "lambda_b", "magnitude"):  # magnitude: DVoRA
             _distribute(module, name, device_mesh, Replicate(), self.src_data_rank)
         offset, length = shard_range(module.in_features, device_mesh.size(), device_mesh.get_local_rank())
         assert module.weight.to_local().shape[1] == length, "DTensor sharding differs from torch.chunk's"

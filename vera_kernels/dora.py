@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .core import Problem, flatten_adapter_ids, make_dropout, make_problem, validate
 
-__all__ = ["dvora_linear", "norm_pieces", "row_norm", "clear_cache"]
+__all__ = ["dvora_linear", "norm_pieces", "row_norm", "row_norm_sq", "clear_cache"]
 
 # id(weight) -> (weakref to the weight, {(projection, compute dtype, K, in_offset, out_offset): (stamp, pieces)});
 # an entry leaves with its weight. (A WeakKeyDictionary would compare tensors with ==, which is elementwise.)
@@ -145,6 +145,14 @@ def row_norm(weight: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tenso
     """``||W + dW||_row`` from the cached pieces, without building ``W + dW`` when ``r < K``: ``[N]`` for
     vectors ``lambda_d [r]``, ``lambda_b [N]``, or ``[n, N]`` for banks ``[n, r]``, ``[n, N]``. Detached (a
     constant for autograd, as DoRA prescribes), in the compute dtype (float32; float64 for float64 weights)."""
+    return row_norm_sq(weight, lambda_d, lambda_b, projection, in_offset, out_offset).sqrt()
+
+
+@torch.no_grad()
+def row_norm_sq(weight: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tensor, projection,
+                in_offset: int = 0, out_offset: int = 0) -> torch.Tensor:
+    """``||W + dW||_row^2`` (:func:`row_norm` squared). Additive over column blocks of ``W`` (with the
+    matching ``in_offset``): a row-parallel shard's squared norms sum to the whole layer's."""
     pieces = norm_pieces(weight, projection, in_offset, out_offset)
     B_N = pieces[-1]
     cd = B_N.dtype
@@ -152,10 +160,10 @@ def row_norm(weight: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tenso
     u = B_N * ld.unsqueeze(-2)  # [N, r] or [n, N, r]
     if pieces[0] == "direct":
         W, A_K = pieces[1], pieces[2]
-        return (W + lb.unsqueeze(-1) * (u @ A_K)).norm(dim=-1)
+        return (W + lb.unsqueeze(-1) * (u @ A_K)).square().sum(-1)
     _, e, Q, L = pieces[:4]
     v = Q + lb.unsqueeze(-1) * (u @ L)
-    return (e + (v * v).sum(-1)).sqrt()
+    return e + (v * v).sum(-1)
 
 
 def _check_magnitude(magnitude, lambda_b: torch.Tensor, adapter_ids) -> None:
@@ -173,15 +181,21 @@ def _check_magnitude(magnitude, lambda_b: torch.Tensor, adapter_ids) -> None:
         raise ValueError(f"magnitude is on {magnitude.device} but the other tensors are on {lambda_b.device}")
 
 
-def _scales(problem: Problem, magnitude: torch.Tensor):
+def _scales(problem: Problem, magnitude: torch.Tensor, norm_group=None):
     """Per-row ``(scale, norm)`` for the call, detached, in the compute dtype: ``[N]`` each for one adapter;
     for banks ``[M, N]`` each (id -1 rows: scale 1, the base layer). Bank norms are computed only for the
-    adapters the batch uses."""
+    adapters the batch uses. ``norm_group``: the process group of a row-parallel layer's shards, over which
+    the squared norms are summed."""
     args = (problem.projection, problem.in_offset, problem.out_offset)
     with torch.no_grad():
         if problem.adapter_ids is None:
-            norm = row_norm(problem.weight, problem.lambda_d, problem.lambda_b, *args)
+            norm_sq = row_norm_sq(problem.weight, problem.lambda_d, problem.lambda_b, *args)
+            if norm_group is not None:
+                torch.distributed.all_reduce(norm_sq, group=norm_group)
+            norm = norm_sq.sqrt()
             return magnitude.detach().to(norm.dtype) / norm, norm
+        if norm_group is not None:
+            raise NotImplementedError("DVoRA banks (adapter_ids) in a row-parallel layer are not supported")
         ids = problem.adapter_ids
         used, pos = torch.unique(ids.clamp_min(0), return_inverse=True)
         norm_u = row_norm(problem.weight, problem.lambda_d[used], problem.lambda_b[used], *args)  # [U, N]
@@ -226,8 +240,8 @@ class DVoRAFunction(torch.autograd.Function):
     ``[N]`` scale and norm, and recomputes the unscaled output in backward for ``magnitude``'s gradient."""
 
     @staticmethod
-    def forward(ctx, x, lambda_d, lambda_b, magnitude, problem, backend):
-        scale, norm = _scales(problem, magnitude)
+    def forward(ctx, x, lambda_d, lambda_b, magnitude, problem, backend, norm_group=None):
+        scale, norm = _scales(problem, magnitude, norm_group)
         y2d = _compose(problem, backend, scale)
         dropout = problem.dropout
         ctx.save_for_backward(x, problem.weight, lambda_d, lambda_b, scale, norm, problem.adapter_ids)
@@ -244,7 +258,7 @@ class DVoRAFunction(torch.autograd.Function):
         x, weight, lambda_d, lambda_b, scale, norm, ids = ctx.saved_tensors
         need_x, need_d, need_b, need_m = ctx.needs_input_grad[:4]
         if not (need_x or need_d or need_b or need_m):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         projection, dropout, in_offset, out_offset, n = ctx.meta
         with torch.no_grad():
             gy = grad_y.contiguous() if (0 in grad_y.stride() and grad_y.numel() > 1) else grad_y
@@ -272,7 +286,7 @@ class DVoRAFunction(torch.autograd.Function):
             gb = gb.to(lambda_b.dtype) if (need_b and gb is not None) else None
             gm = gm.to(lambda_b.dtype) if gm is not None else None
         gx, gd, gb, gm = _first_order_only((gx, gd, gb, gm), (lambda_d, lambda_b, grad_y))
-        return gx, gd, gb, gm, None, None
+        return gx, gd, gb, gm, None, None, None
 
 
 def _autocast(x, weight, bias):
@@ -288,7 +302,8 @@ def _autocast(x, weight, bias):
 
 
 def dvora_linear(x, weight, bias, lambda_d, lambda_b, projection, dropout_p=0.0, training=False, backend=None,
-                 *, magnitude: torch.Tensor, adapter_ids=None, in_offset=0, out_offset=0) -> torch.Tensor:
+                 *, magnitude: torch.Tensor, adapter_ids=None, in_offset=0, out_offset=0,
+                 norm_group=None) -> torch.Tensor:
     """``vera_linear(..., magnitude=m)``: DVoRA, ``y = m / ||W + dW||_row * (x W^T + x dW^T) + bias``.
 
     The arguments are :func:`vera_kernels.vera_linear`'s; ``magnitude`` is ``lambda_b``'s shape (``[N]``, or
@@ -297,6 +312,8 @@ def dvora_linear(x, weight, bias, lambda_d, lambda_b, projection, dropout_p=0.0,
     ``x``, ``lambda_d``, ``lambda_b`` and ``magnitude``; never to ``weight``, ``bias``, ``A`` or ``B``.
     Runs on every backend through its VeRA forward and backward; ``torch.compile`` and functorch
     transforms are not supported for this call (use ``vk.reference.vera_linear(..., magnitude=m)``).
+    ``norm_group`` (a row-parallel shard, ``vk.RowwiseParallel``): the process group whose shards of the
+    input features together make the layer; their squared row norms are all-reduced.
     """
     from .backends import select
 
@@ -315,9 +332,9 @@ def dvora_linear(x, weight, bias, lambda_d, lambda_b, projection, dropout_p=0.0,
     ctx = torch.autocast(ac_device, enabled=False) if ac_device is not None else contextlib.nullcontext()
     with ctx:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, lambda_d, lambda_b, magnitude)):
-            y2d = DVoRAFunction.apply(x, lambda_d, lambda_b, magnitude, problem, chosen)
+            y2d = DVoRAFunction.apply(x, lambda_d, lambda_b, magnitude, problem, chosen, norm_group)
         else:
-            scale, _ = _scales(problem, magnitude)
+            scale, _ = _scales(problem, magnitude, norm_group)
             y2d = _compose(problem, chosen, scale)
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], problem.N)
 
