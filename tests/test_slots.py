@@ -224,3 +224,17 @@ def test_users_swapped_between_batches(store):
                 alone[user] = _generate(_alone(store, user), ids, mask, new=4)
             assert torch.equal(out[i], alone[user][i])
     assert slots.evictions >= 3 and slots.misses == slots.evictions + 3
+
+
+def test_serving_doc_runs():
+    """docs/serving.md: its python blocks run as written, in order, in one namespace."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    ns = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/serving.md[block {i}]", "exec"), ns)
+    assert ns["ids"].tolist() == [0, -1, 1] and ns["slots"].misses == 2

@@ -1,0 +1,326 @@
+"""Serving many users from one base model (docs/serving.md): mixed-user decode, slot swaps, memory per resident
+user, and the adapter store at scale. CPU numbers on a shared machine: load averages are printed with them.
+
+    python -m benchmarks.serving decode             # tokens/s of model.generate, 1/8/64/512 distinct users
+    python -m benchmarks.serving swap               # one user into a slot: VeRA vs LoRA r=16 of the same model
+    python -m benchmarks.serving memory             # bytes per resident user
+    python -m benchmarks.serving store --users 100000 --dir /some/disk/dir   # the store at scale
+
+Decode: a small Llama (hidden 256, 4 layers, vocab 1024; random weights), VeRA rank 64 on every linear layer,
+prompts of 8 tokens, 16 new tokens (greedy, KV cache), batches of 64 and 512 rows spread round robin over u
+distinct users. Rows: ``vera one user`` (a single-adapter model, the cost to match), ``vera bank`` (banks of
+512 slots under ``vk.adapter_ids``), ``peft lora r=16 mixed`` (PEFT LoRA with u adapters,
+``generate(..., adapter_names=...)``), ``peft vera loop`` (PEFT VeRA, one ``generate`` per user on its rows).
+Implementations run in turns; each cell is the median of ``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Callable, Dict, List
+
+import torch
+
+import vera_kernels as vk
+
+HIDDEN, LAYERS, VOCAB, RANK, LORA_RANK = 256, 4, 1024, 64, 16
+PROMPT, NEW = 8, 16
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def llama(hidden=HIDDEN, layers=LAYERS, vocab=VOCAB):
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab,
+                                   max_position_embeddings=256)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _randomize(params, g):
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (0.5 if p.dim() == 1 else 0.0))
+
+
+def _generate(model, ids, **kw):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                              do_sample=False, use_cache=True, pad_token_id=0, **kw)
+
+
+# --- decode -------------------------------------------------------------------------------------
+def decode(batches=(64, 512), users=(1, 8, 64, 512), repeats=3, peft_users=(64,), slots=512,
+           hidden=HIDDEN) -> List[str]:
+    g = torch.Generator().manual_seed(0)
+    single = vk.apply_vera(llama(hidden), rank=RANK, seed=1).eval()
+    _randomize([p for p in single.parameters() if p.requires_grad], g)
+    bank = vk.apply_vera(llama(hidden), rank=RANK, seed=1, num_adapters=slots).eval()
+    _randomize([p for p in bank.parameters() if p.requires_grad], g)
+    lines = [f"decode: {load()}, {torch.get_num_threads()} thread(s)",
+             "| batch | distinct users | implementation | tokens/s | time vs one user |", "|---|---|---|---|---|"]
+    peft_lora = peft_vera = None
+    for B in batches:
+        ids = torch.randint(1, VOCAB, (B, PROMPT), generator=g)
+        cases: Dict[str, Callable] = {"vera one user": lambda: _generate(single, ids)}
+        for u in users:
+            if u > B:
+                continue
+            rows = torch.arange(B) % u
+
+            def run_bank(rows=rows):
+                with vk.adapter_ids(bank, rows):
+                    return _generate(bank, ids)
+
+            cases[f"vera bank|{u}"] = run_bank
+            if u in peft_users:
+                if peft_lora is None:
+                    peft_lora = _peft_lora(max(peft_users), g, hidden)
+                    peft_vera = _peft_vera(max(peft_users), g, hidden)
+                names = [f"u{int(r)}" for r in rows]
+                cases[f"peft lora r=16 mixed|{u}"] = lambda names=names: _generate(peft_lora, ids, adapter_names=names)
+                cases[f"peft vera loop|{u}"] = lambda u=u, rows=rows: _peft_loop(peft_vera, ids, rows, u)
+        for fn in cases.values():  # warm up
+            fn()
+        times = {name: [] for name in cases}
+        for _ in range(repeats):  # in turns, so the machine's load hits every implementation alike
+            for name, fn in cases.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        base = statistics.median(times["vera one user"])
+        for name, ts in times.items():
+            impl, _, u = name.partition("|")
+            t = statistics.median(ts)
+            lines.append(f"| {B} | {u or 1} | {impl} | {B * NEW / t:,.0f} | {t / base:.2f}x |")
+        lines.append(f"(batch {B} done: {load()})")
+    return lines
+
+
+def _peft_lora(n, g, hidden):
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(llama(hidden), peft.LoraConfig(r=LORA_RANK, target_modules="all-linear"),
+                                     adapter_name="u0")
+        for i in range(1, n):
+            model.add_adapter(f"u{i}", peft.LoraConfig(r=LORA_RANK, target_modules="all-linear"))
+    _randomize([p for n_, p in model.named_parameters() if "lora_B" in n_], g)
+    return model.eval()
+
+
+def _peft_vera(n, g, hidden):
+    import peft
+
+    cfg = dict(r=RANK, target_modules="all-linear", projection_prng_key=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(llama(hidden), peft.VeraConfig(**cfg), adapter_name="u0")
+        for i in range(1, n):
+            model.add_adapter(f"u{i}", peft.VeraConfig(**cfg))
+    _randomize([p for n_, p in model.named_parameters() if "vera_lambda" in n_], g)
+    return model.eval()
+
+
+def _peft_loop(model, ids, rows, u):
+    for a in range(u):
+        model.set_adapter(f"u{a}")
+        _generate(model, ids[rows == a])
+
+
+# --- swap ---------------------------------------------------------------------------------------
+def swap(repeats=50, slots=8, hidden=HIDDEN, layers=LAYERS) -> List[str]:
+    """One user brought into a resident slot, from a one-file-per-user store on disk and from memory."""
+    import peft
+    import safetensors.torch as st
+
+    g = torch.Generator().manual_seed(0)
+    lines = [f"swap: {load()}, {torch.get_num_threads()} thread(s); model: Llama hidden {hidden}, {layers} layers, "
+             f"VeRA r={RANK} vs LoRA r={LORA_RANK} on every linear layer", "| what | VeRA | LoRA r=16 | LoRA / VeRA |",
+             "|---|---|---|---|"]
+    bank = vk.apply_vera(llama(hidden, layers), rank=RANK, seed=1, num_adapters=slots).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = peft.get_peft_model(llama(hidden, layers), peft.LoraConfig(r=LORA_RANK, target_modules="all-linear"),
+                                   adapter_name="slot0").eval()
+    lora_params = {n: p for n, p in lora.named_parameters() if ".slot0." in n}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = vk.AdapterStore(os.path.join(tmp, "vera"), model=bank)
+        for u in range(repeats + 1):
+            vectors = {name: (torch.rand(RANK, generator=g), torch.randn(m["out_features"], generator=g))
+                       for name, m in store.modules.items()}
+            store.put(f"user{u}", vectors)
+            tensors = {n: torch.randn(p.shape, generator=g) for n, p in lora_params.items()}
+            st.save_file(tensors, os.path.join(tmp, f"lora{u}.safetensors"))
+        cache = vk.SlotCache(bank, store)
+        cache.ids([f"user{u}" for u in range(slots)])  # every slot full: each further user evicts one
+
+        def vera_from_disk(u):
+            cache.ids([f"user{u}"])
+
+        def lora_from_disk(u):
+            tensors = st.load_file(os.path.join(tmp, f"lora{u}.safetensors"))
+            with torch.no_grad():
+                for n, p in lora_params.items():
+                    p.copy_(tensors[n])
+
+        vera_mem = store.get("user0")
+        lora_mem = st.load_file(os.path.join(tmp, "lora0.safetensors"))
+        layers = vk.models.vera_layers(bank)
+
+        @torch.no_grad()
+        def vera_copy(_):
+            for name, (d, b) in vera_mem.items():
+                layers[name].lambda_d[slots - 1].copy_(d)
+                layers[name].lambda_b[slots - 1].copy_(b)
+
+        @torch.no_grad()
+        def lora_copy(_):
+            for n, p in lora_params.items():
+                p.copy_(lora_mem[n])
+
+        def peft_load(u):  # PEFT's own way: a new adapter from a directory, then the old one dropped
+            name = f"x{u}"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                lora.load_adapter(peft_dir, adapter_name=name)
+            lora.delete_adapter(name)
+
+        lora.save_pretrained(os.path.join(tmp, "peft"), selected_adapters=["slot0"])
+        peft_dir = os.path.join(tmp, "peft", "slot0")  # PEFT saves a non-"default" adapter in a subdirectory
+
+        def per_call_us(fn, n):
+            fn(0)
+            t0 = time.perf_counter()
+            for u in range(1, n + 1):
+                fn(u + slots if fn is vera_from_disk else u)
+            return (time.perf_counter() - t0) / n * 1e6
+
+        n = repeats - slots
+        rows = [("from the store on disk (read + copy into the slot)", vera_from_disk, lora_from_disk, n),
+                ("from memory (copy into the slot)", vera_copy, lora_copy, repeats)]
+        for what, v, lo, k in rows:
+            tv, tl = per_call_us(v, k), per_call_us(lo, k)
+            lines.append(f"| {what} | {tv:,.0f} us | {tl:,.0f} us | {tl / tv:.1f}x |")
+        tp = per_call_us(peft_load, 5)
+        lines.append(f"| PEFT load_adapter + delete_adapter (LoRA) | | {tp:,.0f} us | |")
+        vb = os.path.getsize(store.path("user0"))
+        lb = os.path.getsize(os.path.join(tmp, "lora0.safetensors"))
+        lines.append(f"| file per user | {vb:,} B | {lb:,} B | {lb / vb:.1f}x |")
+    lines.append(f"({load()})")
+    return lines
+
+
+# --- memory -------------------------------------------------------------------------------------
+def memory(slots=512, hidden=HIDDEN) -> List[str]:
+    bank = vk.apply_vera(llama(hidden), rank=RANK, seed=1, num_adapters=slots)
+    layers = vk.models.vera_layers(bank).values()
+    vera = sum((l.lambda_d[0].numel() + l.lambda_b[0].numel()) * 4 for l in layers)
+    lora = sum(LORA_RANK * (l.in_features + l.out_features) * 4 for l in layers)
+    total = sum(l.lambda_d.numel() * 4 + l.lambda_b.numel() * 4 for l in layers)
+    return [f"memory per resident user (float32), Llama hidden {hidden}, {LAYERS} layers, every linear layer:",
+            f"VeRA r={RANK}: {vera:,} B per slot ({total:,} B for {slots} slots; the projection regenerated from "
+            f"its seed, 0 B per user);  LoRA r={LORA_RANK}: {lora:,} B ({lora / vera:.1f}x)"]
+
+
+# --- store --------------------------------------------------------------------------------------
+def store_at_scale(users: int, directory: str, durable_sample: int = 2000, gets: int = 5000) -> List[str]:
+    """A store of ``users`` users of the tiny Llama of examples/serve_users.py (hidden 64, 2 layers, rank 16)."""
+    import random
+
+    model = vk.apply_vera(llama(hidden=64, layers=2, vocab=256), rank=16, seed=1, num_adapters=2)
+    fast = vk.AdapterStore(directory, model=model, durable=False)
+    durable = vk.AdapterStore(directory, durable=True)
+    g = torch.Generator().manual_seed(0)
+    vectors = {name: (torch.rand(16, generator=g), torch.randn(m["out_features"], generator=g))
+               for name, m in fast.modules.items()}
+    lines = [f"store: {users:,} users of a tiny Llama (hidden 64, 2 layers, 14 VeRA layers, rank 16); {load()}"]
+    put_fast, put_durable = [], []
+    t_all = time.perf_counter()
+    for u in range(users):
+        s = durable if u < durable_sample else fast
+        t0 = time.perf_counter()
+        s.put(f"user{u}", vectors)
+        (put_durable if u < durable_sample else put_fast).append(time.perf_counter() - t0)
+    t_all = time.perf_counter() - t_all
+    rnd = random.Random(0)
+    get_t = []
+    for _ in range(gets):
+        key = f"user{rnd.randrange(users)}"
+        t0 = time.perf_counter()
+        fast.get(key)
+        get_t.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    n = len(fast)
+    t_len = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    k = sum(1 for _ in fast.keys())
+    t_keys = time.perf_counter() - t0
+    assert n == k == users
+    sizes, blocks = 0, 0
+    for root, _, files in os.walk(directory):
+        for f in files:
+            st_ = os.stat(os.path.join(root, f))
+            sizes += st_.st_size
+            blocks += st_.st_blocks * 512
+    dirs = sum(os.stat(os.path.join(directory, "users", d)).st_blocks * 512
+               for d in os.listdir(os.path.join(directory, "users")))
+
+    def q(ts, p):
+        ts = sorted(ts)
+        return ts[min(len(ts) - 1, int(p * len(ts)))] * 1e6
+
+    lines += [
+        f"bytes per user: {sizes / users:,.0f} B of file, {(blocks + dirs) / users:,.0f} B on disk (4 KiB blocks, "
+        f"shard directories included)",
+        f"put (fsync, first {durable_sample}): median {q(put_durable, .5):,.0f} us, p99 {q(put_durable, .99):,.0f} us",
+        f"put (no fsync, the rest): median {q(put_fast, .5):,.0f} us, p99 {q(put_fast, .99):,.0f} us; "
+        f"all {users:,} puts {t_all:.0f} s",
+        f"get ({gets} random users, warm page cache): median {q(get_t, .5):,.0f} us, p99 {q(get_t, .99):,.0f} us",
+        f"len(store) (lists 256 shard directories): {t_len * 1e3:,.0f} ms; keys() (reads every file's header): "
+        f"{t_keys:,.1f} s",
+        f"({load()})",
+    ]
+    return lines
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["decode", "swap", "memory", "store", "all"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--users", type=int, default=100_000)
+    ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden size of the decode/swap/memory model")
+    ap.add_argument("--layers", type=int, default=LAYERS, help="layers of the swap model")
+    ap.add_argument("--dir", default=None, help="store directory (default: a temporary one)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = []
+    if args.what in ("memory", "all"):
+        out += memory(hidden=args.hidden)
+    if args.what in ("swap", "all"):
+        out += swap(hidden=args.hidden, layers=args.layers)
+    if args.what in ("decode", "all"):
+        out += decode(repeats=args.repeats, hidden=args.hidden)
+    if args.what == "store":
+        if args.dir:
+            out += store_at_scale(args.users, args.dir)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                out += store_at_scale(args.users, tmp)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The serving benchmark's functions run at toy sizes (CI smoke): tables come out with every row."""
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from benchmarks import serving  # noqa: E402
+
+pytestmark = pytest.mark.smoke
+
+
+def test_decode_swap_memory_tables_at_toy_sizes():
+    lines = serving.decode(batches=(4,), users=(1, 2), repeats=1, peft_users=(2,), slots=4, hidden=32)
+    rows = [line for line in lines if line.startswith("| 4 |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["vera one user", "vera bank", "vera bank",
+                                                         "peft lora r=16 mixed", "peft vera loop"]
+    lines = serving.swap(repeats=6, slots=2, hidden=32, layers=1)
+    assert sum(line.startswith("| from ") for line in lines) == 2 and any("file per user" in x for x in lines)
+    assert "VeRA r=" in serving.memory(slots=2, hidden=32)[1]
+
+
+def test_store_at_toy_scale(tmp_path):
+    lines = serving.store_at_scale(30, str(tmp_path / "s"), durable_sample=5, gets=20)
+    assert any(line.startswith("bytes per user") for line in lines)
