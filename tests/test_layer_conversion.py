@@ -70,6 +70,24 @@ def test_merged_snapshot_and_parametrized_vectors_survive_half():
     assert torch.equal(layer.lambda_b, 2.0 * lb)
 
 
+def test_device_moves_still_move_the_vectors_meta():
+    layer = _layer().to("meta", torch.float16)
+    assert layer.weight.device.type == "meta" and layer.weight.dtype == torch.float16
+    assert layer.lambda_d.device.type == layer.lambda_b.device.type == "meta"
+    assert layer.lambda_d.dtype == layer.lambda_b.dtype == torch.float32
+
+
+def test_half_under_swap_tensors_conversion():
+    layer = _layer()
+    ld = layer.lambda_d.detach().clone()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer.half()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    assert layer.weight.dtype == torch.float16 and torch.equal(layer.lambda_d, ld)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device move needs a GPU")
 def test_device_moves_still_move_the_vectors():
     layer = _layer().to("cuda", torch.float16)
