@@ -220,3 +220,41 @@ def test_forward_mode_with_trainable_vectors_raises(backend, api):
 
             with fwAD.dual_level():
                 fwAD.unpack_dual(f(fwAD.make_dual(primal, tangent)))
+
+
+def test_vmap_without_gradients(backend):
+    """torch.func.vmap with frozen vectors computes the reference on every backend (Triton runs it as one
+    opaque op, which functorch batches)."""
+    layer = fresh_layer()
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(3, 4, 8)
+    with vk.use_backend(backend):
+        y = torch.func.vmap(layer)(x)
+    torch.testing.assert_close(y, reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("api", ["func.jvp", "forward_ad"])
+def test_forward_mode_dvora(backend, api):
+    """DVoRA (magnitude=) follows the same rule: the "torch" backend gives the reference tangent, the
+    others refuse clearly."""
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    W, lb, m = torch.randn(6, 8, generator=g), torch.randn(6, generator=g), torch.rand(6, generator=g) + 1
+    ld, proj = torch.rand(4, generator=g) + 0.5, vk.Projection(5, 4, 8, 6)
+
+    def jvp(fn):
+        if api == "func.jvp":
+            return torch.func.jvp(fn, (x,), (t,))[1]
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(fn(fwAD.make_dual(x, t))).tangent
+
+    t_ref = jvp(lambda v: vk.reference.vera_linear(v, W, None, ld, lb, proj, magnitude=m))
+    f = lambda v: vk.vera_linear(v, W, None, ld, lb, proj, backend=backend, magnitude=m)  # noqa: E731
+    if backend == "torch":
+        torch.testing.assert_close(jvp(f), t_ref, rtol=1e-5, atol=1e-5)
+    else:
+        with pytest.raises(NotImplementedError, match=f"the '{backend}' backend has no forward-mode"):
+            jvp(f)

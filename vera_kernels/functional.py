@@ -6,7 +6,6 @@ import weakref
 from typing import Optional
 
 import torch
-from torch.autograd.forward_ad import unpack_dual
 
 from ._compat import functorch_transforms_active
 from .core import flatten_adapter_ids, make_dropout, make_problem, validate, warn_once
@@ -163,8 +162,6 @@ def vera_linear(
         chosen = select(problem, backend)
     if compiling:  # caches must exist before the traced Function (see Backend.prepare)
         chosen.prepare(problem)
-    if not (chosen.forward_ad or compiling) and _has_tangent(x, lambda_d, lambda_b, weight, bias):
-        raise NotImplementedError(FORWARD_AD_ERROR.format(name=chosen.name))
     if (torch.is_grad_enabled() and (x.requires_grad or lambda_d.requires_grad or lambda_b.requires_grad)
             and not torch.jit.is_tracing()):
         if functorch_transforms_active() and not compiling:
@@ -189,16 +186,3 @@ FUNCTORCH_ERROR = (
     "(loss.backward(), torch.autograd.grad), run vmap under torch.no_grad() or with frozen vectors, or use "
     "vera_kernels.reference.vera_linear, which is plain differentiable PyTorch"
 )
-
-FORWARD_AD_ERROR = (
-    "vera_kernels: the {name!r} backend has no forward-mode derivative (torch.func.jvp, jacfwd, "
-    "torch.autograd.forward_ad): its kernels would drop the tangent. Run the call on the 'torch' backend "
-    "(backend='torch' or `with vera_kernels.use_backend('torch')`), which gives it, or differentiate in "
-    "reverse mode (loss.backward(), torch.autograd.grad)"
-)
-
-
-def _has_tangent(*tensors) -> bool:
-    """Whether any of ``tensors`` carries a forward-mode tangent (a dual tensor of torch.autograd.forward_ad,
-    or an input of torch.func.jvp / jacfwd)."""
-    return any(unpack_dual(t).tangent is not None for t in tensors if t is not None)

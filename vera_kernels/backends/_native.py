@@ -32,7 +32,7 @@ import torch
 from .._compat import dispatch_has_kernel
 from ..core import Dropout, Problem, warn_once
 from ..projection import Projection, split_key
-from .base import Backend, opaque_backward, opaque_forward, runs_opaque
+from .base import Backend, opaque_backward, opaque_forward, refuse_forward_ad, runs_opaque
 
 ENV_NO_NATIVE = "VERA_KERNELS_NO_NATIVE"
 MODULE = "vera_kernels._C"
@@ -277,6 +277,7 @@ class NativeBackend(Backend):
         return availability(self.device_types[0])
 
     def forward(self, problem: Problem):
+        refuse_forward_ad(self, problem)
         if runs_opaque((problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b), False):
             return opaque_forward(self, problem)  # differentiable as an op (the native ops are not)
         a = projection_args(problem.projection, 0, problem.device)

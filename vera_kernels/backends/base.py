@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+from torch.autograd.forward_ad import unpack_dual
 
+from .._compat import functorch_transforms_active
 from ..core import SUPPORTED_DTYPES, Dropout, Problem
 from ..projection import Projection
 
@@ -24,7 +26,6 @@ class Backend:
     dtypes: Tuple[torch.dtype, ...] = SUPPORTED_DTYPES
     supports_adapter_ids: bool = False  # per-row adapter ids over banks lambda_d [n, r], lambda_b [n, N]
     supports_offsets: bool = False  # tensor-parallel shard offsets into the global A/B
-    forward_ad: bool = False  # forward-mode AD (jvp) through ``forward``; without it such calls are refused
 
     def unavailable_reason(self) -> Optional[str]:
         return None
@@ -200,21 +201,41 @@ def _backend_forward_backward(ctx, grad_y2d, _grad_s):
 _backend_forward.register_autograd(_backend_forward_backward, setup_context=_backend_forward_setup)
 
 
-def runs_opaque(tensors, while_compiling: bool) -> bool:
+def runs_opaque(tensors, launches_from_python: bool) -> bool:
     """Whether a backend runs a call as the opaque ops above instead of its own host code: while
     ``torch.jit.trace`` records (it cannot see kernel launches, nor differentiate ops without an autograd
-    formula), while ``torch.export`` traces (its program then calls the ops, which have one), for tensor
-    subclasses (FakeTensors under ``FakeTensorMode``, functional tensors: no memory a kernel could read;
-    the ops' fake kernels or the subclass handle the call), and, if ``while_compiling``, while
-    ``torch.compile`` traces (for host code it cannot trace)."""
+    formula), while ``torch.export`` traces (its program then calls the ops, which have one), and for
+    tensor subclasses (FakeTensors under ``FakeTensorMode``, functional tensors: no memory a kernel could
+    read; the ops' fake kernels or the subclass handle the call). A backend ``launches_from_python``
+    (Triton) also does while ``torch.compile`` traces (host code it cannot trace) and under functorch
+    transforms (``vmap``'s batched tensors have no memory a launcher could pass; the op is batched by
+    functorch's fallback)."""
     if torch.jit.is_tracing() or torch.compiler.is_exporting():
         return True
-    if while_compiling and torch.compiler.is_compiling():
+    if launches_from_python and (torch.compiler.is_compiling() or functorch_transforms_active()):
         return True
     return any(type(t) not in _PLAIN_TYPES for t in tensors if t is not None)
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+FORWARD_AD_ERROR = (
+    "vera_kernels: the {name!r} backend has no forward-mode derivative (torch.func.jvp, jacfwd, "
+    "torch.autograd.forward_ad): its kernels would drop the tangent. Run the call on the 'torch' backend "
+    "(backend='torch' or `with vera_kernels.use_backend('torch')`), which gives it when nothing requires "
+    "grad, or differentiate in reverse mode (loss.backward(), torch.autograd.grad)"
+)
+
+
+def refuse_forward_ad(backend: Backend, problem: Problem) -> None:
+    """Raise a clear error when an input of ``problem`` carries a forward-mode tangent (a dual tensor of
+    ``torch.autograd.forward_ad``, or an input of ``torch.func.jvp``/``jacfwd``), for a backend whose
+    kernels have no forward-mode derivative: they would read the primal and silently drop the tangent."""
+    if torch.compiler.is_compiling():
+        return
+    for t in (problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b):
+        if t is not None and unpack_dual(t).tangent is not None:
+            raise NotImplementedError(FORWARD_AD_ERROR.format(name=backend.name))
 
 
 def opaque_forward(backend: Backend, problem: Problem) -> Tuple[torch.Tensor, torch.Tensor]:

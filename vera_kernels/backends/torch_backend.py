@@ -79,7 +79,6 @@ class TorchBackend(Backend):
     dtypes = ACCEPTED_DTYPES
     supports_offsets = True
     supports_adapter_ids = True
-    forward_ad = True  # plain differentiable ops (inference path); the autograd Function has no jvp
 
     def prepare(self, problem: Problem) -> None:
         _sliced_ab(problem, problem.compute_dtype)  # fills the cache outside any traced Function

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 
 from ..core import SUPPORTED_DTYPES, Problem, interpreting
-from .base import Backend, opaque_backward, opaque_forward, runs_opaque
+from .base import Backend, opaque_backward, opaque_forward, refuse_forward_ad, runs_opaque
 
 
 class TritonBackend(Backend):
@@ -53,6 +53,7 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, problem: Problem):
+        refuse_forward_ad(self, problem)
         if runs_opaque((problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b), True):
             return opaque_forward(self, problem)
         from ..ops import fused_forward, shrink
