@@ -68,13 +68,26 @@ class Dropout:
         return isinstance(self.seed, torch.Tensor)
 
 
+def check_dropout_p(p, name: str = "dropout_p") -> float:
+    """``p`` as a float in ``[0, 1)``: the one dropout-probability rule (``TypeError``/``ValueError`` naming
+    ``name`` otherwise)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__} {p!r}")
+    if not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return float(p)
+
+
+def check_num_adapters(n) -> int:
+    """``n`` as a positive int: the one rule for a layer's number of adapters (``ValueError`` otherwise)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"num_adapters must be a positive int, got {n!r}")
+    return int(n)
+
+
 def make_dropout(dropout_p: float, training: bool, seed: Optional[int] = None) -> Optional[Dropout]:
     """Validate ``dropout_p``; return ``None`` when no dropout applies (p = 0 or eval mode)."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
-    p = float(dropout_p)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    p = check_dropout_p(dropout_p)
     if p == 0.0 or not training:
         return None
     if seed is None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .core import ACCEPTED_DTYPES, warn_once
+from .core import ACCEPTED_DTYPES, check_dropout_p, check_num_adapters, warn_once
 from .extra_state import decode_extra_state, encode_extra_state, projection_identity
 from .functional import vera_linear
 from .projection import Projection
@@ -118,10 +118,7 @@ class VeRALinear(nn.Module):
         """The adapter of a layer whose ``in_features``/``out_features`` (and base weight) are set:
         projection, dropout, ``d_initial`` and fresh float32 lambdas (and DVoRA's magnitude) on ``device``."""
         self._set_projection(projection)
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-            raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout_p(dropout, "dropout")
         if isinstance(d_initial, bool) or not isinstance(d_initial, numbers.Real):
             raise TypeError(f"d_initial must be a finite float, got {type(d_initial).__name__} {d_initial!r}")
         if not math.isfinite(float(d_initial)):
@@ -129,9 +126,7 @@ class VeRALinear(nn.Module):
         self.dropout = float(dropout)
         self.d_initial = float(d_initial)
         self._merged_lambdas = None  # (lambda_d, lambda_b) as merge() folded them in, while merged
-        if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
-            raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
-        self.num_adapters = num_adapters
+        self.num_adapters = check_num_adapters(num_adapters)
         self._adapter_ids = None  # set by vk.adapter_ids(model, ids) while a batch runs
         bank = (num_adapters,) if num_adapters > 1 else ()
         self.lambda_d = nn.Parameter(torch.empty(*bank, projection.rank, device=device, dtype=torch.float32))
@@ -400,9 +395,10 @@ class VeRALinear(nn.Module):
         if parsed["fan_in_fan_out"] != self.fan_in_fan_out:
             return (f"the state has fan_in_fan_out={parsed['fan_in_fan_out']} but this layer has "
                     f"fan_in_fan_out={self.fan_in_fan_out} (the weight layouts differ)")
-        d = parsed["dropout"]
-        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0.0 <= float(d) < 1.0:
-            return f"dropout in the state must be in [0, 1), got {d!r}"
+        try:
+            check_dropout_p(parsed["dropout"], "dropout in the state")
+        except (TypeError, ValueError) as e:
+            return str(e)
         ld, lb = parsed["merged_lambda_d"], parsed["merged_lambda_b"]
         if ld is not None and (tuple(ld.shape) != tuple(self.lambda_d.shape)
                                or tuple(lb.shape) != tuple(self.lambda_b.shape)):

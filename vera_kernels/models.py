@@ -19,6 +19,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .core import check_num_adapters
 from .layer import VeRALinear
 from .projection import Projection
 
@@ -228,12 +229,6 @@ def build_layer(module: nn.Module, projection: Projection, d_initial: float, dro
     )
 
 
-def _check_num_adapters(num_adapters) -> int:
-    if isinstance(num_adapters, bool) or not isinstance(num_adapters, numbers.Integral) or num_adapters < 1:
-        raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
-    return int(num_adapters)
-
-
 def check_slot(layers: Dict[str, VeRALinear], slot, action: str) -> Optional[int]:
     """Validate ``slot`` against the model's VeRA layers for ``action`` ("load", "save", "merge").
 
@@ -399,7 +394,7 @@ def apply_vera(
             f"the model already has VeRA layers (e.g. {next(iter(existing))!r}); use vk.load_adapter to "
             f"load other vectors or vk.merge_and_unload first"
         )
-    num_adapters = _check_num_adapters(num_adapters)
+    num_adapters = check_num_adapters(num_adapters)
     targets = find_targets(model, target_modules)
     if projection is None:
         max_in = max(_in_out(m)[0] for _, m in targets)

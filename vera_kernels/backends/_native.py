@@ -173,7 +173,7 @@ if hasattr(torch.ops.vera_kernels, "shrink"):  # imported by torch for a library
 
 # --- the backend -----------------------------------------------------------------------------------
 
-class ProjectionArgs(NamedTuple):
+class OpMatrixArgs(NamedTuple):
     """One projection matrix as the ops take it: stored float32 tensor (or None), key words, bound."""
 
     stored: Optional[torch.Tensor]
@@ -182,23 +182,32 @@ class ProjectionArgs(NamedTuple):
     bound: float
 
 
-def projection_args(projection: Projection, matrix: int, device) -> ProjectionArgs:
+def op_matrix_args(projection: Projection, matrix: int, device) -> OpMatrixArgs:
     """The op arguments for ``A`` (``matrix = 0``) or ``B`` (``matrix = 1``) of ``projection``."""
     if projection.is_seeded:
         k0, k1 = projection.key
-        return ProjectionArgs(None, k0, k1, projection.bound_a if matrix == 0 else projection.bound_b)
+        return OpMatrixArgs(None, k0, k1, projection.bound_a if matrix == 0 else projection.bound_b)
     stored = projection.stored  # fp32, contiguous; read directly (no cache side effect under torch.compile)
     if stored[matrix].device != torch.device(device):
         stored = projection.tensors_on(device)
-    return ProjectionArgs(stored[matrix], 0, 0, 0.0)
+    return OpMatrixArgs(stored[matrix], 0, 0, 0.0)
 
 
-def dropout_args(dropout: Optional[Dropout]) -> Tuple[int, int, int, float]:
-    """``(key0, key1, threshold, scale)`` of a call's dropout; threshold 0 means none."""
+class OpDropoutArgs(NamedTuple):
+    """A call's dropout as the ops take it; threshold 0 means none."""
+
+    key0: int
+    key1: int
+    threshold: int
+    scale: float
+
+
+def op_dropout_args(dropout: Optional[Dropout]) -> OpDropoutArgs:
+    """The op arguments of a call's dropout (``None``: no dropout)."""
     if dropout is None:
-        return 0, 0, 0, 1.0
+        return OpDropoutArgs(0, 0, 0, 1.0)
     k0, k1 = split_key(dropout.seed & 0xFFFFFFFFFFFFFFFF)
-    return k0, k1, dropout.threshold, dropout.scale
+    return OpDropoutArgs(k0, k1, dropout.threshold, dropout.scale)
 
 
 # A dropout seed drawn inside a compiled graph is a 0-d tensor; the ops take the key as ints. These
@@ -231,20 +240,20 @@ def _(grad_y, weight, g, lambda_d, A, key0, key1, bound, seed, threshold, scale,
     return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
 
 
-def _shrink(x2d, a: "ProjectionArgs", rank: int, dropout: Optional[Dropout], in_offset: int):
+def _shrink(x2d, a: "OpMatrixArgs", rank: int, dropout: Optional[Dropout], in_offset: int):
     if dropout is not None and dropout.seed_is_tensor:
         return _shrink_tensor_seed(x2d, a.stored, rank, a.key0, a.key1, a.bound, dropout.seed, dropout.threshold,
                                    dropout.scale, in_offset)
-    return ops().shrink(x2d, a.stored, rank, a.key0, a.key1, a.bound, *dropout_args(dropout), in_offset)
+    return ops().shrink(x2d, a.stored, rank, a.key0, a.key1, a.bound, *op_dropout_args(dropout), in_offset)
 
 
-def _grad_input(grad_y2d, weight, g, lambda_d, a: "ProjectionArgs", dropout: Optional[Dropout], in_offset: int,
+def _grad_input(grad_y2d, weight, g, lambda_d, a: "OpMatrixArgs", dropout: Optional[Dropout], in_offset: int,
                 adapter_ids: Optional[torch.Tensor]):
     if dropout is not None and dropout.seed_is_tensor:
         return _grad_input_tensor_seed(grad_y2d, weight, g, lambda_d, a.stored, a.key0, a.key1, a.bound,
                                        dropout.seed, dropout.threshold, dropout.scale, in_offset, adapter_ids)
     return ops().grad_input(grad_y2d, weight, g, lambda_d, a.stored, a.key0, a.key1, a.bound,
-                            *dropout_args(dropout), in_offset, adapter_ids)
+                            *op_dropout_args(dropout), in_offset, adapter_ids)
 
 
 _availability: dict = {}
@@ -280,8 +289,8 @@ class NativeBackend(Backend):
         refuse_forward_ad(self, problem)
         if runs_opaque((problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b), False):
             return opaque_forward(self, problem)  # differentiable as an op (the native ops are not)
-        a = projection_args(problem.projection, 0, problem.device)
-        b = projection_args(problem.projection, 1, problem.device)
+        a = op_matrix_args(problem.projection, 0, problem.device)
+        b = op_matrix_args(problem.projection, 1, problem.device)
         x2d = problem.x2d
         s = _shrink(x2d, a, problem.projection.rank, problem.dropout, problem.in_offset)
         ids = problem.adapter_ids
@@ -298,7 +307,7 @@ class NativeBackend(Backend):
         if runs_opaque((grad_y2d, s, problem.weight, problem.lambda_d, problem.lambda_b), False):
             return opaque_backward(self, problem, grad_y2d, s, needs_input_grad)
         need_x, need_d, need_b = needs_input_grad
-        b = projection_args(problem.projection, 1, problem.device)
+        b = op_matrix_args(problem.projection, 1, problem.device)
         ids = problem.adapter_ids
         ld, lb = problem.lambda_d, problem.lambda_b
         extra = ()
@@ -309,7 +318,7 @@ class NativeBackend(Backend):
         )
         grad_x = None
         if need_x:
-            a = projection_args(problem.projection, 0, problem.device)
+            a = op_matrix_args(problem.projection, 0, problem.device)
             grad_x = _grad_input(grad_y2d, problem.weight, g, ld, a, problem.dropout, problem.in_offset,
                                  extra[0] if extra else None)
         return grad_x, (grad_d if need_d else None), (grad_b if need_b else None)

@@ -87,7 +87,7 @@ class Backend:
 # The problem travels as tensors and plain numbers; the projection is rebuilt from its seed and dims
 # (or its stored A/B).
 
-def _projection_args(projection: Projection):
+def _opaque_projection_args(projection: Projection):
     if projection.is_seeded:
         lo, hi = projection.key
         ints = [lo, hi, projection.rank, projection.max_in_features, projection.max_out_features]
@@ -109,7 +109,7 @@ def _projection_from(ints: List[int], A: Optional[torch.Tensor], B: Optional[tor
     return _projections[key]
 
 
-def _dropout_args(dropout: Optional[Dropout]):
+def _opaque_dropout_args(dropout: Optional[Dropout]):
     if dropout is None:
         return 0.0, None, 0, 1.0
     seed = dropout.seed if dropout.seed_is_tensor else torch.tensor(dropout.seed, dtype=torch.int64)
@@ -241,7 +241,7 @@ def refuse_forward_ad(backend: Backend, problem: Problem) -> None:
 def opaque_forward(backend: Backend, problem: Problem) -> Tuple[torch.Tensor, torch.Tensor]:
     """``backend.forward(problem)`` as one custom op (for use while ``torch.compile`` traces)."""
     return _backend_forward(backend.name, problem.x2d, problem.weight, problem.bias, problem.lambda_d,
-                            problem.lambda_b, *_projection_args(problem.projection), *_dropout_args(problem.dropout),
+                            problem.lambda_b, *_opaque_projection_args(problem.projection), *_opaque_dropout_args(problem.dropout),
                             problem.adapter_ids, problem.in_offset, problem.out_offset)
 
 
@@ -249,6 +249,6 @@ def opaque_backward(backend: Backend, problem: Problem, grad_y2d, s, needs_input
     """``backend.backward(...)`` as one custom op (for use while ``torch.compile`` traces)."""
     needs = [bool(n) for n in needs_input_grad]
     grads = _backend_backward(backend.name, grad_y2d, s, problem.weight, problem.lambda_d, problem.lambda_b,
-                              *_projection_args(problem.projection), *_dropout_args(problem.dropout),
+                              *_opaque_projection_args(problem.projection), *_opaque_dropout_args(problem.dropout),
                               problem.adapter_ids, problem.in_offset, problem.out_offset, needs)
     return tuple(g if n else None for g, n in zip(grads, needs))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -78,30 +78,50 @@ def ab_source(M: int, K: int, N: int, R: int, dtype: torch.dtype) -> str:
     return env
 
 
-def projection_args(projection, device, dtype=torch.float32, shape=(0, 0, 0), in_offset=0, out_offset=0) -> tuple:
-    """``(GENERATE_AB, key0, key1, bound_a, bound_b, A, B)`` kernel arguments for a projection.
+class MatrixArgs(NamedTuple):
+    """One projection matrix as a kernel takes it: generate it (key words, bound) or load ``tensor``."""
 
-    Seeded projections pass their key and bounds (``A``/``B`` are then ``None``: never allocated),
-    unless ``ab_source`` for ``shape = (M, K, N)`` says "load": then the copy of ``A``/``B`` in ``dtype``
-    cached on the projection is passed. Stored projections pass their float32 tensors on ``device``.
-    Passed tensors start at the layer's shard: ``A[:, in_offset:]``, ``B[out_offset:]``.
+    generate: bool
+    key0: int
+    key1: int
+    bound: float
+    tensor: Optional[torch.Tensor]  # None when generated
+
+
+class DropoutArgs(NamedTuple):
+    """A call's dropout as a kernel takes it (inert values without dropout)."""
+
+    active: bool
+    key0: int
+    key1: int
+    threshold: int
+    scale: float
+
+
+def matrix_args(projection, matrix: int, device, dtype=torch.float32, shape=(0, 0, 0), offset: int = 0) -> MatrixArgs:
+    """Kernel arguments for ``A`` (``matrix = 0``) or ``B`` (``matrix = 1``) of a projection.
+
+    Seeded projections pass their key and bound (the tensor is then ``None``: never allocated), unless
+    ``ab_source`` for ``shape = (M, K, N)`` says "load": then the copy of ``A``/``B`` in ``dtype`` cached on
+    the projection is passed. Stored projections pass their float32 tensors on ``device``. A passed tensor
+    starts at the layer's shard: ``A[:, offset:]`` (``in_offset``), ``B[offset:]`` (``out_offset``).
     """
     if projection.is_seeded:
         k0, k1 = key_args(projection.seed)
         if ab_source(*shape, projection.rank, dtype) == "generate":
-            return True, k0, k1, projection.bound_a, projection.bound_b, None, None
+            return MatrixArgs(True, k0, k1, projection.bound_a if matrix == 0 else projection.bound_b, None)
         A, B = projection.materialize(dtype, device, cache=True)
     else:
         A, B = projection.tensors_on(device)
-    return False, 0, 0, 1.0, 1.0, A[:, in_offset:], B[out_offset:]
+    return MatrixArgs(False, 0, 0, 1.0, A[:, offset:] if matrix == 0 else B[offset:])
 
 
-def dropout_args(dropout) -> tuple:
-    """``(DROPOUT, key0, key1, threshold, scale)`` kernel arguments (inert values without dropout)."""
+def dropout_args(dropout) -> DropoutArgs:
+    """A call's dropout (``vera_kernels.core.Dropout`` or ``None``) as kernel arguments."""
     if dropout is None:
-        return False, 0, 0, 0, 1.0
+        return DropoutArgs(False, 0, 0, 0, 1.0)
     k0, k1 = key_args(dropout.seed)
-    return True, k0, k1, int(dropout.threshold), float(dropout.scale)
+    return DropoutArgs(True, k0, k1, int(dropout.threshold), float(dropout.scale))
 
 
 def device_guard(device: torch.device):

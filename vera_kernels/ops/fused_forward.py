@@ -17,7 +17,7 @@ import triton
 from triton import Config
 import triton.language as tl
 
-from ._launch import GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, gemm_plan, projection_args, vector_args
+from ._launch import GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, gemm_plan, matrix_args, vector_args
 from ._launch import on_input_device
 from ._jit import MATRIX_B, gemm_main_loop, gemm_tile_program, rank_expand, rank_vector
 
@@ -122,8 +122,7 @@ def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decod
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     if M == 0 or N == 0:
         return y
-    generate, key0, key1, _, bound_b, _, B = projection_args(projection, x2d.device, x2d.dtype, (M, K, N),
-                                                             out_offset=out_offset)
+    generate, key0, key1, bound_b, B = matrix_args(projection, 1, x2d.device, x2d.dtype, (M, K, N), out_offset)
     lambda_d, stride_lda = vector_args(lambda_d, adapter_ids)
     lambda_b, stride_lba = vector_args(lambda_b, adapter_ids)
     kernel, host, grid = gemm_plan(TUNERS, M, N, x2d.dtype, "BLOCK_N", decode)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._launch import (
     on_input_device,
-    GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, dropout_args, gemm_plan, projection_args, vector_args,
+    GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, dropout_args, gemm_plan, matrix_args, vector_args,
 )
 from ._jit import MATRIX_A, dropout_keep_tile, gemm_main_loop, gemm_tile_program, rank_expand
 
@@ -118,8 +118,7 @@ def grad_input(gy2d, weight, g, lambda_d, projection, dropout=None, *, decode=No
     gx = torch.empty((M, K), dtype=gy2d.dtype, device=gy2d.device)
     if M == 0 or K == 0:
         return gx
-    generate, key0, key1, bound_a, _, A, _ = projection_args(projection, gy2d.device, gy2d.dtype, (M, K, N),
-                                                             in_offset=in_offset)
+    generate, key0, key1, bound_a, A = matrix_args(projection, 0, gy2d.device, gy2d.dtype, (M, K, N), in_offset)
     drop, dk0, dk1, threshold, scale = dropout_args(dropout)
     lambda_d, stride_lda = vector_args(lambda_d, adapter_ids)
     kernel, host, grid = gemm_plan(TUNERS, M, K, gy2d.dtype, "BLOCK_K", decode)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._launch import (
     on_input_device,
-    build_tuners, dot_args, interpreting, kind_of, next_pow2, projection_args, split_reduction, vector_args,
+    build_tuners, dot_args, interpreting, kind_of, next_pow2, matrix_args, split_reduction, vector_args,
 )
 from ._jit import MATRIX_B, rank_factor_tile, rank_mma, rank_tile_program
 from .segment_sum import segment_sum
@@ -186,8 +186,7 @@ def rank_grads(gy2d, s, lambda_d, lambda_b, projection, *, need_g: bool = True, 
         gd = torch.zeros(lead + (R,), dtype=torch.float32, device=dev) if need_grad_d else None
         gb = torch.zeros(lead + (N,), dtype=torch.float32, device=dev) if need_grad_b else None
         return RankGrads(g if need_g else None, gd, gb)
-    generate, key0, key1, _, bound_b, _, B = projection_args(projection, dev, gy2d.dtype, (M, 0, N),
-                                                             out_offset=out_offset)
+    generate, key0, key1, bound_b, B = matrix_args(projection, 1, dev, gy2d.dtype, (M, 0, N), out_offset)
     lambda_d, stride_lda = vector_args(lambda_d, adapter_ids)
     lambda_b, stride_lba = vector_args(lambda_b, adapter_ids)
     block_m, block_r, split_n, n_per_split = rank_grads_launch_params(M, N, R, dev, gy2d.dtype, split_n, n)

@@ -16,7 +16,7 @@ import triton
 from triton import Config
 import triton.language as tl
 
-from ._launch import build_tuners, dot_args, dropout_args, kind_of, next_pow2, projection_args, split_reduction
+from ._launch import build_tuners, dot_args, dropout_args, kind_of, next_pow2, matrix_args, split_reduction
 from ._launch import on_input_device
 from ._jit import MATRIX_A, dropout_keep_tile, mma, rank_factor_tile, rank_tile_program
 
@@ -114,8 +114,7 @@ def shrink(x2d: torch.Tensor, projection, dropout=None, *, split_k: Optional[int
     R = projection.rank
     if M == 0:
         return torch.zeros((0, R), dtype=torch.float32, device=x2d.device)
-    generate, key0, key1, bound_a, _, A, _ = projection_args(projection, x2d.device, x2d.dtype, (M, K, 0),
-                                                             in_offset=in_offset)
+    generate, key0, key1, bound_a, A = matrix_args(projection, 0, x2d.device, x2d.dtype, (M, K, 0), in_offset)
     drop, dk0, dk1, threshold, scale = dropout_args(dropout)
     block_m, split_k, k_per_split = shrink_launch_params(M, K, R, x2d.device, x2d.dtype, split_k)
     out = torch.empty((split_k, M, R), dtype=torch.float32, device=x2d.device)
