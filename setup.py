@@ -106,7 +106,7 @@ if __name__ == "__main__":  # importable (tests read cuda_gencode_flags) without
         description="Fused GPU kernels for VeRA (Vector-based Random Matrix Adaptation)",
         packages=find_packages(include=["vera_kernels", "vera_kernels.*"]),
         python_requires=">=3.9",
-        install_requires=["torch>=2.4"],
+        install_requires=["torch>=2.13"],  # the oldest torch CI tests (.ci/run)
         extras_require={
             "triton": ["triton>=3.2"],
             "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2", "numpy"],  # numpy: Triton's interpreter
