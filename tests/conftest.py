@@ -48,6 +48,17 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture(params=ALL_BACKENDS)
+def cpu_backend(request):
+    """Every backend that runs on CPU tensors here, for tests whose tensors are on the CPU whatever the
+    machine (``backend`` follows the machine's test device: on a GPU machine it offers "triton" and
+    "cuda", which refuse CPU tensors)."""
+    why = backend_skip_reason(request.param, torch.device("cpu"))
+    if why is not None:
+        pytest.skip(why)
+    return request.param
+
+
 @pytest.fixture
 def device():
     return DEVICE

@@ -224,11 +224,12 @@ def _reference_model(model, x):
 
 @pytest.mark.parametrize("training,dropout", [(False, 0.0), (False, 0.3), (True, 0.0), (True, 0.3)],
                          ids=["eval", "eval-dropout", "train", "train-dropout"])
-def test_compile_fresh_model_fullgraph(backend, training, dropout):
+def test_compile_fresh_model_fullgraph(cpu_backend, training, dropout):
     """fullgraph=True on a model never run eagerly; outputs and gradients equal the reference's.
 
     ``aot_eager`` runs the traced graph with eager kernels, so the dropout seed drawn inside the graph
     comes from the same generator state as the reference's (``torch.manual_seed``)."""
+    backend = cpu_backend  # the model and x are CPU tensors
     torch._dynamo.reset()
     model = _fresh_model(dropout).train(training)
     assert not model[0].projection._cache

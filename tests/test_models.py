@@ -29,7 +29,8 @@ def tm():
 
 # --- the fan_in_fan_out layer (no optional packages needed) -------------------------------------
 @pytest.mark.parametrize("shape", [(7, 5), (1, 17), (16, 16)])
-def test_fan_in_fan_out_layer(backend, shape):
+def test_fan_in_fan_out_layer(cpu_backend, shape):  # CPU tensors
+    backend = cpu_backend
     K, N = shape
     torch.manual_seed(K * 100 + N)
     proj = vk.Projection(int(torch.randint(0, 2**62, (1,))), 3, K + 2, N + 1)

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,3 +103,22 @@ def test_findings_parsed_from_a_ptxas_log():
     f = ptxas_findings(log)
     assert len(f["serialised_wgmma"]) == 1 and (f["spill_stores"], f["spill_loads"]) == (40, 48)
     assert ptxas_findings("ptxas info    : Used 80 registers\n")["serialised_wgmma"] == []
+
+
+@pytest.mark.parametrize("module, test", [("test_bad_input", "test_bad_input"),
+                                          ("test_models", "test_fan_in_fan_out_layer"),
+                                          ("test_functional", "test_compile_fresh_model_fullgraph")])
+def test_tests_with_cpu_tensors_take_backends_that_run_them(module, test, monkeypatch):
+    """These tests build CPU tensors whatever the machine: on a GPU machine the ``backend`` fixture offers
+    "triton" and "cuda", which refuse CPU tensors, so they take ``cpu_backend``, which skips them there."""
+    import importlib
+    import inspect
+
+    from conftest import backend_skip_reason
+    from vera_kernels.backends.triton_backend import TritonBackend
+
+    params = inspect.signature(getattr(importlib.import_module(module), test)).parameters
+    assert "backend" not in params and "cpu_backend" in params
+    monkeypatch.setattr(TritonBackend, "device_types", ("cuda",))  # what a GPU machine's Triton backend runs
+    monkeypatch.setattr(TritonBackend, "unavailable_reason", lambda self: None)
+    assert "cpu" in backend_skip_reason("triton", torch.device("cpu"))
