@@ -376,3 +376,43 @@ def test_adapter_state_dict_store_and_slots(tmp_path):
     bank = vk.apply_vera(_tiny_llama(), rank=8, use_dora=True, num_adapters=2)
     with pytest.raises(ValueError, match="DVoRA"):
         vk.SlotCache(bank, store)
+
+
+def test_gpt2_conv1d_autocast_and_inference_mode():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    want = base(ids).logits
+    model = vk.apply_vera(base, rank=8, use_dora=True)  # Conv1D: fan_in_fan_out layers
+    layers = [m for m in model.modules() if isinstance(m, vk.VeRALinear)]
+    assert layers and all(m.fan_in_fan_out and m.dora for m in layers)
+    torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)  # a fresh adapter is the base
+    with torch.no_grad():
+        for m in layers:
+            m.lambda_b.normal_(0, 0.1)
+            m.magnitude.mul_(1.2)
+    y = model(ids).logits
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = model(ids).logits
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y, atol=0.1, rtol=0.05)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids).logits.float().square().mean().backward()
+    assert all(m.magnitude.grad is not None and m.magnitude.grad.dtype == torch.float32 for m in layers)
+    for m in layers:
+        m.merge()
+    torch.testing.assert_close(model.eval()(ids).logits, y, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_float64_x_and_magnitude():
+    """The norm depends on the lambdas only (a constant for autograd by design), so x and m are exact."""
+    x, W, b, ld, lb, proj = make_inputs((3,), 6, 5, 2, torch.float64, "cpu")
+    m = _magnitude(W).double().requires_grad_()
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, m: vk.vera_linear(x, W, b, ld.double(), lb.double(), proj,
+                                                                backend="torch", magnitude=m), (x, m))

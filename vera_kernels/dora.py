@@ -71,7 +71,8 @@ def clear_cache() -> None:
 def _stamp(weight: torch.Tensor):
     # The version counter changes on every in-place write through the tensor (merge, unmerge,
     # load_state_dict, optimizer steps, copy_); storage, layout and dtype changes (.to(), ._apply) too.
-    return (weight._version, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype,
+    version = None if weight.is_inference() else weight._version  # inference tensors have no version counter
+    return (version, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype,
             weight.device)
 
 
