@@ -263,8 +263,21 @@ def render_markdown(sections: List[Section], plot_link: Optional[str] = None) ->
         "",
         storage.render_markdown(),
         "",
-    ]
+    ] + _serving_section()
     return "\n".join(out)
+
+
+def _serving_section() -> List[str]:
+    """The recorded serving measurements (docs/serving.md's "Measurements"; ``python -m benchmarks.serving``)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "serving.md")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        _, found, body = f.read().partition("\n## Measurements\n")
+    if not found:
+        return []
+    return ["## Serving many users (recorded; `python -m benchmarks.serving`, docs/serving.md)", "",
+            body.split("\n## ")[0].strip(), ""]
 
 
 def render_ratio_tables(sections: List[Section]) -> str:

@@ -23,3 +23,10 @@ def test_decode_swap_memory_tables_at_toy_sizes():
 def test_store_at_toy_scale(tmp_path):
     lines = serving.store_at_scale(30, str(tmp_path / "s"), durable_sample=5, gets=20)
     assert any(line.startswith("bytes per user") for line in lines)
+
+
+def test_report_includes_the_recorded_serving_tables():
+    from benchmarks import report
+
+    text = report.render_markdown([])
+    assert "## Serving many users" in text and "Mixed-user decode" in text and "Swap of one user" in text
