@@ -113,6 +113,7 @@ if __name__ == "__main__":  # importable (tests read cuda_gencode_flags) without
             "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5"],
             "hf": ["transformers>=4.40", "peft>=0.13", "safetensors>=0.4"],
             "bnb": ["bitsandbytes>=0.50"],  # quantized base layers (4-bit, 8-bit); runs on the CPU too
+            "torchao": ["torchao>=0.18"],  # int8 weight-only quantized base layers
         },
         ext_modules=ext_modules,
         cmdclass=cmdclass,

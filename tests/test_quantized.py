@@ -13,23 +13,38 @@ import torch
 import vera_kernels as vk
 
 
-def test_vera_kernels_never_imports_bitsandbytes():
+def test_vera_kernels_never_imports_bitsandbytes_or_torchao():
     code = ("import sys, torch, vera_kernels as vk\n"
             "m = vk.apply_vera(torch.nn.Sequential(torch.nn.Linear(8, 8)), rank=4)\n"
             "vk.print_trainable_parameters(m); m(torch.randn(2, 8))\n"
-            "assert 'bitsandbytes' not in sys.modules\n")
+            "assert 'bitsandbytes' not in sys.modules and 'torchao' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
-bnb = pytest.importorskip("bitsandbytes")
+try:
+    import bitsandbytes as bnb
+except ImportError:
+    bnb = None
+try:
+    import torchao.quantization as aoq
+except ImportError:
+    aoq = None
 from vera_kernels.quantized import QuantizedVeRALinear, adapter_term, dequantized_weight  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-KINDS = ["nf4", "fp4", "int8"]
+needs_bnb = pytest.mark.skipif(bnb is None, reason="bitsandbytes is not installed (the [bnb] extra)")
+BNB_KINDS = ["nf4", "fp4", "int8"] if bnb is not None else []
+AO_KINDS = ["ao-int8"] if aoq is not None else []  # torchao's int8 weight-only nn.Linear
+KINDS = BNB_KINDS + AO_KINDS
 
 
 def quantized(linear: torch.nn.Linear, kind: str, compute_dtype=torch.float32) -> torch.nn.Module:
-    """A bitsandbytes copy of ``linear`` (quantized on the CPU)."""
+    """A quantized copy of ``linear``: bitsandbytes (on the CPU) or torchao."""
+    if kind == "ao-int8":
+        q = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        q.load_state_dict(linear.state_dict())
+        aoq.quantize_(q, aoq.Int8WeightOnlyConfig())
+        return q
     if kind == "int8":
         q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                 has_fp16_weights=False, threshold=0.0)
@@ -110,9 +125,10 @@ def test_adapter_term_checks_its_inputs():
         adapter_term(torch.randn(2, 32), torch.rand(5), torch.rand(24), proj)
 
 
+@needs_bnb
 def test_layer_refuses_what_it_cannot_do():
     q = quantized(torch.nn.Linear(16, 8), "nf4")
-    with pytest.raises(TypeError, match="Linear4bit or Linear8bitLt"):
+    with pytest.raises(TypeError, match="Linear4bit or Linear8bitLt layer or an nn.Linear with a torchao"):
         QuantizedVeRALinear(torch.nn.Linear(16, 8))
     with pytest.raises(NotImplementedError, match="banks"):
         QuantizedVeRALinear(q, rank=4, num_adapters=3)
@@ -126,7 +142,22 @@ def test_layer_refuses_what_it_cannot_do():
 
 
 # --- merging -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", AO_KINDS)
+def test_merging_into_torchao_is_refused(kind):
+    layer = QuantizedVeRALinear(quantized(torch.nn.Linear(64, 32), kind), rank=8)
+    w0 = dequantized_weight(layer.base_layer)
+    for action in (layer.merge, lambda: layer.merge(requantize=True)):
+        with pytest.raises(NotImplementedError, match="torchao"):
+            action()
+    for call in (vk.merge_adapter, vk.merge_and_unload):
+        with pytest.raises(RuntimeError, match="torchao"):
+            call(torch.nn.Sequential(layer), requantize=True)
+    assert not layer.merged and torch.equal(dequantized_weight(layer.base_layer), w0)
+    with pytest.raises(TypeError, match="torchao quantized tensor"):
+        vk.VeRALinear.from_linear(layer.base_layer, rank=4)
+
+
+@pytest.mark.parametrize("kind", BNB_KINDS)
 def test_merge_is_refused_unless_asked_and_requantizes(kind):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
@@ -187,7 +218,7 @@ def quantized_llama(kind, compute_dtype=torch.float32, seed=0):
 
 
 def _peft_projection(model):
-    layers = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    layers = [m for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
     return vk.Projection.from_peft_key(KEY, RANK, max(m.in_features for m in layers),
                                        max(m.out_features for m in layers))
 
@@ -209,6 +240,7 @@ def twins(kind, compute_dtype=torch.float32):
     return pm, ours
 
 
+@needs_bnb
 @pytest.mark.parametrize("kind,compute_dtype", [("nf4", torch.float32), ("nf4", torch.bfloat16),
                                                 ("fp4", torch.float32), ("int8", torch.float32)])
 def test_outputs_and_vector_gradients_match_peft(kind, compute_dtype):
@@ -234,6 +266,7 @@ def _peft_summary(pm):
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
+@needs_bnb
 @pytest.mark.parametrize("save_projection", [True, False])
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_peft_adapter_trained_on_a_quantized_model_loads(tmp_path, kind, save_projection):
@@ -258,6 +291,7 @@ def _adapted(kind="nf4"):
     return model
 
 
+@needs_bnb
 def test_disable_adapter_state_dict_and_adapter_files(tmp_path):
     model, ids = _adapted(), tm.inputs()
     with torch.no_grad():
@@ -274,6 +308,7 @@ def test_disable_adapter_state_dict_and_adapter_files(tmp_path):
             assert torch.equal(tm.output(m, ids), with_adapter)
 
 
+@needs_bnb
 def test_model_merging_is_refused_unless_asked():
     model, ids = _adapted(), tm.inputs()
     snap = tm.snapshot(model)
@@ -301,6 +336,7 @@ def test_model_merging_is_refused_unless_asked():
         assert err < 0.2 * (base - before).norm(), err
 
 
+@needs_bnb
 def test_banks_on_a_quantized_model_are_refused_and_change_nothing():
     model = quantized_llama("nf4")
     snap = tm.snapshot(model)
@@ -309,6 +345,7 @@ def test_banks_on_a_quantized_model_are_refused_and_change_nothing():
     tm.assert_unchanged(model, snap)
 
 
+@needs_bnb
 # --- from_pretrained(load_in_4bit) end to end ---------------------------------------------------------------
 def test_from_pretrained_4bit_apply_train_save_load(tmp_path):
     pytest.importorskip("accelerate")
@@ -336,3 +373,43 @@ def test_from_pretrained_4bit_apply_train_save_load(tmp_path):
     again = vk.load_adapter(load(), str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# --- torchao int8 weight-only ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", AO_KINDS)
+def test_torchao_model_matches_its_dequantized_twin(tmp_path, kind):
+    """A torchao int8 weight-only Llama adapted by apply_vera against the same model with the dequantized
+    weights in plain nn.Linear layers (the fused path): outputs, vector gradients, training, adapter files."""
+    def make():
+        model = tiny_llama()
+        aoq.quantize_(model.model, aoq.Int8WeightOnlyConfig())  # every linear layer but the head
+        return model
+
+    model = vk.apply_vera(make(), rank=RANK, seed=5)
+    layers = vk.models.vera_layers(model)
+    assert all(isinstance(m, QuantizedVeRALinear) and m.quant_kind == "torchao" for m in layers.values())
+    twin = tiny_llama()
+    with torch.no_grad():
+        for name, layer in layers.items():
+            twin.get_submodule(name).weight.copy_(dequantized_weight(layer.base_layer))
+    twin = vk.apply_vera(twin, rank=RANK, seed=5)
+    for name, layer in layers.items():
+        _random_vectors(layer)
+        _random_vectors(twin.get_submodule(name))
+    ids = tm.inputs()
+    out, ref = tm.output(model, ids), tm.output(twin, ids)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for name, layer in layers.items():
+        other = twin.get_submodule(name)
+        torch.testing.assert_close(layer.lambda_d.grad, other.lambda_d.grad, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(layer.lambda_b.grad, other.lambda_b.grad, rtol=1e-3, atol=1e-6)
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model.eval()
+    vk.save_adapter(model, str(tmp_path))
+    again = vk.load_adapter(make(), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(tm.output(again, ids), tm.output(model, ids))
+        with vk.disable_adapter(model):
+            assert torch.equal(tm.output(model, ids), tm.output(make().eval(), ids))

@@ -51,9 +51,8 @@ def _merge_problems(layers: Dict[str, VeRALinear], requantize: bool, action: str
         if layer.num_adapters > 1:
             problems.append(f"{name!r} holds a bank of {layer.num_adapters} adapters, which has no single delta "
                             "weight (vk.merge_and_unload(model, slot=k) folds one adapter in for good)")
-        elif _is_quantized(layer) and not requantize:
-            problems.append(f"{name!r} has a quantized base ({type(layer.base_layer).__name__}): {action} would "
-                            "re-quantize its weight, which loses precision; pass requantize=True to do it anyway")
+        elif _is_quantized(layer) and layer.merge_problem(requantize) is not None:
+            problems.append(f"{name!r}: {layer.merge_problem(requantize)}")
     return problems
 
 
@@ -133,10 +132,10 @@ def unmerge_adapter(model: nn.Module, *, requantize: bool = False) -> nn.Module:
     """
     layers = _layers(model, "unmerge_adapter")
     todo = {name: layer for name, layer in layers.items() if layer.merged}
-    quantized = [name for name, layer in todo.items() if _is_quantized(layer) and not requantize]
+    quantized = [f"{name!r}: {layer.merge_problem(requantize, 'unmerge')}" for name, layer in todo.items()
+                 if _is_quantized(layer) and layer.merge_problem(requantize, "unmerge") is not None]
     if quantized:
-        raise RuntimeError(f"unmerge_adapter: nothing was unmerged: {quantized[0]!r} has a quantized base; "
-                           "unmerging re-quantizes its weight (lossy): pass requantize=True to do it anyway")
+        raise RuntimeError("unmerge_adapter: nothing was unmerged: " + quantized[0])
     if not todo:
         warnings.warn("unmerge_adapter: no VeRA layer is merged; nothing to do", stacklevel=2)
     for layer in todo.values():

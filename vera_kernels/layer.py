@@ -105,6 +105,12 @@ class VeRALinear(nn.Module):
             self.out_features, self.in_features = self.in_features, self.out_features
         if weight.dtype not in ACCEPTED_DTYPES:
             raise TypeError(f"the base weight must be float32, float16, bfloat16 or float64, got {weight.dtype}")
+        from .quantized import is_torchao_tensor
+
+        if is_torchao_tensor(weight):
+            raise TypeError(f"the base weight is a torchao quantized tensor ({type(weight).__name__}), which the "
+                            "kernels cannot read: adapt the model with vk.apply_vera (or wrap the layer in "
+                            "vera_kernels.quantized.QuantizedVeRALinear)")
         weight.requires_grad_(False)
         self.weight = weight
         if bias is not None:

@@ -519,11 +519,10 @@ def merge_and_unload(model: nn.Module, *, slot: Optional[int] = None, requantize
     layers = vera_layers(model)
     if not layers:
         raise ValueError("the model has no VeRA layers to merge")
-    quantized = [name for name, layer in layers.items()
-                 if getattr(layer, "quantized", False) and not layer.merged]
-    if quantized and not requantize:
-        raise RuntimeError(f"merge_and_unload: {quantized[0]!r} has a quantized base; merging re-quantizes its "
-                           "weight, which loses precision: pass requantize=True to do it anyway")
+    quantized = [f"{name!r}: {layer.merge_problem(requantize)}" for name, layer in layers.items()
+                 if getattr(layer, "quantized", False) and not layer.merged and layer.merge_problem(requantize)]
+    if quantized:
+        raise RuntimeError(f"merge_and_unload: nothing was merged: {quantized[0]}")
     slot = check_slot(layers, slot, "merge")
     sharded = [name for name, layer in layers.items() if layer.tensor_parallel is not None]
     if sharded:

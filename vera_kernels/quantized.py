@@ -1,5 +1,6 @@
 """VeRA over quantized base layers: bitsandbytes 4-bit (``bnb.nn.Linear4bit``, NF4/FP4) and 8-bit
-(``bnb.nn.Linear8bitLt``).
+(``bnb.nn.Linear8bitLt``), and ``nn.Linear`` layers whose weight torchao quantized (e.g. int8 weight-only,
+``quantize_(model, Int8WeightOnlyConfig())``: a torchao tensor subclass the kernels cannot read).
 
 The base product is the quantized module's own (its dequantizing matmul, its backward for ``x``); the
 adapter term ``lambda_b * ((lambda_d * (dropout(x) A_K^T)) B_N^T)`` is added by :func:`adapter_term`, an
@@ -9,7 +10,7 @@ operations on every device: there is no fused adapter-only Triton or CUDA kernel
 
 As in PEFT, the adapter math is float32 with float32 ``A``/``B`` (PEFT keeps its projection buffers in
 float32 on quantized models), and the sum is returned in ``x``'s dtype. Nothing here imports
-``bitsandbytes``: a module can only be a bitsandbytes layer if the package is already imported.
+``bitsandbytes`` or ``torchao``: a module can only hold their layers or tensors if they are already imported.
 """
 
 from __future__ import annotations
@@ -28,21 +29,30 @@ __all__ = ["QuantizedVeRALinear", "adapter_term", "quantized_kind", "dequantized
 
 BNB_4BIT = "bnb-4bit"
 BNB_8BIT = "bnb-8bit"
+TORCHAO = "torchao"
 
 
 def _bnb():
     return sys.modules.get("bitsandbytes")
 
 
+def is_torchao_tensor(t) -> bool:
+    """True for a torchao quantized tensor subclass (``torchao.utils.TorchAOBaseTensor``)."""
+    utils = sys.modules.get("torchao.utils")
+    base = getattr(utils, "TorchAOBaseTensor", None)
+    return base is not None and isinstance(t, base)
+
+
 def quantized_kind(module: nn.Module) -> Optional[str]:
-    """``"bnb-4bit"`` for ``bnb.nn.Linear4bit``, ``"bnb-8bit"`` for ``bnb.nn.Linear8bitLt``, else ``None``."""
+    """``"bnb-4bit"`` for ``bnb.nn.Linear4bit``, ``"bnb-8bit"`` for ``bnb.nn.Linear8bitLt``, ``"torchao"`` for
+    an ``nn.Linear`` whose weight torchao quantized, else ``None``."""
     bnb = _bnb()
-    if bnb is None:
-        return None
-    if isinstance(module, bnb.nn.Linear4bit):
+    if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
         return BNB_4BIT
-    if isinstance(module, bnb.nn.Linear8bitLt):
+    if bnb is not None and isinstance(module, bnb.nn.Linear8bitLt):
         return BNB_8BIT
+    if isinstance(module, nn.Linear) and is_torchao_tensor(module.weight):
+        return TORCHAO
     return None
 
 
@@ -121,8 +131,10 @@ def adapter_term(x: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tensor
 
 # --- dequantize / re-quantize (merging) ------------------------------------------------------------------
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """The ``[out, in]`` float32 weight a bitsandbytes layer represents."""
+    """The ``[out, in]`` float32 weight a quantized layer represents."""
     bnb, kind, w = _bnb(), quantized_kind(module), module.weight
+    if kind == TORCHAO:
+        return w.dequantize().float()
     if kind == BNB_4BIT:
         if getattr(w.quant_state, "packing_format_for_cpu", False):
             # an eval-mode CPU forward repacked the weight for bitsandbytes' CPU kernel; its state_dict() puts
@@ -135,7 +147,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
             return w.data.float()
         scb = w.SCB if w.SCB is not None else module.state.SCB
         return bnb.functional.int8_vectorwise_dequant(w.data, scb).float()
-    raise TypeError(f"{type(module).__name__} is not a bitsandbytes 4-bit or 8-bit linear layer")
+    raise TypeError(f"{type(module).__name__} is not a quantized linear layer (bitsandbytes or torchao)")
 
 
 def _requantize(module: nn.Module, weight: torch.Tensor) -> None:
@@ -157,7 +169,8 @@ def _requantize(module: nn.Module, weight: torch.Tensor) -> None:
 
 # --- the layer -------------------------------------------------------------------------------------------
 class QuantizedVeRALinear(VeRALinear):
-    """A :class:`VeRALinear` over a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` layer.
+    """A :class:`VeRALinear` over a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` layer, or an ``nn.Linear``
+    whose weight torchao quantized.
 
     ``base_layer`` (the quantized module, kept as is and frozen) computes the base product; the adapter term
     comes from :func:`adapter_term`. ``weight``/``bias`` are the base layer's. Everything else is
@@ -166,7 +179,7 @@ class QuantizedVeRALinear(VeRALinear):
 
     Merging writes into the quantized weight: it is dequantized, the float32 delta added, and the result
     quantized again, which loses precision (as PEFT warns); ``merge()``/``unmerge()`` therefore refuse unless
-    called with ``requantize=True``. Banks of adapters (``num_adapters > 1``) and DVoRA (``dora=True``) are
+    called with ``requantize=True`` (torchao weights: not supported at all). Banks of adapters (``num_adapters > 1``) and DVoRA (``dora=True``) are
     not supported here.
     """
 
@@ -176,8 +189,8 @@ class QuantizedVeRALinear(VeRALinear):
                  dropout: float = 0.0, rank: int = 256, seed: int = 0, num_adapters: int = 1, dora: bool = False):
         kind = quantized_kind(base_layer)
         if kind is None:
-            raise TypeError(f"QuantizedVeRALinear wraps a bitsandbytes Linear4bit or Linear8bitLt layer, got "
-                            f"{type(base_layer).__name__}")
+            raise TypeError(f"QuantizedVeRALinear wraps a bitsandbytes Linear4bit or Linear8bitLt layer or an "
+                            f"nn.Linear with a torchao-quantized weight, got {type(base_layer).__name__}")
         if num_adapters != 1:
             raise NotImplementedError(f"a quantized base layer ({type(base_layer).__name__}) takes one adapter; "
                                       f"banks (num_adapters={num_adapters!r}) need an unquantized base")
@@ -227,12 +240,21 @@ class QuantizedVeRALinear(VeRALinear):
         adapter = adapter_term(x, self.lambda_d, self.lambda_b, self.projection, self.dropout, self.training)
         return (out.to(adapter.dtype) + adapter).to(x.dtype)
 
-    def _refuse_lossy(self, requantize: bool, action: str) -> None:
+    def merge_problem(self, requantize: bool, action: str = "merge") -> Optional[str]:
+        """Why ``action`` ("merge", "unmerge") cannot write into the quantized weight, or ``None``."""
+        if self.quant_kind == TORCHAO:
+            return (f"{action} into a torchao-quantized weight ({type(self.weight).__name__}) is not supported: "
+                    "the tensor does not record how to quantize a changed weight again; keep the adapter unmerged")
         if not requantize:
-            raise RuntimeError(
-                f"{action} into a quantized base ({type(self.base_layer).__name__}) dequantizes the weight, "
-                f"changes it and quantizes it again, which loses precision; call {action}(requantize=True) to "
-                f"do it anyway (PEFT warns the same), or keep the adapter unmerged")
+            return (f"{action} into a quantized base ({type(self.base_layer).__name__}) dequantizes the weight, "
+                    f"changes it and quantizes it again, which loses precision; pass requantize=True to do it "
+                    f"anyway (PEFT warns the same), or keep the adapter unmerged")
+        return None
+
+    def _refuse_lossy(self, requantize: bool, action: str) -> None:
+        why = self.merge_problem(requantize, action)
+        if why is not None:
+            raise (NotImplementedError if self.quant_kind == TORCHAO else RuntimeError)(why)
 
     @torch.no_grad()
     def merge(self, requantize: bool = False) -> None:
