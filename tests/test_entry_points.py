@@ -10,6 +10,7 @@ pickle. Each row is registered with its kind: ``"right"`` (a result compared wit
 name of ``vera_kernels`` needs a row (or a stated reason for having none).
 """
 
+import contextlib
 import copy
 import io
 import pathlib
@@ -238,6 +239,16 @@ def functional_unknown_backend():
         vk.vera_linear(x, W, b, ld, lb, proj, backend="nope")
 
 
+@row("refusal")
+def functional_unavailable_backend():
+    unavailable = [name for name, why in vk.backends().items() if why is not None]
+    if not unavailable:
+        pytest.skip("every backend is available here")
+    x, W, b, ld, lb, proj = call_inputs()
+    with pytest.raises(vk.BackendUnavailableError, match=re.escape(unavailable[0])):
+        vk.vera_linear(x, W, b, ld, lb, proj, backend=unavailable[0])
+
+
 @row("right")
 def projection_known_answer():
     A, B = vk.Projection(seed=0, rank=256, max_in_features=4096, max_out_features=4096).materialize()
@@ -385,6 +396,10 @@ def trainable_summary_counts():
     m = model()
     line = vk.trainable_summary(m)
     assert f"trainable params: {2 * R + H + N}" in line and "rank 4" in line
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        vk.print_trainable_parameters(m)
+    assert out.getvalue() == line + "\n"
 
 
 @row("refusal")
@@ -425,6 +440,22 @@ def save_peft_adapter_and_load_it():
         src = model()
         vk.save_peft_adapter(src, tmp_path / "p")
         check(vk.load_adapter(base_model(), tmp_path / "p")(inputs(3)), ref(src, inputs(3)))
+
+
+@row("right")
+def from_peft_model():
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(base_model(), peft.VeraConfig(r=R, target_modules=["0", "2"], projection_prng_key=7))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "vera_lambda" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    x = inputs(3)
+    with torch.no_grad():
+        y_peft = pm(x)
+    m = vk.from_peft(pm)
+    check(m(x), ref(m, x))
+    check(y_peft, ref(m, x))
 
 
 @row("right")
@@ -636,23 +667,20 @@ def test_entry_point(name):
 # Public names without a row of their own here, and why.
 NO_ROW = {
     "reference": "the oracle every row compares with",
-    "BackendUnavailableError": "raised by backends_listing's refusals elsewhere (tests/test_backends.py)",
-    "print_trainable_parameters": "prints trainable_summary, which has a row",
-    "from_peft": "needs a live PeftModel (tests/test_models.py)",
     "ColwiseParallel": "needs torch.distributed processes (tests/test_distributed.py)",
     "RowwiseParallel": "needs torch.distributed processes (tests/test_distributed.py)",
 }
 COVERED = {
     "Projection": "projection_known_answer", "philox4x32": "projection_known_answer",
     "vera_linear": "functional_forward_backward", "VeRALinear": "layer_forward_backward",
-    "backends": "backends_listing", "use_backend": "backends_listing", "adapter_ids": "adapter_ids_context",
+    "backends": "backends_listing", "BackendUnavailableError": "functional_unavailable_backend", "use_backend": "backends_listing", "adapter_ids": "adapter_ids_context",
     "apply_vera": "apply_vera_and_train_step", "merge_and_unload": "merge_and_unload_model",
-    "trainable_summary": "trainable_summary_counts", "save_adapter": "save_load_adapter",
+    "trainable_summary": "trainable_summary_counts", "print_trainable_parameters": "trainable_summary_counts", "save_adapter": "save_load_adapter",
     "load_adapter": "save_load_adapter", "save_peft_adapter": "save_peft_adapter_and_load_it",
     "AdapterFileError": "load_damaged_adapter", "disable_adapter": "disable_and_merge_controls",
     "merge_adapter": "disable_and_merge_controls", "unmerge_adapter": "disable_and_merge_controls",
     "get_adapter_state_dict": "adapter_state_dict_controls", "set_adapter_state_dict": "adapter_state_dict_controls",
-    "AdapterStore": "adapter_store_and_slots", "SlotCache": "adapter_store_and_slots",
+    "from_peft": "from_peft_model", "AdapterStore": "adapter_store_and_slots", "SlotCache": "adapter_store_and_slots",
 }
 
 
