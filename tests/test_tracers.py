@@ -258,3 +258,26 @@ def test_forward_mode_dvora(backend, api):
     else:
         with pytest.raises(NotImplementedError, match=f"the '{backend}' backend has no forward-mode"):
             jvp(f)
+
+
+def test_jit_trace_of_a_fresh_layer_warns_that_it_regenerates(monkeypatch):
+    """Tracing before any eager call records A/B generation in the graph (correct, but it reruns every
+    call): a warning says so and how to avoid it; a warm layer traces A/B as constants, silently."""
+    import warnings
+
+    from vera_kernels import projection
+
+    monkeypatch.setattr(projection, "_traced_generation_warned", False)
+    layer = fresh_layer()
+    x = torch.randn(5, 8)
+    with vk.use_backend("torch"):
+        with pytest.warns(UserWarning, match="run the model once before tracing"):
+            cold = torch.jit.trace(layer, (x,))
+        assert "projection_block" in str(cold.graph)
+        monkeypatch.setattr(projection, "_traced_generation_warned", False)
+        layer(x)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*before tracing")
+            warm = torch.jit.trace(layer, (x,))
+        assert "projection_block" not in str(warm.graph)
+        torch.testing.assert_close(warm(x), cold(x), rtol=0, atol=0)

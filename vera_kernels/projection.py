@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Optional, Tuple, Union
 
 import torch
@@ -181,6 +182,18 @@ def cacheable(*tensors: torch.Tensor) -> bool:
     return all(type(t) is torch.Tensor for t in tensors)
 
 
+_traced_generation_warned = False
+
+
+def _warn_traced_generation() -> None:
+    global _traced_generation_warned
+    if not _traced_generation_warned:
+        _traced_generation_warned = True
+        warnings.warn("vera_kernels: torch.jit.trace records the generation of a projection's A/B (the model "
+                      "has not run eagerly yet), so the traced graph regenerates them on every call; run the "
+                      "model once before tracing to record them as constants instead", UserWarning, stacklevel=3)
+
+
 def _peft_kaiming_uniform(shape, fan_in: int, gen: torch.Generator) -> torch.Tensor:
     """PEFT's ``_kaiming_init``: uniform in ``(-bound, bound)``, the bound computed in the same float steps."""
     gain = math.sqrt(2)
@@ -316,6 +329,8 @@ class Projection:
         if self._A is not None:
             A, B = self._A.to(device=device, dtype=dtype), self._B.to(device=device, dtype=dtype)
         else:
+            if torch.jit.is_tracing():
+                _warn_traced_generation()
             A = self.generate_a(slice(None), slice(None), device=device).to(dtype)
             B = self.generate_b(slice(None), slice(None), device=device).to(dtype)
         if cache:
