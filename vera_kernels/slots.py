@@ -155,8 +155,8 @@ class SlotCache:
             except KeyError:
                 raise UnknownUserError(f"user {u!r} is not in the store at {self.store.directory!r} (a row of "
                                        f"the base model alone is None, not an unknown user)") from None
-        for u, vectors in zip(missing, loaded):
-            self._fill(free.pop(0), u, vectors)
+        if missing:
+            self._fill(free[: len(missing)], missing, loaded)
         self.misses += len(missing)
         self.hits += len(wanted) - len(missing)
         for u in wanted:
@@ -168,17 +168,25 @@ class SlotCache:
         return ids, slots
 
     @torch.no_grad()
-    def _fill(self, slot: int, user: str, vectors: Dict[str, tuple]) -> None:
-        old = self._user_of[slot]
-        if old is not None:
-            del self._lru[old]
-            self.evictions += 1
-        for name, (lambda_d, lambda_b) in vectors.items():
-            layer = self._layers[name]
-            layer.lambda_d[slot].copy_(lambda_d)
-            layer.lambda_b[slot].copy_(lambda_b)
-        self._user_of[slot] = user
-        self._lru[user] = slot
+    def _fill(self, slots: List[int], users: List[str], vectors: List[Dict[str, tuple]]) -> None:
+        """Copy ``users``' vectors into ``slots`` in place: per bank one ``copy_`` for a single user, one
+        ``index_copy_`` of the stacked vectors for several (a few ops per layer however many users)."""
+        for slot in slots:
+            old = self._user_of[slot]
+            if old is not None:
+                del self._lru[old]
+                self.evictions += 1
+        index = torch.tensor(slots, dtype=torch.int64)
+        for name, layer in self._layers.items():
+            for bank, k in ((layer.lambda_d, 0), (layer.lambda_b, 1)):
+                if len(slots) == 1:
+                    bank[slots[0]].copy_(vectors[0][name][k])
+                else:
+                    rows = torch.stack([v[name][k] for v in vectors]).to(bank.device, bank.dtype)
+                    bank.index_copy_(0, index.to(bank.device), rows)
+        for slot, user in zip(slots, users):
+            self._user_of[slot] = user
+            self._lru[user] = slot
 
     def evict(self, user: str) -> None:
         """Forget ``user``'s slot (e.g. after its adapter changed in the store); refused while pinned."""
