@@ -105,6 +105,15 @@ def test_replacing_a_directory_keeps_its_other_files(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_saved_directories_get_the_usual_permissions(tmp_path):
+    os.mkdir(tmp_path / "plain")
+    vk.save_adapter(adapted("X"), tmp_path / "new")
+    assert os.stat(tmp_path / "new").st_mode == os.stat(tmp_path / "plain").st_mode
+    os.chmod(tmp_path / "new", 0o750)
+    vk.save_adapter(adapted("Y"), tmp_path / "new")  # a replaced directory keeps its mode
+    assert os.stat(tmp_path / "new").st_mode & 0o777 == 0o750
+
+
 def test_a_file_in_the_way_is_refused_before_anything_is_written(tmp_path):
     f = tmp_path / "adapter"
     f.write_text("not a directory")

@@ -37,7 +37,6 @@ import math
 import numbers
 import os
 import shutil
-import tempfile
 import uuid
 from typing import Dict, List, Optional, Tuple
 
@@ -204,8 +203,11 @@ def _write(directory: str, config: dict, tensors: Dict[str, torch.Tensor]) -> No
     data = st.save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
     text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    os.mkdir(tmp)  # the usual permissions (umask), as a directory made by os.makedirs
     try:
+        if os.path.isdir(target):
+            shutil.copymode(target, tmp)
         _write_file(os.path.join(tmp, WEIGHTS_NAME), data)
         _write_file(os.path.join(tmp, CONFIG_NAME), text)
         if not os.path.isdir(target):
