@@ -499,7 +499,7 @@ def load_adapter_of_another_seed():
 
 
 # --- tracers and transforms ---------------------------------------------------------------------
-@row("right", "cpu")
+@row("right", "torch", "cpu", "triton")
 def fake_tensor_mode_then_real_call(backend):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -512,7 +512,7 @@ def fake_tensor_mode_then_real_call(backend):
         check(m(inputs(3)), ref(m, inputs(3)))  # real calls after the fake one
 
 
-@row("right", "torch", "triton")
+@row("right", "torch", "cpu", "triton")
 def torch_export_fresh_model(backend):
     needs(backend)
     m = model()
@@ -532,7 +532,7 @@ def torch_compile_fullgraph(backend):
     check_grads(got, ref_grads(m, inputs(3), gy))
 
 
-@row("right", "torch/warm")
+@row("right", "torch/warm", "torch/fresh", "cpu/fresh", "triton/fresh")
 def jit_trace(case):
     backend, state = case.split("/")
     needs(backend)
@@ -555,6 +555,47 @@ def func_jvp_frozen_vectors(backend):
         _, tangent = torch.func.jvp(m, (x,), (t,))
     _, expected = torch.func.jvp(lambda z: ref(m, z), (x.double(),), (t.double(),))
     check(tangent, expected)
+
+
+@row("refusal", "cpu", "triton")
+def func_jvp_on_a_backend_without_forward_mode(backend):
+    needs(backend)
+    m = model().requires_grad_(False)
+    with vk.use_backend(backend), pytest.raises(NotImplementedError,
+                                                match=f"'{backend}' backend has no forward-mode derivative"):
+        torch.func.jvp(m, (inputs(3),), (inputs(3, seed=9),))
+
+
+@row("right")
+def forward_ad_dual_numbers_frozen_vectors():
+    import torch.autograd.forward_ad as fwAD
+
+    m = model().requires_grad_(False)
+    x, t = inputs(3), inputs(3, seed=9)
+    with vk.use_backend("torch"), fwAD.dual_level():
+        tangent = fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent
+    _, expected = torch.func.jvp(lambda z: ref(m, z), (x.double(),), (t.double(),))
+    check(tangent, expected)
+
+
+@row("refusal", "cpu", "triton")
+def forward_ad_on_a_backend_without_forward_mode(backend):
+    import torch.autograd.forward_ad as fwAD
+
+    needs(backend)
+    m = model().requires_grad_(False)
+    with vk.use_backend(backend), fwAD.dual_level(), pytest.raises(
+            NotImplementedError, match=f"'{backend}' backend has no forward-mode derivative"):
+        m(fwAD.make_dual(inputs(3), inputs(3, seed=9)))
+
+
+@row("refusal")
+def cpu_backend_float64():
+    x, W, b, ld, lb, proj = call_inputs(torch.float64)
+    if backend_skip_reason("cpu"):
+        pytest.skip(backend_skip_reason("cpu"))
+    with pytest.raises(vk.BackendUnavailableError, match=r"'cpu' cannot run this call.*float64"):
+        vk.vera_linear(x, W, b, ld, lb, proj, backend="cpu")
 
 
 @row("right", "torch")
