@@ -49,11 +49,15 @@ ARCHS = {
     90: dict(name="NVIDIA H100 80GB HBM3 (rehearsal)", sms=132, shared=232448, memory=80 * 2**30),
     80: dict(name="NVIDIA A100-SXM4-80GB (rehearsal)", sms=108, shared=166912, memory=80 * 2**30),
 }
-ENV_VAR = "VERA_KERNELS_REHEARSAL"
 
 _SERIALISED_WGMMA = re.compile(r"wgmma\.mma_async instructions are serialized[^\n]*")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _WARNING = re.compile(r"ptxas[^\n]*(?:warning|Performance)[^\n]*", re.IGNORECASE)
+
+
+def shared_limit(arch: int) -> int:
+    """Shared memory a block may use on ``sm_<arch>`` (bytes; the rehearsed GPUs', else sm_90's)."""
+    return ARCHS.get(arch, ARCHS[90])["shared"]
 
 
 def ptxas_findings(log: str) -> dict:
@@ -95,11 +99,12 @@ class _Recorder:
 
 
 _state: Optional[_Recorder] = None
+_rehearsed: Optional[int] = None  # the architecture start() fakes
 
 
 def active_arch() -> Optional[int]:
     """The architecture being rehearsed in this process (90, 80), or ``None``."""
-    return None if _state is None else _state.arch
+    return _rehearsed
 
 
 # --- the fake driver ----------------------------------------------------------------------------------
@@ -252,7 +257,7 @@ def _wrap_compile(compile_fn):
             rec.compiles += 1
             rec.seconds += time.perf_counter() - t0
             rec.max_shared = max(rec.max_shared, shared)
-            if shared > ARCHS[_state.arch]["shared"]:
+            if shared > shared_limit(_state.arch):
                 rec.over_shared.append(f"{what}: {shared} B")
             if found["serialised_wgmma"]:
                 rec.serialised_wgmma.append(what)
@@ -285,29 +290,39 @@ def _cuda_patches(arch: int) -> dict:
     }
 
 
+def record(arch: int) -> None:
+    """Record every Triton compile of this process from now on (``report()``), without faking anything:
+    on a real GPU of ``sm_<arch>`` this gives the first-call compile seconds per kernel."""
+    global _state
+    if _state is not None:
+        return
+    import triton.compiler
+
+    _state = _Recorder(arch)
+    triton.compiler.compile = _wrap_compile(triton.compiler.compile)
+
+
 def start(arch: int) -> None:
     """Rehearse ``sm_<arch>`` in this process from now on (see the module docstring)."""
-    global _state
     if arch not in ARCHS:
         raise ValueError(f"the rehearsal knows sm_{', sm_'.join(map(str, ARCHS))}, got {arch!r}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the GPU rehearsal compiles for a GPU: unset TRITON_INTERPRET")
-    if _state is not None:
-        if _state.arch != arch:
-            raise RuntimeError(f"this process already rehearses sm_{_state.arch}")
+    global _rehearsed
+    if _rehearsed is not None:
+        if _rehearsed != arch:
+            raise RuntimeError(f"this process already rehearses sm_{_rehearsed}")
         return
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="vera-rehearsal-triton-"))
-    os.environ[ENV_VAR] = str(arch)
+    _rehearsed = arch
     import triton
-    import triton.compiler
 
     backends = importlib.import_module("vera_kernels.backends")  # the package attribute is a function
     from ..backends.triton_backend import TritonBackend
     from . import _launch
 
-    _state = _Recorder(arch)
+    record(arch)
     triton.runtime.driver.set_active(_driver_class()(arch))
-    triton.compiler.compile = _wrap_compile(triton.compiler.compile)
     for name, fn in _cuda_patches(arch).items():
         setattr(torch.cuda, name, fn)
     # CPU tensors stand for the GPU's: the CUDA priority list, the Triton backend, the GPU's SM count
@@ -319,9 +334,9 @@ def start(arch: int) -> None:
 def report() -> dict:
     """Everything recorded so far: ``{"arch", "shared_limit", "kernels": {name: {...}}, "totals"}``."""
     if _state is None:
-        raise RuntimeError("no rehearsal is running in this process")
+        raise RuntimeError("no rehearsal (or compile record) is running in this process")
     kernels = {k: vars(v) for k, v in sorted(_state.kernels.items())}
-    return {"arch": _state.arch, "shared_limit": ARCHS[_state.arch]["shared"], "kernels": kernels,
+    return {"arch": _state.arch, "shared_limit": shared_limit(_state.arch), "kernels": kernels,
             "totals": {"compiles": sum(v["compiles"] for v in kernels.values()),
                        "seconds": round(sum(v["seconds"] for v in kernels.values()), 1),
                        "errors": sum(len(v["errors"]) for v in kernels.values())}}
