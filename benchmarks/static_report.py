@@ -612,8 +612,11 @@ def _source_loops(op: str, c: dict, M: int, R: int, sms: int) -> Tuple[int, List
         programs = _cdiv(M, c["BLOCK_M"]) * _cdiv(K, c["BLOCK_K"])
         main = ("N loop (base GEMM)", _cdiv(N, c["BLOCK_N"]))
         gen = "rank loop (A generated)"
-    # the rank product runs first in the accumulator, then the base GEMM continues it
-    return programs, [(gen, _cdiv(R, c["BLOCK_R"])), main]
+    # the base GEMM runs first and the rank product continues it, except with per-row ids (fused_forward)
+    # or dropout (grad_input), where the rank product runs first (see the kernels)
+    if c.get("HAS_IDS" if op == "fused_forward" else "DROPOUT"):
+        return programs, [(gen, _cdiv(R, c["BLOCK_R"])), main]
+    return programs, [main, (gen, _cdiv(R, c["BLOCK_R"]))]
 
 
 def _hbm_bytes(op: str, M: int, R: int, elt: int) -> float:

@@ -1,10 +1,11 @@
 """Fused forward: ``y = x Wᵀ + bias + lambda_b ⊙ ((lambda_d ⊙ s) B_Nᵀ)`` written once (docs/DESIGN.md §4).
 
-One float32 accumulator per program: first the GEMM over K for ``x Wᵀ``, then the rank product
+One float32 accumulator per program: first the GEMM over K for ``x Wᵀ`` (from zeros: ptxas serialises
+the wgmma of a pipeline whose accumulator other instructions define), then the rank product
 ``(lambda_d ⊙ s) @ (B_Nᵀ ⊙ lambda_b)`` continues it, with the ``[BLOCK_R, BLOCK_N]`` tiles of ``B``
 generated in registers and rounded to the input dtype; the bias is added, the tile cast and stored. The vectors
 are applied in float32: one ``lambda_b`` scales B's float32 tile (the product then runs on float32/TF32
-operands); per-row ``lambda_b`` (many adapters) scales the finished rank product, kept in a second accumulator.
+operands); per-row ``lambda_b`` (many adapters) scales the finished rank product, which then runs first.
 ``s`` (from the shrink) is the only intermediate. ``W`` may have any strides (a transposed view of a
 ``[K, N]`` matrix is read in place). Decode (M <= 64) uses a single row block of ``BLOCK_M`` rows, so
 ``W`` is streamed exactly once, with narrow column tiles to spread it over every SM.
@@ -71,23 +72,26 @@ def _fused_forward_kernel(
 ):
     offs_m, n_start, offs_n, mask_m, mask_n = gemm_tile_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
-    # x Wᵀ first, from zeros: ptxas serialises a wgmma pipeline whose accumulator other instructions
-    # define (C7515), as they did when the rank product came first; the rank product then continues it
-    acc = gemm_main_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, stride_xm, stride_xk, w_ptr,
-                         stride_wk, stride_wn, offs_m, offs_n, mask_m, mask_n, K, IN_DTYPE, DOT_DTYPE,
-                         DOT_PRECISION, BLOCK_L=BLOCK_K)
     if HAS_IDS:
-        # per-row vectors: lambda_b[id] scales the finished rank product (it differs per row)
+        # per-row vectors: lambda_b[id] scales the finished rank product (it differs per row), which runs
+        # first, alone in the accumulator; x Wᵀ then continues it (one accumulator: two spill)
         ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
-        rank = rank_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, stride_sm, stride_sr,
-                           lamd_ptr, stride_lda, ids, offs_m, M, R, offs_n, n_start, out_offset, N, 1.0,
-                           key0, key1, bound_b, b_ptr, stride_bj, stride_bn,
-                           MATRIX=MATRIX_B, GENERATE_AB=GENERATE_AB, ALIGNED=True, HAS_IDS=True, SCALE_COLS=False,
-                           IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION, INTERPRETER=INTERPRETER,
-                           BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_N)
-        acc += rank * rank_vector(lamb_ptr, ids, stride_lba, offs_n, N, HAS_IDS=True)
+        acc = rank_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, stride_sm, stride_sr,
+                          lamd_ptr, stride_lda, ids, offs_m, M, R, offs_n, n_start, out_offset, N, 1.0,
+                          key0, key1, bound_b, b_ptr, stride_bj, stride_bn,
+                          MATRIX=MATRIX_B, GENERATE_AB=GENERATE_AB, ALIGNED=True, HAS_IDS=True, SCALE_COLS=False,
+                          IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION, INTERPRETER=INTERPRETER,
+                          BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_N)
+        acc = acc * rank_vector(lamb_ptr, ids, stride_lba, offs_n, N, HAS_IDS=True)
+        acc = gemm_main_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, offs_m, offs_n,
+                             mask_m, mask_n, K, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_K)
     else:
-        # one lambda_b for every row: it scales B's float32 tile (never a 16-bit operand)
+        # x Wᵀ first, from zeros: ptxas serialises a wgmma pipeline whose accumulator other instructions
+        # define (C7515), as they did when the rank product came first; the rank product continues it, one
+        # lambda_b for every row scaling B's float32 tile (never a 16-bit operand)
+        acc = gemm_main_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, stride_xm, stride_xk, w_ptr,
+                             stride_wk, stride_wn, offs_m, offs_n, mask_m, mask_n, K, IN_DTYPE, DOT_DTYPE,
+                             DOT_PRECISION, BLOCK_L=BLOCK_K)
         lamb = rank_vector(lamb_ptr, offs_m, 0, offs_n, N, HAS_IDS=False)
         acc = rank_expand(acc, s_ptr, stride_sm, stride_sr,
                           lamd_ptr, 0, offs_m, offs_m, M, R, offs_n, n_start, out_offset, N, lamb,

@@ -4,8 +4,9 @@ The mirror of the fused forward: one GEMM ``gy W`` over N, then a rank loop (the
 helper) adds ``(lambda_d ⊙ g) @ A_K`` with ``[BLOCK_R, BLOCK_K]`` tiles of ``A`` generated in registers.
 ``lambda_d`` (per row with many adapters) scales ``g`` in float32 and the product runs on float32/TF32
 operands. The GEMM runs first, from a zero accumulator (a wgmma pipeline whose accumulator other
-instructions define is serialised by ptxas); the adapter part continues the same accumulator, or with
-dropout runs in a second one that is masked with the regenerated keep-mask, scaled by ``q`` and added.
+instructions define is serialised by ptxas), and the adapter part continues the same accumulator; with
+dropout the adapter part runs first instead, masked with the regenerated keep-mask and scaled by ``q``
+in the accumulator, which the GEMM then continues (one accumulator either way).
 No ``[M, N]`` or ``[M, K]`` intermediate exists.
 """
 
@@ -73,28 +74,32 @@ def _grad_input_kernel(
         ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
     else:
         ids = offs_m  # unused
-    # gy W first, from zeros (ptxas serialises a wgmma pipeline whose accumulator other instructions
-    # define, C7515); the adapter part continues it, or with dropout is masked and scaled by q in float32
-    # in its own accumulator and then added
-    acc = gemm_main_loop(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), gy_ptr, stride_gym, stride_gyn, w_ptr,
-                         stride_wn, stride_wk, offs_m, offs_k, mask_m, mask_k, N, IN_DTYPE, DOT_DTYPE,
-                         DOT_PRECISION, BLOCK_L=BLOCK_N)
     if DROPOUT:
-        adapter = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    else:
-        adapter = acc
-    adapter = rank_expand(adapter, g_ptr, stride_gm, stride_gr,
+        # the adapter part first, alone in the accumulator, where its keep-mask and q apply in float32; gy W
+        # then continues it (one accumulator: a second one spills)
+        acc = rank_expand(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), g_ptr, stride_gm, stride_gr,
                           lamd_ptr, stride_lda, ids, offs_m, M, R, offs_k, k_start, in_offset, K, 1.0,
                           key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
                           MATRIX=MATRIX_A, GENERATE_AB=GENERATE_AB, ALIGNED=ALIGNED, HAS_IDS=HAS_IDS,
                           SCALE_COLS=False, IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION,
                           INTERPRETER=INTERPRETER, BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_K)
-    if DROPOUT:
         keep = dropout_keep_tile(drop_key0, drop_key1, drop_threshold, offs_m, in_offset + k_start, BLOCK_K,
                                  ALIGNED)
-        acc += tl.where(keep, adapter * drop_scale, 0.0)
+        acc = tl.where(keep, acc * drop_scale, 0.0)
+        acc = gemm_main_loop(acc, gy_ptr, stride_gym, stride_gyn, w_ptr, stride_wn, stride_wk, offs_m, offs_k,
+                             mask_m, mask_k, N, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_N)
     else:
-        acc = adapter
+        # gy W first, from zeros (ptxas serialises a wgmma pipeline whose accumulator other instructions
+        # define, C7515, as when the adapter part came first); the adapter part continues it
+        acc = gemm_main_loop(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), gy_ptr, stride_gym, stride_gyn,
+                             w_ptr, stride_wn, stride_wk, offs_m, offs_k, mask_m, mask_k, N, IN_DTYPE, DOT_DTYPE,
+                             DOT_PRECISION, BLOCK_L=BLOCK_N)
+        acc = rank_expand(acc, g_ptr, stride_gm, stride_gr,
+                          lamd_ptr, stride_lda, ids, offs_m, M, R, offs_k, k_start, in_offset, K, 1.0,
+                          key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
+                          MATRIX=MATRIX_A, GENERATE_AB=GENERATE_AB, ALIGNED=ALIGNED, HAS_IDS=HAS_IDS,
+                          SCALE_COLS=False, IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION,
+                          INTERPRETER=INTERPRETER, BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_K)
     tl.store(gx_ptr + offs_m[:, None] * stride_gxm + offs_k[None, :] * stride_gxk,
              acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
