@@ -15,7 +15,8 @@ the ``--regAllocOptLevel=2`` Triton passes (``ptxas.default_regalloc``).
 
 For each variant:
 
-* ``ptxas``: registers, spill stores/loads (bytes), stack frame, barriers, from ptxas ``-v``. The PTX is
+* ``ptxas``: registers, spill stores/loads (bytes), stack frame, barriers, from ptxas ``-v``, and its
+  performance warnings (``warnings``; ``serialised_wgmma``: C7515, which ``predict`` charges). The PTX is
   assembled a second time through Triton's own ``make_cubin`` (same flags) with its log kept; the
   resulting cubin is compared with the compiled one (``ptxas.identical_cubin``).
 * ``shared``: the dynamic shared memory Triton launches the kernel with (``metadata.shared``, bytes).
@@ -311,6 +312,15 @@ RATES = {
 }
 
 
+def loop_time_cycles(cyc: dict, serialised_wgmma: bool = False) -> float:
+    """Cycles of one loop iteration: its slowest pipe, or, when ptxas serialised the loop's wgmma (each
+    waits for the previous one to finish, so nothing else overlaps the tensor pipe), the tensor time plus
+    the slowest other pipe."""
+    if serialised_wgmma and cyc["tensor"] > 0:
+        return cyc["tensor"] + max(cyc[k] for k in ("issue", "alu", "fma", "xu"))
+    return cyc[cyc["bound"]]
+
+
 def loop_cycles(loop_mix: dict, num_warps: int, arch: int) -> dict:
     """Clock cycles one SM needs per loop iteration of one program (``num_warps`` warps), per pipe.
 
@@ -470,12 +480,18 @@ def ptxas_info(ptx: str, variant, arch: int) -> Tuple[dict, bytes]:
 
     backend = CUDABackend(GPUTarget("cuda", arch, 32))
     opt = backend.parse_options(dict(num_warps=variant.num_warps, num_stages=variant.num_stages))
+    from vera_kernels.ops.rehearsal import ptxas_findings
+
     buf = io.StringIO()
     with knobs.nvidia.scope():
         knobs.nvidia.dump_ptxas_log = True
         with contextlib.redirect_stdout(buf):
             cubin = backend.make_cubin(ptx, {}, opt, arch)
-    return parse_ptxas_log(buf.getvalue()), cubin
+    info = parse_ptxas_log(buf.getvalue())
+    found = ptxas_findings(buf.getvalue())
+    info["warnings"] = found["warnings"]  # performance warnings (e.g. C7515, serialised wgmma)
+    info["serialised_wgmma"] = bool(found["serialised_wgmma"])
+    return info, cubin
 
 
 def disassemble(cubin: bytes) -> str:
@@ -671,10 +687,11 @@ def predict(records: List[dict], arch: int) -> List[dict]:
                 share = {"tensor": 0.0, "generation": 0.0, "other": 0.0}
                 tensor_pipe = 0.0
                 loop_rows = []
+                serialised = bool(rec["ptxas"].get("serialised_wgmma"))
                 for (name, trips), lp in zip(src, loops):
                     cyc = lp["cycles_per_iteration"]
                     generates = lp["philox_products"] > 0
-                    t = trips * cyc[cyc["bound"]] * to_us
+                    t = trips * loop_time_cycles(cyc, serialised) * to_us
                     tensor_pipe += trips * cyc["tensor"] * to_us
                     share["tensor" if cyc["bound"] == "tensor" else "generation" if generates else "other"] += t
                     row_l = {"loop": name, "iterations": trips, "generates": generates,
@@ -690,6 +707,7 @@ def predict(records: List[dict], arch: int) -> List[dict]:
                 mem = _hbm_bytes(op, M, R, 2) / (rates["hbm_tb_s"] * 1e6)
                 bound = "HBM" if mem >= compute else max(share, key=share.get)
                 out.append(dict(row, occupancy=_occupancy(rec), programs_per_sm=per_sm, loops=loop_rows,
+                                serialised_wgmma=serialised, ptxas_warnings=rec["ptxas"].get("warnings", []),
                                 us={k: round(v, 2) for k, v in share.items()}, tensor_pipe_us=round(tensor_pipe, 2),
                                 compute_us=round(compute, 2), hbm_us=round(mem, 2),
                                 predicted_us=round(max(mem, compute), 2), bound=bound))
@@ -726,6 +744,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| {op}[{kind}] | {mode} | {ci} | {rs[0]['num_warps']} | {len(rs)} | "
                      f"{regs[0]}–{regs[-1]} | {st}/{ld}{' **SPILLS**' if st or ld else ''} | "
                      f"{sh[0] / 1024:.0f}–{sh[-1] / 1024:.0f} |")
+    warned = [r for r in recs if r["ptxas"].get("warnings")]
+    lines += ["", f"Variants with ptxas performance warnings: {len(warned)} of {len(recs)}"
+              + (" (serialised wgmma is charged in the predictions: tensor time plus the slowest other pipe):"
+                 if warned else "."), ""]
+    for r in warned:
+        lines.append(f"- `{r['variant']}`{' (first choice)' if r['config_index'] == 0 else ''}: "
+                     + "; ".join(w.split(": ", 1)[-1][:160] for w in r["ptxas"]["warnings"]))
     spills = [r for r in recs if r["config_index"] == 0 and (r["ptxas"]["spill_stores"] or r["ptxas"]["spill_loads"])]
     lines += ["", f"First-choice variants that spill: {len(spills)} of "
               f"{sum(r['config_index'] == 0 for r in recs)}" + (":" if spills else "."), ""]

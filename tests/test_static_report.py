@@ -200,3 +200,19 @@ def test_first_choice_variants_do_not_spill_on_sm90(tmp_path):
         if r["dtype_mode"] in ("fp16", "bf16"):
             assert any(lp["mma_macs_per_warp"] for lp in r["loops"]), f"{r['variant']}: no MMA in a loop"
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_serialised_wgmma_is_charged_in_the_loop_time():
+    cyc = {"issue": 40.0, "alu": 30.0, "fma": 20.0, "xu": 1.0, "tensor": 64.0, "bound": "tensor"}
+    assert sr.loop_time_cycles(cyc) == 64.0  # pipes overlap: the slowest one
+    assert sr.loop_time_cycles(cyc, serialised_wgmma=True) == 64.0 + 40.0  # nothing overlaps the tensor pipe
+    no_mma = dict(cyc, tensor=0.0, bound="issue")
+    assert sr.loop_time_cycles(no_mma, serialised_wgmma=True) == 40.0
+
+
+def test_ptxas_warnings_are_recorded():
+    from vera_kernels.ops.rehearsal import ptxas_findings
+
+    f = ptxas_findings(PTXAS_LOG + "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async "
+                       "instructions are serialized due to the presence of Extern calls in the function 'k'\n")
+    assert f["serialised_wgmma"] and any("C7515" in w for w in f["warnings"])
