@@ -618,6 +618,13 @@ def func_vmap_no_grad():
     check(y, torch.stack([ref(m, xb[i]) for i in range(2)]))
 
 
+@row("refusal")
+def func_vmap_while_autograd_records():
+    m = model()
+    with pytest.raises(NotImplementedError, match=r"functorch transform.*vmap under torch\.no_grad\(\)"):
+        torch.func.vmap(m)(inputs(2, 3))
+
+
 @row("right")
 def func_functional_call():
     m = model()
