@@ -159,8 +159,9 @@ def test_concurrent_reads_and_a_killed_writer_never_see_a_mix(tmp_path):
     for reading_for in (1.5,):
         proc = _start_writer(d)
         try:
-            deadline = time.monotonic() + reading_for
-            while time.monotonic() < deadline:
+            start = time.monotonic()
+            # read for reading_for seconds, and on (up to 60 s) until both adapters were seen
+            while time.monotonic() < start + reading_for or (seen != {"X", "Y"} and time.monotonic() < start + 60):
                 try:
                     seen.add(which_adapter(d))
                 except FileNotFoundError:  # between the two renames of a replacement: not a mix
