@@ -10,14 +10,25 @@ import pytest
 import torch
 
 import vera_kernels as vk
+from conftest import DEVICE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# float32 outputs against the float32 oracle; on a GPU the kernels' float32 rank products may use TF32
+TOL = dict(rtol=1e-5, atol=1e-5) if DEVICE.type == "cpu" else dict(rtol=2e-3, atol=2e-3)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-5) if DEVICE.type == "cpu" else dict(rtol=2e-3, atol=2e-3)
+
+
+def randn(*shape):
+    return torch.randn(*shape, device=DEVICE)
+
+
 def fresh_layer(seed=0):
-    """An 8 -> 6, r = 4 layer on a projection nothing has materialised yet, with a non-zero lambda_b."""
+    """An 8 -> 6, r = 4 layer on the test device, on a projection nothing has materialised yet, with a
+    non-zero lambda_b."""
     g = torch.Generator().manual_seed(seed)
-    layer = vk.VeRALinear(8, 6, rank=4, projection=vk.Projection(41 + seed, 4, 8, 6))
+    layer = vk.VeRALinear(8, 6, rank=4, projection=vk.Projection(41 + seed, 4, 8, 6), device=DEVICE)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(6, 8, generator=g))
         layer.bias.copy_(torch.randn(6, generator=g))
@@ -53,12 +64,12 @@ def test_jit_trace_fresh_layer_passes_its_check(backend):
     """torch.jit.trace of a never-run layer: its own check (a second traced run compared with the first)
     passes, and the traced layer computes the reference on new inputs, also after the layer ran eagerly."""
     layer = fresh_layer()
-    x = torch.randn(5, 8)
+    x = randn(5, 8)
     with vk.use_backend(backend):
         traced = torch.jit.trace(layer, (x,), check_trace=True)  # raises when the two traces differ
-        x2 = torch.randn(5, 8)
-        torch.testing.assert_close(traced(x2), reference(layer, x2), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(layer(x2), reference(layer, x2), rtol=1e-5, atol=1e-5)
+        x2 = randn(5, 8)
+        torch.testing.assert_close(traced(x2), reference(layer, x2), **TOL)
+        torch.testing.assert_close(layer(x2), reference(layer, x2), **TOL)
 
 
 COMPILE_SCRIPT = textwrap.dedent("""
@@ -110,11 +121,11 @@ def _assert_trains_like_reference(fn, layer, x):
     x = x.clone().requires_grad_(True)
     y = fn(x)
     ref = reference(layer, x)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, ref, **TOL)
     gy = torch.randn_like(ref)
     inputs = [x, layer.lambda_d, layer.lambda_b]
     for g, g_ref in zip(_grads(y, inputs, gy), _grads(ref, inputs, gy)):
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g, g_ref, **GRAD_TOL)
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["fresh", "warm"])
@@ -123,12 +134,12 @@ def test_export_program_runs_and_trains(backend, warm):
     vectors equal the reference's (the native ops have no autograd formula of their own; the program
     holds a differentiable op)."""
     layer = fresh_layer()
-    x = torch.randn(2, 3, 8)
+    x = randn(2, 3, 8)
     with vk.use_backend(backend):
         if warm:
             layer(x)
         program = torch.export.export(layer, (x,))
-        _assert_trains_like_reference(program.module(), layer, torch.randn(2, 3, 8))
+        _assert_trains_like_reference(program.module(), layer, randn(2, 3, 8))
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["fresh", "warm"])
@@ -136,12 +147,12 @@ def test_jit_trace_runs_and_trains(backend, warm):
     """torch.jit.trace, before or after a warm-up call, on every backend: the traced layer computes the
     reference on new inputs and trains like it."""
     layer = fresh_layer()
-    x = torch.randn(5, 8)
+    x = randn(5, 8)
     with vk.use_backend(backend):
         if warm:
             layer(x)
         traced = torch.jit.trace(layer, (x,))
-        _assert_trains_like_reference(traced, layer, torch.randn(5, 8))
+        _assert_trains_like_reference(traced, layer, randn(5, 8))
 
 
 def test_fake_tensor_mode_call(backend):
@@ -153,11 +164,11 @@ def test_fake_tensor_mode_call(backend):
     with vk.use_backend(backend):
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
-            y = layer(mode.from_tensor(torch.randn(2, 3, 8, dtype=torch.bfloat16)))
+            y = layer(mode.from_tensor(randn(2, 3, 8).to(torch.bfloat16)))
         assert tuple(y.shape) == (2, 3, 6) and y.dtype == torch.bfloat16
         with FakeTensorMode() as fake:
             fake_layer = fresh_layer()
-            y = fake_layer(torch.randn(4, 8))
+            y = fake_layer(randn(4, 8))
         assert tuple(y.shape) == (4, 6) and y.dtype == torch.float32
 
 
@@ -185,7 +196,7 @@ def test_forward_mode_tangent_or_clear_error(backend, api, wrt):
     layer = fresh_layer()
     for p in layer.parameters():
         p.requires_grad_(False)
-    f, f_ref, primal, tangent = _jvp_func(layer, torch.randn(5, 8), wrt)
+    f, f_ref, primal, tangent = _jvp_func(layer, randn(5, 8), wrt)
 
     def jvp(fn):
         if api == "func.jvp":
@@ -200,9 +211,9 @@ def test_forward_mode_tangent_or_clear_error(backend, api, wrt):
     with vk.use_backend(backend):
         if backend == "torch":
             y, t = jvp(f)
-            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(y, y_ref, **TOL)
             assert t is not None
-            torch.testing.assert_close(t, t_ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(t, t_ref, **TOL)
         else:
             with pytest.raises(NotImplementedError, match=f"the '{backend}' backend has no forward-mode"):
                 jvp(f)
@@ -213,7 +224,7 @@ def test_forward_mode_with_trainable_vectors_raises(backend, api):
     """With vectors that require grad (training), forward mode is refused on every backend: never a silently
     dropped tangent."""
     layer = fresh_layer()
-    f, _, primal, tangent = _jvp_func(layer, torch.randn(5, 8), "x")
+    f, _, primal, tangent = _jvp_func(layer, randn(5, 8), "x")
     with vk.use_backend(backend), pytest.raises((NotImplementedError, RuntimeError)):
         if api == "func.jvp":
             torch.func.jvp(f, (primal,), (tangent,))
@@ -230,10 +241,10 @@ def test_vmap_without_gradients(backend):
     layer = fresh_layer()
     for p in layer.parameters():
         p.requires_grad_(False)
-    x = torch.randn(3, 4, 8)
+    x = randn(3, 4, 8)
     with vk.use_backend(backend):
         y = torch.func.vmap(layer)(x)
-    torch.testing.assert_close(y, reference(layer, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, reference(layer, x), **TOL)
 
 
 @pytest.mark.parametrize("api", ["func.jvp", "forward_ad"])
@@ -244,6 +255,7 @@ def test_forward_mode_dvora(backend, api):
     x, t = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
     W, lb, m = torch.randn(6, 8, generator=g), torch.randn(6, generator=g), torch.rand(6, generator=g) + 1
     ld, proj = torch.rand(4, generator=g) + 0.5, vk.Projection(5, 4, 8, 6)
+    x, t, W, lb, m, ld = (v.to(DEVICE) for v in (x, t, W, lb, m, ld))
 
     def jvp(fn):
         if api == "func.jvp":
@@ -256,7 +268,7 @@ def test_forward_mode_dvora(backend, api):
     t_ref = jvp(lambda v: vk.reference.vera_linear(v, W, None, ld, lb, proj, magnitude=m))
     f = lambda v: vk.vera_linear(v, W, None, ld, lb, proj, backend=backend, magnitude=m)  # noqa: E731
     if backend == "torch":
-        torch.testing.assert_close(jvp(f), t_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(jvp(f), t_ref, **TOL)
     else:
         with pytest.raises(NotImplementedError, match=f"the '{backend}' backend has no forward-mode"):
             jvp(f)
@@ -271,7 +283,7 @@ def test_jit_trace_of_a_fresh_layer_warns_that_it_regenerates(monkeypatch):
 
     monkeypatch.setattr(projection, "_traced_generation_warned", False)
     layer = fresh_layer()
-    x = torch.randn(5, 8)
+    x = randn(5, 8)
     with vk.use_backend("torch"):
         with pytest.warns(UserWarning, match="run the model once before tracing"):
             cold = torch.jit.trace(layer, (x,))
