@@ -60,6 +60,14 @@ def test_grads_of_the_vectors_stay_float32_and_the_layer_returns_to_float32():
     assert layer.lambda_d.dtype == torch.float64 and torch.equal(layer.lambda_d, ld.double())
 
 
+def test_a_float64_layer_converted_to_16_bits_gets_float32_vectors():
+    layer = _layer().double()
+    layer.half()
+    assert layer.lambda_d.dtype == layer.lambda_b.dtype == torch.float32
+    assert torch.equal(layer.lambda_d, EXTREMES[:6])
+    assert layer(torch.randn(2, 9).half()).dtype == torch.float16
+
+
 def test_merged_snapshot_and_parametrized_vectors_survive_half():
     layer = _layer()
     parametrize.register_parametrization(layer, "lambda_b", _Scale(2.0))

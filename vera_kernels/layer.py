@@ -374,7 +374,7 @@ class VeRALinear(nn.Module):
         def convert(t):
             out = fn(t)
             if id(t) in keep and out.dtype in (torch.float16, torch.bfloat16) and out.dtype != t.dtype:
-                return t.to(device=out.device)  # the device move alone, from the unrounded tensor
+                return t.to(out.device, torch.float32)  # float32 (a device move alone for float32 vectors)
             return out
 
         super()._apply(convert, recurse)
