@@ -281,6 +281,12 @@ def test_peft_adapter_trained_on_a_quantized_model_loads(tmp_path, kind, save_pr
         torch.testing.assert_close(tm.output(loaded, ids), theirs, rtol=1e-5, atol=1e-5)
         converted = vk.from_peft(pm).eval()  # the PEFT model itself, its layers replaced
         torch.testing.assert_close(tm.output(converted, ids), theirs, rtol=1e-5, atol=1e-5)
+        # and back: PEFT loads ours onto a quantized base as it loads its own file (compared with that: PEFT's
+        # inference mode lets bitsandbytes repack 4-bit weights for its CPU kernel, which rounds absmax)
+        vk.save_peft_adapter(loaded, str(tmp_path / "back"))
+        own = peft.PeftModel.from_pretrained(quantized_llama(kind), str(tmp_path)).eval()
+        back = peft.PeftModel.from_pretrained(quantized_llama(kind), str(tmp_path / "back")).eval()
+        assert torch.equal(tm.output(back, ids), tm.output(own, ids))
 
 
 # --- controls and files on a quantized model ---------------------------------------------------------------
