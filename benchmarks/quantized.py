@@ -26,19 +26,20 @@ import warnings
 
 import torch
 
-LLAMA2_7B = dict(hidden=4096, intermediate=11008, layers=32, vocab=32000)
+from benchmarks.storage import ARCHITECTURES, BYTES_PER_PARAM, Architecture, lora_params, projection_params, vera_params
+
+ARCH_7B = next(a for a in ARCHITECTURES if a.name == "Llama-2-7B")
+
+VOCAB_7B = 32000  # Llama-2-7B's vocabulary (config.json); its layer shapes are benchmarks.storage's
 
 
-def llama_linears(hidden: int, intermediate: int, layers: int):
-    """``(in_features, out_features)`` of every linear layer of the decoder blocks (q, k, v, o, gate, up, down)."""
-    block = [(hidden, hidden)] * 4 + [(hidden, intermediate)] * 2 + [(intermediate, hidden)]
-    return block * layers
-
-
-def computed_table(hidden=4096, intermediate=11008, layers=32, vocab=32000) -> str:
-    linears = llama_linears(hidden, intermediate, layers)
+def computed_table(arch: Architecture = ARCH_7B, vocab: int = VOCAB_7B) -> str:
+    """Bytes of the base weights (bf16, 8-bit, 4-bit) and of VeRA r=256 / LoRA r=16, 64 (adapter, gradients,
+    AdamW state, materialised A/B) for ``arch`` with every linear layer of its blocks adapted."""
+    linears = list(arch.modules.values()) * arch.layers
+    hidden = arch.modules["q"][0]
     linear_params = sum(k * n for k, n in linears)
-    other_params = 2 * vocab * hidden + (2 * layers + 1) * hidden  # embedding, head, RMSNorms
+    other_params = 2 * vocab * hidden + (2 * arch.layers + 1) * hidden  # embedding, head, RMSNorms
     rows_out = sum(n for _, n in linears)
     base = {
         "bf16": 2 * (linear_params + other_params),
@@ -46,17 +47,15 @@ def computed_table(hidden=4096, intermediate=11008, layers=32, vocab=32000) -> s
         "4-bit (NF4, double quant.)": linear_params // 2 + linear_params // 64 + 4 * (linear_params // (64 * 256))
         + 2 * other_params,
     }
-    max_in = max(k for k, _ in linears)
-    max_out = max(n for _, n in linears)
     adapters = {
-        "VeRA r=256": (sum(256 + n for _, n in linears), 4 * 256 * (max_in + max_out)),
-        "LoRA r=16": (sum(16 * (k + n) for k, n in linears), 0),
-        "LoRA r=64": (sum(64 * (k + n) for k, n in linears), 0),
+        "VeRA r=256": (vera_params(arch, 256), BYTES_PER_PARAM * projection_params(arch, 256)),
+        "LoRA r=16": (lora_params(arch, 16), 0),
+        "LoRA r=64": (lora_params(arch, 64), 0),
     }
     mb = 1e6
     lines = [
-        f"Llama-2-7B shapes (hidden {hidden}, intermediate {intermediate}, {layers} layers, vocab {vocab}), "
-        f"{len(linears)} adapted linear layers; MB = 10^6 bytes",
+        f"{arch.name} shapes ({arch.layers} blocks, vocab {vocab}), {len(linears)} adapted linear layers "
+        f"({arch.adapted}); MB = 10^6 bytes",
         "",
         "| base weights | base MB |",
         "|---|---|",
@@ -68,8 +67,8 @@ def computed_table(hidden=4096, intermediate=11008, layers=32, vocab=32000) -> s
         "|---|---|---|---|---|---|",
     ]
     for name, (params, ab) in adapters.items():
-        lines.append(f"| {name} | {params:,} | {4 * params / mb:.1f} | {4 * params / mb:.1f} | {8 * params / mb:.1f} "
-                     f"| {ab / mb:.1f} |")
+        b = BYTES_PER_PARAM * params
+        lines.append(f"| {name} | {params:,} | {b / mb:.1f} | {b / mb:.1f} | {2 * b / mb:.1f} | {ab / mb:.1f} |")
     return "\n".join(lines)
 
 
@@ -174,7 +173,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--computed", action="store_true", help="only the computed Llama-2-7B table")
     args = parser.parse_args(argv)
-    print(computed_table(**LLAMA2_7B))
+    print(computed_table())
     if not args.computed:
         print()
         print(measured_table())
