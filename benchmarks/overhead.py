@@ -162,6 +162,38 @@ def llama_table(calls: int = 20, reps: int = 5, shapes: Sequence[Tuple[int, int]
     return rows
 
 
+# --- a training step with dropout on the CPU default, at a size where the mask costs ------------------
+
+DROPOUT_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                     num_key_value_heads=16, vocab_size=1024, max_position_embeddings=1024)
+DROPOUT_BATCH = (2, 512)
+TARGET_DROPOUT = 1.1  # vera_kernels / PEFT VeRA, dropout 0.1, fp32, default backend
+
+
+def dropout_step(calls: int = 2, reps: int = 3, r: int = 256, p: float = 0.1) -> dict:
+    """``{"peft_s", "vk_s", "ratio"}``: a forward + backward step of a Llama (``DROPOUT_LLAMA``, batch x seq
+    ``DROPOUT_BATCH``, all 7 linears adapted, rank ``r``, dropout ``p``, float32) with PEFT's VeRA and with
+    vera_kernels on its default backend, interleaved medians in seconds."""
+    from peft import VeraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def base():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**DROPOUT_LLAMA)).train()
+
+    peft_model = get_peft_model(base(), VeraConfig(r=r, target_modules=TARGETS_LLAMA, vera_dropout=p)).train()
+    vk_model = vk.apply_vera(base(), target_modules=TARGETS_LLAMA, rank=r, seed=0, dropout=p).train()
+    ids = torch.randint(0, DROPOUT_LLAMA["vocab_size"], DROPOUT_BATCH, generator=torch.Generator().manual_seed(0))
+
+    def step(model):
+        def run():
+            model(input_ids=ids, use_cache=False).logits.float().mean().backward()
+        return run
+
+    med = interleaved_medians({"peft": step(peft_model), "vk": step(vk_model)}, calls, reps, warmup=1)
+    return {"peft_s": med["peft"], "vk_s": med["vk"], "ratio": med["vk"] / med["peft"]}
+
+
 def format_tables(call_rows: List[dict], llama_rows: Optional[List[dict]]) -> str:
     names = ["F.linear", "PEFT formula", "vk.vera_linear", "VeRALinear"]
     M, K, r = CALL_SHAPE["M"], CALL_SHAPE["K"], CALL_SHAPE["r"]
@@ -192,7 +224,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few repetitions (checks that it runs)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--no-llama", action="store_true", help="skip the tiny-Llama comparison")
+    parser.add_argument("--dropout-step", action="store_true",
+                        help="only the training step with dropout 0.1 on a hidden-1024 Llama (minutes)")
     args = parser.parse_args(argv)
+    if args.dropout_step:
+        row = dropout_step()
+        print(f"Llama {DROPOUT_LLAMA['hidden_size']}/{DROPOUT_LLAMA['num_hidden_layers']} layers, "
+              f"{DROPOUT_BATCH[0]}x{DROPOUT_BATCH[1]} tokens, r=256, dropout 0.1, fp32, forward + backward: "
+              f"PEFT {row['peft_s']:.2f} s, vera_kernels {row['vk_s']:.2f} s, "
+              f"{_against(row['ratio'], TARGET_DROPOUT)}")
+        return 0
     calls, reps, lcalls = (200, 3, 3) if args.quick else (2000, 5, 20)
     call_rows = per_call_table(calls, reps)
     llama_rows = None
