@@ -3,8 +3,8 @@
 # arguments and Triton's run-time specialisation, never run (vera_kernels/ops/rehearsal.py). Fails on a
 # compile error, a first-choice config over the shared-memory limit or with serialised wgmma, or a test
 # that fails other than on the values it checks. Covered here (a sample that fits CI's time on two cores):
-#   sm_90: every test file that launches Triton kernels directly (tests/test_ops_*, test_triton_*) and the
-#          many-adapters tests, with autotuning off (the first config of each kernel, as gpu_check's test run);
+#   sm_90: every test file that launches Triton kernels directly (tests/test_ops_*, test_triton_*; per-row
+#          ids included), with autotuning off (the first config of each kernel, as gpu_check's test run);
 #   sm_80: the GEMM and shrink kernel tests (the tiles whose shared memory depends on the architecture);
 #   gpu_check.py --dry-run under the sm_90 rehearsal: its precompile (autotuning on: every config) and table
 #          on tiny shapes, and its JSON.
@@ -18,7 +18,7 @@ say() { echo "== GPU rehearsal: $* [$((SECONDS - t0)) s]"; }
 opts=(-q -p no:cacheprovider -W ignore::UserWarning)
 say "sm_90 and sm_80 test samples, side by side (logs in $out)"
 python -m pytest "${opts[@]}" --gpu-rehearsal=90 --gpu-rehearsal-json="$out/tests-sm90.json" \
-  tests/test_ops_*.py tests/test_triton_*.py tests/test_many_adapters.py > "$out/tests-sm90.log" 2>&1 &
+  tests/test_ops_*.py tests/test_triton_*.py > "$out/tests-sm90.log" 2>&1 &
 p90=$!
 python -m pytest "${opts[@]}" --gpu-rehearsal=80 --gpu-rehearsal-json="$out/tests-sm80.json" \
   tests/test_ops_fused_forward.py tests/test_ops_grad_input.py tests/test_ops_shrink.py > "$out/tests-sm80.log" 2>&1 &

@@ -8,7 +8,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
+
 import vera_kernels as vk  # noqa: E402
+from vera_kernels.ops._jit import rank_mma  # noqa: E402
 from conftest import DEVICE, backend_skip_reason  # noqa: E402
 
 pytestmark = pytest.mark.skipif(backend_skip_reason("triton") is not None, reason=str(backend_skip_reason("triton")))
@@ -83,3 +86,39 @@ def test_launchers_run_on_their_input_device(monkeypatch):
     assert entered == [torch.device("cuda", 1)]  # CPU tensors: no CUDA call
     for name in ("shrink", "fused_forward", "rank_grads", "grad_input", "segment_sum"):
         assert getattr(getattr(ops, name), "__wrapped__", None) is not None, name
+
+
+@triton.jit
+def _rank_mma_kernel(a_ptr, b_ptr, c_ptr, PRECISION: tl.constexpr):
+    offs = tl.arange(0, 16)
+    a = tl.load(a_ptr + offs[:, None] * 16 + offs[None, :])
+    b = tl.load(b_ptr + offs[:, None] * 16 + offs[None, :])
+    c = rank_mma(a, b, tl.zeros((16, 16), dtype=tl.float32), PRECISION, True)
+    tl.store(c_ptr + offs[:, None] * 16 + offs[None, :], c)
+
+
+def test_tf32_rank_products_truncate_their_operands_as_the_tensor_cores_do():
+    """Under the interpreter (whose tl.dot multiplies in float32) rank_mma truncates TF32 operands to 10
+    mantissa bits, as the GPU's tensor cores do with float32 operands; IEEE products are left alone."""
+    from vera_kernels.core import interpreting
+
+    if not interpreting():
+        pytest.skip("checks the interpreter's emulation of the tensor cores")
+    kernel = _rank_mma_kernel
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(16, 16, generator=g) + 1, torch.randn(16, 16, generator=g) + 1  # many round-up cases
+
+    def trunc(t):
+        return (t.view(torch.int32) & -8192).view(torch.float32)
+
+    def nearest(t):
+        bits = t.view(torch.int32)
+        return ((bits + 0xFFF + ((bits >> 13) & 1)) & -8192).view(torch.float32)
+
+    c = torch.empty(16, 16)
+    kernel[(1,)](a, b, c, PRECISION="tf32")
+    want = trunc(a).double() @ trunc(b).double()
+    torch.testing.assert_close(c.double(), want, rtol=1e-6, atol=1e-6)
+    assert (c.double() - nearest(a).double() @ nearest(b).double()).abs().max() > 1e-4
+    kernel[(1,)](a, b, c, PRECISION="ieee")
+    torch.testing.assert_close(c.double(), a.double() @ b.double(), rtol=1e-6, atol=1e-6)

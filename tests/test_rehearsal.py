@@ -50,10 +50,6 @@ SCRIPT = textwrap.dedent("""
     for tuner in shrink_module.TUNERS.values():  # the tuner list was fixed at import: every config now
         tuner.configs = shrink_module.CONFIGS["shrink"]
     shrink(torch.empty(4096, K, dtype=torch.bfloat16), proj)
-    ff = importlib.import_module("vera_kernels.ops.fused_forward")._fused_forward_kernel
-    ptx = [k.asm["ptx"] for cache in ff.device_caches.values() for k in cache[0].values()]
-    # round_tf32's mask (0xFFFFE000) on the TF32 rank operands
-    out["tf32_rounded"] = [bool(__import__("re").search(r"and\.b32\s+%r\d+, %r\d+, -8192;", p)) for p in ptx]
     rep = rehearsal.report()
     out["problems"] = rehearsal.problems(rep)
     out["over_shared"] = [v for k in rep["kernels"].values() for v in k["over_shared"]]
@@ -82,12 +78,6 @@ def test_key_word_equal_to_one_compiles(rehearsal_result):
 def test_first_choice_configs_have_no_serialised_wgmma_and_fit(rehearsal_result):
     assert rehearsal_result["compiles"] >= 8
     assert rehearsal_result["problems"] == []
-
-
-def test_gpu_rounds_tf32_operands_to_nearest(rehearsal_result):
-    """The tensor cores truncate float32 operands of TF32 products; the kernels round them to nearest first
-    (what the interpreter computes), so both give the same products."""
-    assert rehearsal_result["tf32_rounded"] and all(rehearsal_result["tf32_rounded"])
 
 
 def test_every_shrink_config_fits_sm90_shared_memory(rehearsal_result):

@@ -190,27 +190,28 @@ def gemm_main_loop(acc, a_ptr, stride_am, stride_al, b_ptr, stride_bl, stride_bo
 
 
 @triton.jit
-def round_tf32(v):
-    """``v`` (float32) rounded to TF32's 10 mantissa bits, nearest-even; NaN and inf kept."""
+def truncate_tf32(v):
+    """``v`` (float32) truncated to TF32's 10 mantissa bits (what the tensor cores do with float32
+    operands of a TF32 product); NaN and inf kept."""
     bits = v.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return tl.where((bits & 0x7F800000) == 0x7F800000, v, rounded)
+    truncated = (bits & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where((bits & 0x7F800000) == 0x7F800000, v, truncated)
 
 
 @triton.jit
-def rank_mma(a, b, acc, RANK_PRECISION: tl.constexpr):
+def rank_mma(a, b, acc, RANK_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """``acc + a @ b`` for float32 operands that carry a float32 scaling (lambda_d, lambda_b, s, g).
 
     docs/DESIGN.md §3: such operands are never rounded to a 16-bit type (lambda_b far from 1 would underflow or
     overflow there). ``RANK_PRECISION`` is "tf32" for 16-bit inputs (float32's range, 11 significant
     bits, on the tensor cores) and follows ``torch.get_float32_matmul_precision()`` for float32 inputs.
-    TF32 operands are rounded to nearest here, on the GPU and under the interpreter alike: the tensor
-    cores would truncate float32 operands (a bias towards zero) and the interpreter's ``tl.dot`` ignores
-    the precision, so rounding first gives both the same products.
+    TF32 operands are truncated to TF32, as the tensor cores do with float32 operands; under the
+    ``INTERPRETER`` (whose ``tl.dot`` ignores the precision) both are truncated first, so interpreter tests
+    see the GPU's products. (Rounding to nearest on the GPU instead costs registers: a rank_grads tile spilled.)
     """
-    if RANK_PRECISION == "tf32":
-        a = round_tf32(a)
-        b = round_tf32(b)
+    if INTERPRETER and RANK_PRECISION == "tf32":
+        a = truncate_tf32(a)
+        b = truncate_tf32(b)
     return tl.dot(a, b, acc, input_precision=RANK_PRECISION)
 
 
@@ -253,7 +254,7 @@ def rank_expand(acc, v_ptr, stride_vm, stride_vj, lam_ptr, stride_la, ids, offs_
                              IN_DTYPE=IN_DTYPE, INTERPRETER=INTERPRETER, BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_O)
         if SCALE_COLS:
             p = p * col_scale
-        acc = rank_mma(lhs, p, acc, RANK_PRECISION)
+        acc = rank_mma(lhs, p, acc, RANK_PRECISION, INTERPRETER)
     return acc
 
 

@@ -87,10 +87,10 @@ def _rank_grads_kernel(
         if NEED_G:
             # lambda_b scales gy in float32; the product runs on float32/TF32 operands
             lamb = tl.load(lamb_row + offs_n, mask=mask_n, other=0.0)
-            g = rank_mma(gy * lamb[None, :], tl.trans(bt), g, RANK_PRECISION)
+            g = rank_mma(gy * lamb[None, :], tl.trans(bt), g, RANK_PRECISION, INTERPRETER)
         if NEED_GB:
             p = rank_mma(tl.trans(gy), sd, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
-                         RANK_PRECISION)  # gyᵀ (lambda_d ⊙ s): [BLOCK_N, BLOCK_R]
+                         RANK_PRECISION, INTERPRETER)  # gyᵀ (lambda_d ⊙ s): [BLOCK_N, BLOCK_R]
             gb = tl.sum(p * tl.trans(bt), axis=1)
             tl.store(gb_ptr + pid * stride_gbp + offs_n, gb, mask=mask_n)
     if NEED_G:
