@@ -59,12 +59,12 @@ HOST_CHOICES, _KEYS = GEMM_HOST_CHOICES, GEMM_KEYS
 
 @triton.jit(do_not_specialize=["M", "out_offset", "key0", "key1"])
 def _fused_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, s_ptr, lamd_ptr, lamb_ptr, ids_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, s_ptr, lamd_ptr, lamb_ptr, ids_ptr, b_ptr, y_ptr, scale_ptr,
     M, N, K, R, out_offset,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_lda, stride_lba,
     stride_bn, stride_bj, stride_ym, stride_yn,
     key0, key1, bound_b,
-    HAS_BIAS: tl.constexpr, GENERATE_AB: tl.constexpr, HAS_IDS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GENERATE_AB: tl.constexpr, HAS_IDS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     RANK_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -99,6 +99,8 @@ def _fused_forward_kernel(
                           MATRIX=MATRIX_B, GENERATE_AB=GENERATE_AB, ALIGNED=True, HAS_IDS=False, SCALE_COLS=True,
                           IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION, INTERPRETER=INTERPRETER,
                           BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_N)
+    if HAS_ROW_SCALE:  # DVoRA: magnitude / ||W + dW|| per output row, float32, before the (unscaled) bias
+        acc *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -110,7 +112,7 @@ TUNERS = build_tuners(_fused_forward_kernel, CONFIGS, _INTERPRETER, _KEYS)
 
 @on_input_device
 def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decode=None, adapter_ids=None,
-                  out_offset: int = 0) -> torch.Tensor:
+                  out_offset: int = 0, row_scale=None) -> torch.Tensor:
     """``y2d [M, N]`` in ``x2d.dtype`` from ``x2d [M, K]``, ``weight [N, K]`` (any strides), ``s [M, r]``.
 
     ``bias`` may be ``None``; ``lambda_d``/``lambda_b`` are float32 ``[r]``/``[N]``, or with
@@ -118,7 +120,8 @@ def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decod
     row. ``B_N`` starts at global row ``out_offset`` (a tensor-parallel shard); it is generated from
     ``projection`` (or loaded: a stored projection, or ``VERA_KERNELS_AB_SOURCE=load``), its values rounded
     to ``x2d.dtype``, while the vectors are applied in float32. ``decode`` forces (True) or forbids
-    (False) the single-row-block path; by default it is used for ``M <= 64``.
+    (False) the single-row-block path; by default it is used for ``M <= 64``. ``row_scale`` (float32 ``[N]``,
+    DVoRA's ``magnitude / ||W + dW||``) multiplies ``x W^T + adapter`` in the epilogue, before the bias.
     """
     M, K = x2d.shape
     N = weight.shape[0]
@@ -131,13 +134,14 @@ def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decod
     lambda_b, stride_lba = vector_args(lambda_b, adapter_ids)
     kernel, host, grid = gemm_plan(TUNERS, M, N, x2d.dtype, "BLOCK_N", decode)
     kernel[grid](
-        x2d, weight, bias, s, lambda_d, lambda_b, adapter_ids, B, y,
+        x2d, weight, bias, s, lambda_d, lambda_b, adapter_ids, B, y, row_scale,
         M, N, K, R, out_offset,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
         stride_lda, stride_lba,
         B.stride(0) if B is not None else 0, B.stride(1) if B is not None else 0, y.stride(0), y.stride(1),
         key0, key1, bound_b,
-        HAS_BIAS=bias is not None, GENERATE_AB=generate, HAS_IDS=adapter_ids is not None, **host,
+        HAS_BIAS=bias is not None, GENERATE_AB=generate, HAS_IDS=adapter_ids is not None,
+        HAS_ROW_SCALE=row_scale is not None, **host,
         **dot_args(x2d.dtype),
     )
     return y
