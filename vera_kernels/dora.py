@@ -223,14 +223,15 @@ def _unscaled(problem: Problem, backend, xd: torch.Tensor):
     return backend.forward(inner)
 
 
-def _fused_scaled(problem: Problem, scale: torch.Tensor) -> Optional[torch.Tensor]:
+def _fused_scaled(problem: Problem, backend, scale: torch.Tensor) -> Optional[torch.Tensor]:
     """The Triton backend's fused forward with the per-row scale in its epilogue (one adapter, no dropout),
     or ``None`` where its host code does not run (opaque calls, tensor subclasses)."""
-    from .backends.base import runs_opaque
+    from .backends.base import refuse_forward_ad, runs_opaque
 
     tensors = (problem.x2d, problem.weight, problem.bias, problem.lambda_d, problem.lambda_b)
     if runs_opaque(tensors, True):
         return None
+    refuse_forward_ad(backend, problem)  # the kernel would read the primal and drop a tangent
     from .ops import fused_forward, shrink
 
     s = shrink(problem.x2d, problem.projection, None, in_offset=problem.in_offset)
@@ -242,7 +243,7 @@ def _fused_scaled(problem: Problem, scale: torch.Tensor) -> Optional[torch.Tenso
 def _compose(problem: Problem, backend, scale: torch.Tensor):
     """The layer output ``[M, N]`` from the backend's unscaled forward (on "triton", one fused kernel)."""
     if backend.name == "triton" and problem.dropout is None and problem.adapter_ids is None:
-        y = _fused_scaled(problem, scale)
+        y = _fused_scaled(problem, backend, scale)
         if y is not None:
             return y
     cd = scale.dtype
