@@ -1,8 +1,8 @@
-"""Static GPU report (``benchmarks/static_report.py``): the SASS/ptxas parsers on captured text, and a
+"""Static GPU report (``benchmarks/static/report.py``): the SASS/ptxas parsers on captured text, and a
 compile of the heaviest first-choice variant per kernel kind and dtype (every flag on: per-row adapter
 ids, dropout, bias, generated A/B; aligned and unaligned shard offsets) for sm_90 that fails on any spill.
 
-The compile runs ``python -m benchmarks.static_report --configs smoke`` in a subprocess with
+The compile runs ``python -m benchmarks.static --configs smoke`` in a subprocess with
 ``TRITON_INTERPRET`` unset (tests/conftest.py sets it for the interpreter tests).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import static_report as sr
+from benchmarks.static import report as sr
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,7 +171,7 @@ def test_first_choice_variants_do_not_spill_on_sm90(tmp_path):
     out = tmp_path / "static.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "benchmarks.static_report", "--arch", "90",
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "benchmarks.static", "--arch", "90",
                            "--configs", "smoke", "--out", str(out), "--jobs", str(min(4, os.cpu_count() or 1)),
                            "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert out.exists(), f"static_report wrote nothing (rc {proc.returncode}):\n{proc.stderr[-4000:]}"

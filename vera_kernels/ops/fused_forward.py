@@ -27,7 +27,7 @@ from ._jit import MATRIX_B, gemm_main_loop, gemm_tile_program, rank_expand, rank
 CONFIGS = {
     "prefill": [
         # first choice: fits the registers with every flag (ids, bias, generated B) on sm_90 and sm_80 and
-        # A100's shared memory (benchmarks/NOTES-static.md)
+        # A100's shared memory (benchmarks/static/NOTES.md)
         Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 16, "GROUP_M": 8}, num_warps=8, num_stages=3),
         # Hopper (wgmma, two warpgroups, 228 KB shared memory); 128x256 spills with per-row ids
         Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),

@@ -1,8 +1,8 @@
 """Static GPU evidence for every Triton kernel variant, with no GPU: registers, spills, shared memory and
 the instruction mix of each loop, from ptxas and the cubin's SASS.
 
-    python -m benchmarks.static_report --arch 90 --out benchmarks/results/static-sm90.json
-    python -m benchmarks.static_report --regenerate     # sm_90 and sm_80 JSON + the tables of NOTES-static.md
+    python -m benchmarks.static --arch 90 --out benchmarks/static/sm90.json
+    python -m benchmarks.static --regenerate     # sm_90 and sm_80 JSON + the tables of NOTES.md
 
 Variants come from ``vera_kernels.ops.aot`` (the same enumeration and compile call as the AOT test).
 By default the report covers every *first-choice* variant: the first autotune config of each kind (the
@@ -57,9 +57,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-NOTES = ROOT / "benchmarks" / "NOTES-static.md"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE  # sm90.json, sm80.json
+NOTES = HERE / "NOTES.md"
 BEGIN, END = "<!-- static-report:begin -->", "<!-- static-report:end -->"
 
 # ---------------------------------------------------------------------------------------------
@@ -720,7 +720,7 @@ def predict(records: List[dict], arch: int) -> List[dict]:
 
 
 def markdown(report: dict) -> str:
-    """The generated block of NOTES-static.md for one report (resources, loop mixes, predictions)."""
+    """The generated block of NOTES.md for one report (resources, loop mixes, predictions)."""
     arch = report["arch"]
     recs = [r for r in report["variants"] if "error" not in r]
     errs = [r for r in report["variants"] if "error" in r]
@@ -842,7 +842,7 @@ def build_report(arch: int, configs: str = "first", match: str = "", jobs: int =
     recs = run(vs, arch, jobs, progress, hints)
     report = {"arch": arch, "triton": triton.__version__, "configs": configs, "match": match, "hints": hints,
               "seconds": round(time.time() - t0, 1), "rates": RATES[arch],
-              "method": "see benchmarks/static_report.py docstring and benchmarks/NOTES-static.md",
+              "method": "see benchmarks/static/report.py docstring and benchmarks/static/NOTES.md",
               "variants": recs}
     report["predictions"] = predict(recs, arch)
     return report
@@ -879,15 +879,15 @@ def merge_reports(old: dict, new: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(RATES))
-    parser.add_argument("--out", help="JSON path (one arch); default benchmarks/results/static-sm<arch>.json")
+    parser.add_argument("--out", help="JSON path (one arch); default benchmarks/static/sm<arch>.json")
     parser.add_argument("--configs", default="first", choices=SELECTIONS)
     parser.add_argument("--match", default="", help="only variants whose name contains this text")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--notes", help="regenerate the generated block of this markdown file")
     parser.add_argument("--regenerate", action="store_true",
-                        help="sm_90 and sm_80, default JSON paths, and the tables of benchmarks/NOTES-static.md")
+                        help="sm_90 and sm_80, default JSON paths, and the tables of benchmarks/static/NOTES.md")
     parser.add_argument("--no-hints", action="store_true",
                         help="compile exactly as the AOT test does (no alignment/divisibility hints)")
     parser.add_argument("--reuse", action="store_true",
@@ -907,7 +907,7 @@ def main(argv=None) -> int:
         parser.error("--out takes one --arch")
     blocks, failed, spilled = [], 0, []
     for arch in args.arch:
-        out = Path(args.out) if args.out else RESULTS / f"static-sm{arch}.json"
+        out = Path(args.out) if args.out else RESULTS / f"sm{arch}.json"
         if args.reuse:
             report = json.loads(out.read_text())
             report["rates"] = RATES[arch]
