@@ -2,7 +2,8 @@
 
 ``python -m vera_kernels.ops.aot --arch 80 90`` compiles each variant with
 ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))``, which runs
-the whole pipeline down to ptxas, and prints one JSON line per failure. It must run with
+the whole pipeline down to ptxas (``--jobs`` processes), and prints one JSON line per failure, a summary line,
+and on stderr a progress line as each kernel kind is done. It must run with
 ``TRITON_INTERPRET`` unset (under the interpreter ``triton.jit`` builds interpreter functions).
 
 Variants (see ``variants``): for each kernel and each tuner kind (prefill/decode, 16-bit/float32), its GPU
@@ -17,9 +18,12 @@ memory than the architecture has (the launch would fail).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import itertools
 import json
+import multiprocessing
+import os
 import sys
 import time
 from typing import Dict, Iterator, List
@@ -189,13 +193,35 @@ def compile_variant(variant: Variant, arch: int):
                           options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages))
 
 
+_TODO: list = []  # the (variant, arch) pairs of one main() run, read by _check in forked workers
+
+
+def _check(i: int):
+    """Compile ``_TODO[i]``: ``None``, or why it fails (an error, or more shared memory than the arch has)."""
+    v, a = _TODO[i]
+    try:
+        compiled = compile_variant(v, a)
+        if not compiled.asm.get("cubin"):
+            raise RuntimeError("no cubin produced")
+        if compiled.metadata.shared > SHARED_LIMIT[a]:
+            raise RuntimeError(f"needs {compiled.metadata.shared} bytes of shared memory, sm_{a} has "
+                               f"{SHARED_LIMIT[a]}: the launch would fail")
+    except Exception as e:  # report every failure, keep going
+        return f"{type(e).__name__}: {e}"[:4000]
+    return None
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    global _TODO
+    parser = argparse.ArgumentParser(prog="python -m vera_kernels.ops.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--shard", default="0/1", help="i/n: compile every n-th variant starting at i")
     parser.add_argument("--full", action="store_true", help="the whole product of configs and block sizes")
     parser.add_argument("--match", default="", help="only variants whose name contains this text")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compiling processes")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress line on stderr after each kernel kind (count, failures, seconds)")
     args = parser.parse_args(argv)
     i, n = (int(v) for v in args.shard.split("/"))
     todo = [(v, a) for v in variants(args.full) if args.match in v.name for a in args.arch][i::n]
@@ -203,19 +229,28 @@ def main(argv=None) -> int:
         for v, a in todo:
             print(f"sm_{a} {v.name}")
         return 0
-    failures = 0
+    _TODO = todo
+    failures = group_failures = group_start = 0
     t0 = time.time()
-    for v, a in todo:
-        try:
-            compiled = compile_variant(v, a)
-            if not compiled.asm.get("cubin"):
-                raise RuntimeError("no cubin produced")
-            if compiled.metadata.shared > SHARED_LIMIT[a]:
-                raise RuntimeError(f"needs {compiled.metadata.shared} bytes of shared memory, sm_{a} has "
-                                   f"{SHARED_LIMIT[a]}: the launch would fail")
-        except Exception as e:  # report every failure, keep going
-            failures += 1
-            print(json.dumps({"variant": v.name, "arch": a, "error": f"{type(e).__name__}: {e}"[:4000]}))
+    with contextlib.ExitStack() as stack:
+        if args.jobs > 1 and len(todo) > 1:
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(min(args.jobs, len(todo))))
+            results = pool.imap(_check, range(len(todo)))
+        else:
+            results = map(_check, range(len(todo)))
+        for k, error in enumerate(results):
+            v, a = todo[k]
+            if error:
+                failures += 1
+                group_failures += 1
+                print(json.dumps({"variant": v.name, "arch": a, "error": error}), flush=True)
+            kind = v.name.split("/")[0]
+            if k + 1 == len(todo) or todo[k + 1][0].name.split("/")[0] != kind:
+                if not args.quiet:
+                    print(f"[{k + 1}/{len(todo)} {time.time() - t0:.0f}s] {kind} for "
+                          f"{', '.join(f'sm_{x}' for x in args.arch)}: {k + 1 - group_start - group_failures} compiled, "
+                          f"{group_failures} failed", file=sys.stderr, flush=True)
+                group_start, group_failures = k + 1, 0
     print(json.dumps({"compiled": len(todo) - failures, "failed": failures, "seconds": round(time.time() - t0, 1)}))
     return 1 if failures else 0
 
