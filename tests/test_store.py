@@ -327,3 +327,65 @@ def test_concurrent_readers_while_a_writer_is_killed_at_random(tmp_path):
             _check_whole(store, u, store.get(f"user{u}"))
     store.cleanup(older_than=0)
     assert not [f for f in _user_files(tmp_path) if os.path.basename(f).startswith(".")]
+
+
+def test_put_of_a_directory_replaced_mid_read_is_never_mixed(tmp_path, monkeypatch):
+    """A save replacing the adapter directory between the reads of its two files: put stores the adapter
+    it read whole (the old one), never the old config (projection) with the new vectors."""
+    from vera_kernels import adapter_io
+
+    old_model, new_model = _randomize(_single(), 4), _randomize(_single(seed=9), 5)
+    vk.save_adapter(old_model, tmp_path / "a")
+    real, calls = adapter_io._read_files, []
+
+    def read_then_replace(directory):
+        out = real(directory)
+        if not calls:  # the first read is done: another process saves a new adapter (another projection)
+            vk.save_adapter(new_model, tmp_path / "a")
+        calls.append(directory)
+        return out
+
+    monkeypatch.setattr(adapter_io, "_read_files", read_then_replace)
+    monkeypatch.setattr(store_mod, "_read_files", read_then_replace, raising=False)
+    store = vk.AdapterStore(tmp_path / "s")
+    store.put("u", tmp_path / "a")
+    _assert_vectors(store.get("u"), _model_vectors(old_model))
+    monkeypatch.undo()
+    with pytest.raises(vk.AdapterFileError, match="projection"):  # the new adapter, read whole, is refused
+        store.put("u", tmp_path / "a")
+    _assert_vectors(store.get("u"), _model_vectors(old_model))
+
+
+def test_put_of_a_directory_saved_concurrently_reads_one_adapter(tmp_path):
+    """A thread saves two adapters of two projections over one directory in turn while puts read it: every
+    put stores the first adapter whole or refuses the second (its projection), nothing else."""
+    first, second = _randomize(_single(), 4), _randomize(_single(seed=9), 5)
+    vk.save_adapter(first, tmp_path / "a")
+    store = vk.AdapterStore(tmp_path / "s")
+    store.put("u", tmp_path / "a")
+    want = _model_vectors(first)
+    stop, errors = threading.Event(), []
+
+    def save():
+        try:
+            while not stop.is_set():
+                vk.save_adapter(second, tmp_path / "a")
+                vk.save_adapter(first, tmp_path / "a")
+        except BaseException as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+
+    t = threading.Thread(target=save)
+    t.start()
+    try:
+        for _ in range(40):
+            try:
+                store.put("u", tmp_path / "a")
+            except vk.AdapterFileError as e:
+                assert "projection" in str(e), e
+            except FileNotFoundError:
+                pass  # the directory is renamed away for an instant on filesystems without atomic replace
+            _assert_vectors(store.get("u"), want)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[0]

@@ -45,10 +45,12 @@ from .adapter_io import (
     CONFIG_NAME,
     FORMAT,
     AdapterFileError,
+    WEIGHTS_NAME,
     _own_spec,
+    _parse_config,
+    _parse_tensors,
     _peft_spec,
-    _read_config,
-    _read_tensors,
+    _read_files,
     _seed_field,
 )
 from .models import check_slot, require, shared_projection, slot_vectors, vera_layers
@@ -334,8 +336,11 @@ class AdapterStore:
                                   f"{type(model).__name__} slot {slot}")
 
     def _from_directory(self, directory: str) -> Vectors:
-        cfg = _read_config(directory)
-        tensors = _read_tensors(directory)
+        # both files read through one open directory: a save replacing the directory meanwhile gives the
+        # old adapter or the new one, never one's config with the other's vectors
+        raw = _read_files(directory)
+        cfg = _parse_config(raw[CONFIG_NAME], directory)
+        tensors = _parse_tensors(raw[WEIGHTS_NAME], directory)
         if "peft_type" in cfg:
             spec = _peft_spec(cfg, tensors, nn.Module(), directory)
             if self._header is None and not self._load_header():
