@@ -1,8 +1,6 @@
 """The Triton generator (vera_kernels/ops/_jit.py, materialize.py) against the reference generator, bit for bit,
 and the launch helpers of vera_kernels/ops/_launch.py."""
 
-import types
-
 import pytest
 import torch
 
@@ -63,9 +61,13 @@ def test_dot_args_follow_matmul_precision():
 
 
 def test_launchers_run_on_their_input_device(monkeypatch):
-    """Triton launches on the current CUDA device: every launcher makes its input's device current first
-    (tensors on cuda:1 while cuda:0 is current), and does nothing for CPU tensors."""
+    """Triton launches on the current CUDA device: ``device_guard`` makes a tensor's CUDA device current
+    (tensors on cuda:1 while cuda:0 is current) and does nothing for CPU tensors, and every launcher
+    launches each of its kernels inside the guard of its input's device."""
     import contextlib
+    import importlib
+
+    from triton.runtime.jit import KernelInterface
 
     from vera_kernels import ops
     from vera_kernels.ops import _launch
@@ -78,14 +80,39 @@ def test_launchers_run_on_their_input_device(monkeypatch):
         yield
 
     monkeypatch.setattr(torch.cuda, "device", cuda_device)
-    inside = []
-    launch = _launch.on_input_device(lambda t, k=0: inside.append((list(entered), k)) or k)
-    assert launch(types.SimpleNamespace(device=torch.device("cuda", 1)), k=3) == 3
-    assert inside == [([torch.device("cuda", 1)], 3)]
-    launch(torch.zeros(1))
+    with _launch.device_guard(torch.device("cuda", 1)):
+        assert entered == [torch.device("cuda", 1)]
+    with _launch.device_guard(torch.device("cpu")):
+        pass
     assert entered == [torch.device("cuda", 1)]  # CPU tensors: no CUDA call
-    for name in ("shrink", "fused_forward", "rank_grads", "grad_input", "segment_sum"):
-        assert getattr(getattr(ops, name), "__wrapped__", None) is not None, name
+    monkeypatch.undo()
+
+    guards, launches = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        guards.append(device)
+        yield
+        guards.pop()
+
+    for name in ("shrink", "fused_forward", "rank_grads", "grad_input", "segment_sum", "materialize"):
+        monkeypatch.setattr(importlib.import_module(f"vera_kernels.ops.{name}"), "device_guard", recording_guard)
+    launch = KernelInterface.__getitem__
+    monkeypatch.setattr(KernelInterface, "__getitem__", lambda kernel, grid: launches.append(list(guards))
+                        or launch(kernel, grid))
+    g = torch.Generator().manual_seed(7)
+    M, K, N, r = 5, 24, 20, 8
+    x, W = torch.randn(M, K, generator=g).to(DEVICE), torch.randn(N, K, generator=g).to(DEVICE)
+    gy = torch.randn(M, N, generator=g).to(DEVICE)
+    ld, lb = (torch.rand(2, r, generator=g) + 0.5).to(DEVICE), torch.randn(2, N, generator=g).to(DEVICE)
+    ids = torch.tensor([0, 1, 1, -1, 0], device=DEVICE)
+    proj = vk.Projection(11, r, K, N)
+    s = ops.shrink(x, proj)
+    ops.fused_forward(x, W, None, ld, lb, s, proj, adapter_ids=ids)
+    grads = ops.rank_grads(gy, s, ld, lb, proj, need_grad_d=True, adapter_ids=ids)  # + 2 segment sums
+    ops.grad_input(gy, W, grads.g, ld, proj, adapter_ids=ids)
+    ops.materialize_projection(proj, DEVICE)  # A and B
+    assert launches == [[DEVICE]] * 8
 
 
 @triton.jit

@@ -25,8 +25,7 @@ SCRIPT = textwrap.dedent("""
     from vera_kernels.ops import rehearsal
     rehearsal.start(90)
     import vera_kernels as vk
-    from vera_kernels.ops import fused_forward, grad_input, materialize_projection, shrink
-    shrink_module = importlib.import_module('vera_kernels.ops.shrink')
+    from vera_kernels.ops import SPECS, fused_forward, grad_input, materialize_projection, shrink
 
     out = {}
     try:
@@ -47,8 +46,8 @@ SCRIPT = textwrap.dedent("""
         if M > 64:
             grad_input(x, W, s, lam_d, proj)
     os.environ["VERA_KERNELS_AUTOTUNE"] = "1"
-    for tuner in shrink_module.TUNERS.values():  # the tuner list was fixed at import: every config now
-        tuner.configs = shrink_module.CONFIGS["shrink"]
+    for tuner in SPECS["shrink"].tuners.values():  # the tuner list was fixed at import: every config now
+        tuner.configs = SPECS["shrink"].configs["shrink"]
     shrink(torch.empty(4096, K, dtype=torch.bfloat16), proj)
     rep = rehearsal.report()
     out["problems"] = rehearsal.problems(rep)

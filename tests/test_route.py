@@ -88,3 +88,38 @@ def test_a_new_projection_at_a_reused_address_gets_its_own_plan():
         torch.testing.assert_close(y, vk.reference.vera_linear(x, W, b, ld, lb, proj), rtol=1e-5, atol=1e-5)
         del proj
         gc.collect()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_forward_reaches_the_triton_launch_in_at_most_six_frames(monkeypatch, grad):
+    """From ``VeRALinear.forward`` to the frame that launches a Triton kernel (``kernel[grid]``): one route,
+    at most 6 frames with gradients (forward, vera_linear, Function.apply, VeRAFunction.forward, the
+    backend's forward, the launcher) and 4 without."""
+    import inspect
+
+    from conftest import backend_skip_reason
+
+    why = backend_skip_reason("triton", torch.device("cpu"))
+    if why is not None:
+        pytest.skip(why)
+    from triton.runtime.jit import KernelInterface
+
+    depths = []
+    launch = KernelInterface.__getitem__
+
+    def getitem(kernel, grid):
+        frame, n = inspect.currentframe().f_back, 1
+        while frame is not None and frame.f_code is not vk.VeRALinear.forward.__code__:
+            frame, n = frame.f_back, n + 1
+        depths.append(n if frame is not None else None)
+        return launch(kernel, grid)
+
+    layer = vk.VeRALinear(24, 20, projection=vk.Projection(3, 8, 24, 20))
+    layer.lambda_d.requires_grad_(grad)
+    layer.lambda_b.requires_grad_(grad)
+    x = torch.randn(3, 24, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(KernelInterface, "__getitem__", getitem)
+    with vk.use_backend("triton"):
+        layer(x)
+    assert len(depths) == 2  # shrink, fused_forward
+    assert max(depths) <= (6 if grad else 4), depths

@@ -368,7 +368,7 @@ def describe(variant) -> dict:
         raise ValueError(f"unexpected variant name {variant.name!r}")
     op, kind, mode, layout = m.groups()
     index = -1
-    for i, cfg in enumerate(aot._MODULES[op].CONFIGS[kind]):
+    for i, cfg in enumerate(aot.SPECS[op].configs[kind]):
         if (all(variant.constexprs.get(k) == v for k, v in cfg.kwargs.items())
                 and cfg.num_warps == variant.num_warps and cfg.num_stages == variant.num_stages):
             index = i
@@ -433,7 +433,7 @@ def hinted_source(variant):
     does not exclude with ``do_not_specialize``. Without them (``aot.compile_variant``) the compile is the
     one Triton runs for odd shapes or unaligned views."""
     src = variant.source()
-    fn = variant.kernel.fn if hasattr(variant.kernel, "configs") else variant.kernel
+    fn = variant.kernel
     attrs = {}
     for i, name in enumerate(fn.arg_names):
         ty = src.signature.get(name)
@@ -586,40 +586,39 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def prediction_cases(M: int, dtype_mode: str) -> Dict[str, dict]:
-    """Per op: the kind, host block sizes and flags its launcher picks for ``M`` rows at K = N = 4096
-    (seeded projection, no dropout, no bias, contiguous weight, both rank_grads outputs)."""
-    decode = M <= 64
-    bm_small = max(16, 1 << (M - 1).bit_length())
-    return {
-        "shrink": dict(kind="shrink", match={"BLOCK_M": bm_small if decode else (256 if M >= 4096 else 128),
-                                             "GENERATE_AB": True, "DROPOUT": False}),
-        "fused_forward": dict(kind="decode" if decode else "prefill",
-                              match=dict({"BLOCK_M": bm_small} if decode else {}, HAS_BIAS=False, GENERATE_AB=True)),
-        "rank_grads": dict(kind="rank_grads", match={"BLOCK_M": bm_small if decode else 128, "BLOCK_R": 64,
-                                                     "GENERATE_AB": True, "NEED_G": True, "NEED_GB": True}),
-        "grad_input": dict(kind="decode" if decode else "prefill",
-                           match=dict({"BLOCK_M": bm_small} if decode else {}, GENERATE_AB=True, DROPOUT=False)),
-    }
+# per op: the flags of the predicted call (seeded projection, no dropout, no bias, both rank_grads outputs)
+_PREDICTED_FLAGS = {
+    "shrink": dict(GENERATE_AB=True, DROPOUT=False),
+    "fused_forward": dict(HAS_BIAS=False, GENERATE_AB=True),
+    "rank_grads": dict(GENERATE_AB=True, NEED_G=True, NEED_GB=True),
+    "grad_input": dict(GENERATE_AB=True, DROPOUT=False),
+}
 
 
-def _split(length: int, programs: int, sms: int, align: int = 256) -> Tuple[int, int]:
-    """``(splits, span)`` as the launchers' ``split_reduction`` picks them on a GPU with ``sms`` SMs."""
-    split = max(1, min(_cdiv(sms, programs), _cdiv(length, align)))
-    span = _cdiv(_cdiv(length, split), align) * align
-    return _cdiv(length, span), span
+def prediction_cases(M: int, R: int, dtype_mode: str, sms: int) -> Dict[str, dict]:
+    """Per op: what its launcher picks (``KernelSpec.launch``: the kind, host block sizes, the split of a
+    reduction) for ``M`` rows at rank ``R``, K = N = 4096 on a GPU with ``sms`` SMs, and the flags of the
+    predicted call (``_PREDICTED_FLAGS``, contiguous weight)."""
+    import torch
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_mode]
+    out = {}
+    for op, flags in _PREDICTED_FLAGS.items():
+        launch = _aot().SPECS[op].launch(M, K_SHAPE, N_SHAPE, R, dtype, sms)
+        out[op] = dict(kind=launch.kind, match=dict(launch.host, **flags), splits=launch.splits, span=launch.span)
+    return out
 
 
-def _source_loops(op: str, c: dict, M: int, R: int, sms: int) -> Tuple[int, List[Tuple[str, int]]]:
-    """``(programs, [(loop name, iterations per program)])`` in source order for an op's kernel at
-    ``M`` rows, rank ``R`` and K = N = 4096 (the reduction split of shrink/rank_grads included)."""
+def _source_loops(op: str, c: dict, case: dict, M: int, R: int) -> Tuple[int, List[Tuple[str, int]]]:
+    """``(programs, [(loop name, iterations per program)])`` in source order for an op's kernel with
+    constexprs ``c`` at ``M`` rows, rank ``R`` and K = N = 4096 (the reduction split of shrink/rank_grads
+    from ``case``, see ``prediction_cases``)."""
     K, N = K_SHAPE, N_SHAPE
     if op in ("shrink", "rank_grads"):
-        length, block, name = (K, c["BLOCK_K"], "K loop (A generated)") if op == "shrink" else (
-            N, c["BLOCK_N"], "N loop (B generated)")
+        block, name = (c["BLOCK_K"], "K loop (A generated)") if op == "shrink" else (
+            c["BLOCK_N"], "N loop (B generated)")
         programs = _cdiv(M, c["BLOCK_M"]) * _cdiv(R, c["BLOCK_R"])
-        splits, span = _split(length, programs, sms)
-        return programs * splits, [(name, _cdiv(span, block))]
+        return programs * case["splits"], [(name, _cdiv(case["span"], block))]
     if op == "fused_forward":
         programs = _cdiv(M, c["BLOCK_M"]) * _cdiv(N, c["BLOCK_N"])
         main = ("K loop (base GEMM)", _cdiv(K, c["BLOCK_K"]))
@@ -667,7 +666,7 @@ def predict(records: List[dict], arch: int) -> List[dict]:
     out = []
     for mode in [m for m in ("fp16", "bf16") if any(r["dtype_mode"] == m for r in ok)]:
         for M, R in SHAPES:
-            for op, case in prediction_cases(M, mode).items():
+            for op, case in prediction_cases(M, R, mode, rates["sms"]).items():
                 cands = [r for r in ok if r["op"] == op and r["kind"] == case["kind"] and r["dtype_mode"] == mode
                          and all(r["constexprs"].get(k) == v for k, v in case["match"].items())]
                 row = {"op": op, "dtype": mode, "M": M, "K": K_SHAPE, "N": N_SHAPE, "r": R, "kind": case["kind"]}
@@ -675,7 +674,7 @@ def predict(records: List[dict], arch: int) -> List[dict]:
                     out.append(dict(row, error="variant not in the report"))
                     continue
                 rec = cands[0]
-                programs, src = _source_loops(op, rec["constexprs"], M, R, rates["sms"])
+                programs, src = _source_loops(op, rec["constexprs"], case, M, R)
                 loops = [lp for lp in rec["loops"] if lp["innermost"]]
                 row.update(variant=rec["variant"], registers=rec["ptxas"]["registers"],
                            spills=rec["ptxas"]["spill_stores"] + rec["ptxas"]["spill_loads"], programs=programs)

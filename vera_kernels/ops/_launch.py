@@ -1,18 +1,20 @@
-"""Launch helpers of the Triton kernels: kernel arguments (keys, dtypes, projection and dropout),
-where A/B tiles come from, autotuner construction and the launch choices shared by several ops."""
+"""Launch helpers of the Triton kernels: the contract of a kernel (``KernelSpec``), kernel arguments
+(keys, dtypes, projection and dropout), where A/B tiles come from and the launch choices shared by several
+ops."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ..core import interpreting
+from . import rehearsal
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -126,25 +128,15 @@ def dropout_args(dropout) -> DropoutArgs:
 
 def device_guard(device: torch.device):
     """A context in which ``device`` is the current CUDA device (Triton launches on the current device, like
-    ``c10::cuda::CUDAGuard`` in the native ops); does nothing for other devices."""
+    ``c10::cuda::CUDAGuard`` in the native ops, so tensors on ``cuda:1`` are not launched on ``cuda:0``);
+    does nothing for other devices. Every launcher launches its kernel inside one."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def on_input_device(launcher):
-    """Decorator of a launcher whose first argument is a tensor: it runs with that tensor's CUDA device
-    current, so tensors on ``cuda:1`` are not launched on ``cuda:0``."""
-
-    @functools.wraps(launcher)
-    def launch(first, *args, **kwargs):
-        with device_guard(first.device):
-            return launcher(first, *args, **kwargs)
-
-    return launch
-
-
 def sm_count(device) -> int:
-    """Streaming multiprocessors of ``device`` (a small stand-in under the interpreter)."""
-    if device.type == "cuda":
+    """Streaming multiprocessors of ``device`` (the rehearsed GPU's for the CPU tensors of the GPU rehearsal;
+    a small stand-in under the interpreter)."""
+    if device.type == "cuda" or rehearsal.active_arch() is not None:
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
@@ -158,32 +150,88 @@ def pick_configs(gpu_configs: List[triton.Config], interpreter_config: triton.Co
     return gpu_configs
 
 
+class Launch(NamedTuple):
+    """What a launcher picks on the host for one call: the tuner ``kind``, the constexprs it sets itself
+    (``host``, e.g. ``BLOCK_M``), and for a split reduction ``splits`` ranges of ``span`` each."""
+
+    kind: str
+    host: dict
+    splits: int = 1
+    span: int = 0
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """The contract of one Triton kernel: ``SPEC`` of its op module, read by its launcher, the AOT compile
+    (``ops/aot.py``), the GPU rehearsal and the static report.
+
+    - ``kernel``: the ``@triton.jit`` function.
+    - ``configs``: the GPU autotune list per tuner kind (``"prefill"``, ``"decode-fp32"``, ...); the first
+      config of a kind is the one used with autotuning off.
+    - ``interpreter``, ``keys``: per base kind (the part before ``-fp32``: float32 kernels get their own,
+      smaller tiles) the interpreter's one config and the autotune key.
+    - ``launch(M, K, N, R, dtype, sms=None, **options) -> Launch``: the launcher's choice for a call
+      (``sms``: the GPU's SMs, needed by a split reduction); ``None``: kind ``name``, nothing chosen.
+    - ``host_choices``: per kind, every ``Launch.host`` that ``launch`` can return on a GPU (default
+      ``[{}]``), so that the AOT compile covers each.
+    - the kernel's signature for the AOT compile: ``flags`` (constexpr booleans and the values they take),
+      ``none_if`` (pointers that are ``None`` when a flag has a value), ``io_ptrs`` (pointers in the input
+      dtype; other pointers are float32), ``int_ptrs`` (int64 pointers), ``ab_ptr`` (the A/B pointer: in
+      the input dtype when it is the cached copy) and ``layouts`` (per weight layout, its unit strides).
+
+    ``tuners`` (built from the above): one autotuner of ``kernel`` per kind.
+    """
+
+    name: str
+    kernel: Callable
+    configs: Dict[str, List[triton.Config]]
+    interpreter: Dict[str, triton.Config]
+    keys: Dict[str, List[str]]
+    launch: Optional[Callable[..., Launch]] = None
+    host_choices: Dict[str, List[dict]] = field(default_factory=dict)
+    flags: Sequence[Tuple[str, tuple]] = ()
+    none_if: Dict[str, Tuple[str, bool]] = field(default_factory=dict)
+    io_ptrs: Sequence[str] = ()
+    int_ptrs: Sequence[str] = ()
+    ab_ptr: Optional[str] = None
+    layouts: Dict[str, Sequence[str]] = field(default_factory=lambda: {"contiguous": ()})
+    tuners: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        tuners = {}
+        for kind, gpu in self.configs.items():
+            base = kind.split("-")[0]
+            tuners[kind] = triton.autotune(configs=pick_configs(gpu, self.interpreter[base]),
+                                           key=self.keys[base])(self.kernel)
+        object.__setattr__(self, "tuners", tuners)
+
+
 # The two GEMMs with a rank-r epilogue (fused_forward, grad_input) run a "prefill" kernel (autotuned
 # tiles, tuned per M: a training run sees few distinct token counts) or, for M <= DECODE_MAX_M, a
 # "decode" kernel with one row block whose BLOCK_M the host picks (tuned per BLOCK_M).
 DECODE_MAX_M = 64
-GEMM_HOST_CHOICES = {"prefill": [{}], "prefill-fp32": [{}],
-                     "decode": [dict(BLOCK_M=b) for b in (16, 32, DECODE_MAX_M)],
+GEMM_HOST_CHOICES = {"decode": [dict(BLOCK_M=b) for b in (16, 32, DECODE_MAX_M)],
                      "decode-fp32": [dict(BLOCK_M=b) for b in (16, 32, DECODE_MAX_M)]}
 GEMM_KEYS = {"prefill": ["N", "K", "R", "M"], "decode": ["N", "K", "R", "BLOCK_M"]}
 
 
-def gemm_plan(tuners: dict, M: int, cols: int, dtype: torch.dtype, col_block: str, decode=None):
-    """``(autotuner, host constexprs, grid)`` of a GEMM with a rank-r epilogue (fused_forward, grad_input)
-    writing ``[M, cols]`` in column tiles of ``meta[col_block]``.
-
-    ``decode`` (default: ``M <= DECODE_MAX_M``) picks the kernel with one row block of a host-chosen
-    ``BLOCK_M`` (W streamed once); otherwise the autotuned prefill tiles.
-    """
+def gemm_launch(M: int, K: int, N: int, R: int, dtype: torch.dtype, sms=None, decode=None) -> Launch:
+    """The launch of a GEMM with a rank-r epilogue (fused_forward, grad_input): with ``decode`` (default:
+    ``M <= DECODE_MAX_M``) the kernel with one row block of a host-chosen ``BLOCK_M`` (W streamed once),
+    otherwise the autotuned prefill tiles."""
     if decode is None:
         decode = M <= DECODE_MAX_M
     if decode:
-        block_m = min(next_pow2(M), DECODE_MAX_M)
-        num_m = triton.cdiv(M, block_m)
-        return (tuners[kind_of("decode", dtype)], dict(BLOCK_M=block_m),
-                lambda meta: (num_m * triton.cdiv(cols, meta[col_block]),))
-    return (tuners[kind_of("prefill", dtype)], {},
-            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cols, meta[col_block]),))
+        return Launch(kind_of("decode", dtype), dict(BLOCK_M=min(next_pow2(M), DECODE_MAX_M)))
+    return Launch(kind_of("prefill", dtype), {})
+
+
+def gemm_grid(M: int, cols: int, launch: Launch, col_block: str):
+    """The grid of a GEMM launch writing ``[M, cols]`` in column tiles of ``meta[col_block]``."""
+    if "BLOCK_M" in launch.host:
+        num_m = triton.cdiv(M, launch.host["BLOCK_M"])
+        return lambda meta: (num_m * triton.cdiv(cols, meta[col_block]),)
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cols, meta[col_block]),)
 
 
 def vector_args(vec: torch.Tensor, ids) -> tuple:
@@ -195,32 +243,19 @@ def vector_args(vec: torch.Tensor, ids) -> tuple:
     return vec, vec.stride(0)
 
 
-def build_tuners(fn, configs: Dict[str, List[triton.Config]], interpreter: Dict[str, triton.Config],
-                 keys: Dict[str, List[str]]) -> dict:
-    """One autotuner of ``fn`` per kind (``"prefill"``, ``"decode-fp32"``, ...).
-
-    A kind's configs are ``configs[kind]``; its interpreter config and key are those of its base kind
-    (the part before ``-fp32``): float32 kernels get their own, smaller tiles.
-    """
-    out = {}
-    for kind, gpu in configs.items():
-        base = kind.split("-")[0]
-        out[kind] = triton.autotune(configs=pick_configs(gpu, interpreter[base]), key=keys[base])(fn)
-    return out
-
-
 def kind_of(base: str, dtype: torch.dtype) -> str:
     """The tuner kind for ``base`` (e.g. ``"prefill"``) and inputs of ``dtype``."""
     return base + "-fp32" if dtype == torch.float32 else base
 
 
-def split_reduction(length: int, programs: int, device, split, align: int) -> Tuple[int, int]:
+def split_reduction(length: int, programs: int, sms: Optional[int], split, align: int) -> Tuple[int, int]:
     """``(splits, span)``: how many ranges of ``span`` (a multiple of ``align``) cover ``length``.
 
-    With ``split=None``, enough ranges to give every SM a program when ``programs`` alone do not.
+    With ``split=None``, enough ranges to give every one of ``sms`` SMs a program when ``programs`` alone
+    do not.
     """
     if split is None:
-        split = max(1, min(triton.cdiv(sm_count(device), programs), triton.cdiv(length, align)))
+        split = max(1, min(triton.cdiv(sms, programs), triton.cdiv(length, align)))
     span = triton.cdiv(triton.cdiv(length, split), align) * align
     return triton.cdiv(length, span), span
 

@@ -6,20 +6,19 @@ the whole pipeline down to ptxas (``--jobs`` processes), and prints one JSON lin
 and on stderr a progress line as each kernel kind is done. It must run with
 ``TRITON_INTERPRET`` unset (under the interpreter ``triton.jit`` builds interpreter functions).
 
-Variants (see ``variants``): for each kernel and each tuner kind (prefill/decode, 16-bit/float32), its GPU
-autotune configs, the block sizes its launcher picks on the host, its flag combinations (GENERATE_AB,
-ALIGNED, DROPOUT, HAS_BIAS, HAS_IDS, NEED_G/NEED_GB), the dtype modes of the kind (float16, bfloat16;
-float32 IEEE and TF32), where loaded A/B come from (a stored float32 projection or the cached copy in the
-input dtype) and the weight layouts (contiguous, transposed); by default a covering set in which every
-value of every one of these appears, with ``--full`` their whole product. A variant also fails when it needs more shared
-memory than the architecture has (the launch would fail).
+Variants (see ``variants``): for each kernel (its ``KernelSpec``) and each tuner kind (prefill/decode,
+16-bit/float32), its GPU autotune configs, the block sizes its launcher picks on the host, its flag
+combinations (GENERATE_AB, ALIGNED, DROPOUT, HAS_BIAS, HAS_IDS, NEED_G/NEED_GB), the dtype modes of the
+kind (float16, bfloat16; float32 IEEE and TF32), where loaded A/B come from (a stored float32 projection or
+the cached copy in the input dtype) and the weight layouts (contiguous, transposed); by default a covering
+set in which every value of every one of these appears, with ``--full`` their whole product. A variant also
+fails when it needs more shared memory than the architecture has (the launch would fail).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import itertools
 import json
 import multiprocessing
@@ -31,13 +30,8 @@ from typing import Dict, Iterator, List
 import torch
 import triton
 
+from . import SPECS
 from ._launch import dot_args
-
-# the modules (the package namespace re-exports the launchers under the same names)
-shrink, fused_forward, rank_grads, grad_input, segment_sum = (
-    importlib.import_module(f"vera_kernels.ops.{m}")
-    for m in ("shrink", "fused_forward", "rank_grads", "grad_input", "segment_sum")
-)
 
 _DTYPE_MODES = [
     ("fp32-ieee", torch.float32, "ieee"),
@@ -52,16 +46,9 @@ _AB_SOURCES = ["stored-fp32", "cached-input"]
 _FLOAT_ARGS = {"bound_a", "bound_b", "drop_scale"}
 
 
-def _unwrap(kernel):
-    return kernel.fn if hasattr(kernel, "configs") else kernel  # an Autotuner's JITFunction
-
-
-def _arg_names(kernel):
-    return set(_unwrap(kernel).arg_names)
-
-
 class Variant:
-    """One kernel specialisation: constexpr values, pointer dtypes and launch options."""
+    """One specialisation of ``kernel`` (a ``@triton.jit`` function): constexpr values, pointer dtypes and
+    launch options."""
 
     def __init__(self, name, kernel, dtype, precision, constexprs, io_ptrs, none_ptrs, unit_strides,
                  num_warps, num_stages, int_ptrs=()):
@@ -72,7 +59,7 @@ class Variant:
         dot.update(DOT_PRECISION=precision, DOT_DTYPE=dot["IN_DTYPE"], INTERPRETER=False)  # GPU values
         if dtype == torch.float32:
             dot["RANK_PRECISION"] = precision
-        self.constexprs = {k: v for k, v in dict(dot, **constexprs).items() if k in _arg_names(kernel)}
+        self.constexprs = {k: v for k, v in dict(dot, **constexprs).items() if k in kernel.arg_names}
         self.io_ptrs = set(io_ptrs)
         self.int_ptrs = set(int_ptrs)
         self.none_ptrs = set(none_ptrs)
@@ -81,7 +68,7 @@ class Variant:
         self.num_stages = num_stages
 
     def source(self):
-        fn = _unwrap(self.kernel)
+        fn = self.kernel
         sig: Dict[str, str] = {}
         const = dict(self.constexprs)
         for arg in fn.arg_names:
@@ -103,41 +90,6 @@ class Variant:
         return self.name
 
 
-# per kernel: flags (constexpr booleans), pointers that are None when a flag has a value, pointers in the
-# input dtype, int64 pointers, the A/B pointer (in the input dtype for a cached copy), and the unit-stride
-# arguments of each weight layout
-_IDS = ("HAS_IDS", (False, True))
-_SPECS = {
-    "shrink": dict(flags=[("GENERATE_AB", (True, False)), ("ALIGNED", (True, False)), ("DROPOUT", (True, False))],
-                   none_if={"a_ptr": ("GENERATE_AB", True)}, io=["x_ptr"], ints=[], ab="a_ptr",
-                   layouts={"contiguous": ["stride_xk", "stride_sr"]}),
-    "fused_forward": dict(flags=[("HAS_BIAS", (True, False)), ("GENERATE_AB", (True, False)), _IDS,
-                                 ("HAS_ROW_SCALE", (False, True))],
-                          none_if={"bias_ptr": ("HAS_BIAS", False), "b_ptr": ("GENERATE_AB", True),
-                                   "ids_ptr": ("HAS_IDS", False), "scale_ptr": ("HAS_ROW_SCALE", False)},
-                          io=["x_ptr", "w_ptr", "bias_ptr", "y_ptr"], ints=["ids_ptr"], ab="b_ptr",
-                          layouts={"contiguous": ["stride_xk", "stride_wk", "stride_sr", "stride_yn"],
-                                   "transposed-W": ["stride_xk", "stride_wn", "stride_sr", "stride_yn"]}),
-    "rank_grads": dict(flags=[("GENERATE_AB", (True, False)), ("NEED_G", (True, False)), ("NEED_GB", (True, False)),
-                              _IDS],
-                       none_if={"b_ptr": ("GENERATE_AB", True), "gd_ptr": ("HAS_IDS", False),
-                                "rows_ptr": ("HAS_IDS", False), "blk_start_ptr": ("HAS_IDS", False),
-                                "blk_len_ptr": ("HAS_IDS", False), "blk_adapter_ptr": ("HAS_IDS", False)},
-                       io=["gy_ptr"], ints=["rows_ptr", "blk_start_ptr", "blk_len_ptr", "blk_adapter_ptr"],
-                       ab="b_ptr", layouts={"contiguous": ["stride_gyn", "stride_sr", "stride_gr"]}),
-    "grad_input": dict(flags=[("GENERATE_AB", (True, False)), ("ALIGNED", (True, False)), ("DROPOUT", (True, False)),
-                              _IDS],
-                       none_if={"a_ptr": ("GENERATE_AB", True), "ids_ptr": ("HAS_IDS", False)},
-                       io=["gy_ptr", "w_ptr", "gx_ptr"], ints=["ids_ptr"], ab="a_ptr",
-                       layouts={"contiguous": ["stride_gyn", "stride_wk", "stride_gr", "stride_gxk"],
-                                "transposed-W": ["stride_gyn", "stride_wn", "stride_gr", "stride_gxk"]}),
-    "segment_sum": dict(flags=[], none_if={}, io=[], ints=["lo_ptr", "hi_ptr"], ab=None,
-                        layouts={"contiguous": []}),
-}
-_MODULES = {"shrink": shrink, "fused_forward": fused_forward, "rank_grads": rank_grads, "grad_input": grad_input,
-            "segment_sum": segment_sum}
-
-
 def _flag_sets(flags):
     names = [n for n, _ in flags]
     sets = [dict(zip(names, vals)) for vals in itertools.product(*(v for _, v in flags))]
@@ -152,33 +104,33 @@ def _kernel_variants(op: str, full: bool) -> Iterator[Variant]:
     dimension, so each config, host block size, flag set, dtype mode, A/B source and layout is compiled at
     least once per kind, and the number of variants is the longest of the dimensions.
     """
-    spec, module = _SPECS[op], _MODULES[op]
-    for kind, configs in module.CONFIGS.items():
+    spec = SPECS[op]
+    for kind, configs in spec.configs.items():
         fp32 = kind.endswith("-fp32")
         dims = [
             list(configs),
-            module.HOST_CHOICES[kind],
-            _flag_sets(spec["flags"]),
-            [m for m in _DTYPE_MODES if (m[1] == torch.float32) == fp32] if spec["io"] else _DTYPE_MODES[:1],
-            _AB_SOURCES if spec["ab"] else _AB_SOURCES[:1],
-            list(spec["layouts"]),
+            spec.host_choices.get(kind, [{}]),
+            _flag_sets(spec.flags),
+            [m for m in _DTYPE_MODES if (m[1] == torch.float32) == fp32] if spec.io_ptrs else _DTYPE_MODES[:1],
+            _AB_SOURCES if spec.ab_ptr else _AB_SOURCES[:1],
+            list(spec.layouts),
         ]
         rows = itertools.product(*dims) if full else (
             [d[i % len(d)] for d in dims] for i in range(max(len(d) for d in dims)))
         for config, host, flags, (mode, dtype, precision), source, layout in rows:
-            none = [p for p, (flag, value) in spec["none_if"].items() if flags[flag] == value]
-            io = list(spec["io"])
-            if source == "cached-input" and spec["ab"] not in none:
-                io.append(spec["ab"])
+            none = [p for p, (flag, value) in spec.none_if.items() if flags[flag] == value]
+            io = list(spec.io_ptrs)
+            if source == "cached-input" and spec.ab_ptr not in none:
+                io.append(spec.ab_ptr)
             constexprs = dict(config.kwargs, **host, **flags)
             name = f"{op}[{kind}]/{mode}/{layout}/{source}/{constexprs}/w{config.num_warps}s{config.num_stages}"
-            yield Variant(name, module.TUNERS[kind], dtype, precision, constexprs, io, none,
-                          spec["layouts"][layout], config.num_warps, config.num_stages, int_ptrs=spec["ints"])
+            yield Variant(name, spec.kernel, dtype, precision, constexprs, io, none,
+                          spec.layouts[layout], config.num_warps, config.num_stages, int_ptrs=spec.int_ptrs)
 
 
 def variants(full: bool = False) -> List[Variant]:
     """Every kernel variant to compile (a covering set; the whole product with ``full``)."""
-    return [v for op in _SPECS for v in _kernel_variants(op, full)]
+    return [v for op in SPECS for v in _kernel_variants(op, full)]
 
 
 # shared memory a block may use (bytes): A100 / H100-H200

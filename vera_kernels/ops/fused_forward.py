@@ -18,13 +18,14 @@ import triton
 from triton import Config
 import triton.language as tl
 
-from ._launch import GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, gemm_plan, matrix_args, vector_args
-from ._launch import on_input_device
+from ._launch import (
+    GEMM_HOST_CHOICES, GEMM_KEYS, KernelSpec, device_guard, dot_args, gemm_grid, gemm_launch, matrix_args, vector_args,
+)
 from ._jit import MATRIX_B, gemm_main_loop, gemm_tile_program, rank_expand, rank_vector
 
 
 # GPU autotune lists per kind; the first config of each is the one used when autotuning is off.
-CONFIGS = {
+_CONFIGS = {
     "prefill": [
         # first choice: fits the registers with every flag (ids, bias, generated B) on sm_90 and sm_80 and
         # A100's shared memory (benchmarks/static/NOTES.md)
@@ -54,7 +55,6 @@ _INTERPRETER = {
                       num_warps=4, num_stages=1),
     "decode": Config({"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
 }
-HOST_CHOICES, _KEYS = GEMM_HOST_CHOICES, GEMM_KEYS
 
 
 @triton.jit(do_not_specialize=["M", "out_offset", "key0", "key1"])
@@ -107,10 +107,19 @@ def _fused_forward_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-TUNERS = build_tuners(_fused_forward_kernel, CONFIGS, _INTERPRETER, _KEYS)
+SPEC = KernelSpec(
+    "fused_forward", _fused_forward_kernel, _CONFIGS, _INTERPRETER, GEMM_KEYS,
+    launch=gemm_launch, host_choices=GEMM_HOST_CHOICES,
+    flags=[("HAS_BIAS", (True, False)), ("GENERATE_AB", (True, False)), ("HAS_IDS", (False, True)),
+           ("HAS_ROW_SCALE", (False, True))],
+    none_if={"bias_ptr": ("HAS_BIAS", False), "b_ptr": ("GENERATE_AB", True), "ids_ptr": ("HAS_IDS", False),
+             "scale_ptr": ("HAS_ROW_SCALE", False)},
+    io_ptrs=["x_ptr", "w_ptr", "bias_ptr", "y_ptr"], int_ptrs=["ids_ptr"], ab_ptr="b_ptr",
+    layouts={"contiguous": ["stride_xk", "stride_wk", "stride_sr", "stride_yn"],
+             "transposed-W": ["stride_xk", "stride_wn", "stride_sr", "stride_yn"]},
+)
 
 
-@on_input_device
 def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decode=None, adapter_ids=None,
                   out_offset: int = 0, row_scale=None) -> torch.Tensor:
     """``y2d [M, N]`` in ``x2d.dtype`` from ``x2d [M, K]``, ``weight [N, K]`` (any strides), ``s [M, r]``.
@@ -132,16 +141,17 @@ def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decod
     generate, key0, key1, bound_b, B = matrix_args(projection, 1, x2d.device, x2d.dtype, (M, K, N), out_offset)
     lambda_d, stride_lda = vector_args(lambda_d, adapter_ids)
     lambda_b, stride_lba = vector_args(lambda_b, adapter_ids)
-    kernel, host, grid = gemm_plan(TUNERS, M, N, x2d.dtype, "BLOCK_N", decode)
-    kernel[grid](
-        x2d, weight, bias, s, lambda_d, lambda_b, adapter_ids, B, y, row_scale,
-        M, N, K, R, out_offset,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
-        stride_lda, stride_lba,
-        B.stride(0) if B is not None else 0, B.stride(1) if B is not None else 0, y.stride(0), y.stride(1),
-        key0, key1, bound_b,
-        HAS_BIAS=bias is not None, GENERATE_AB=generate, HAS_IDS=adapter_ids is not None,
-        HAS_ROW_SCALE=row_scale is not None, **host,
-        **dot_args(x2d.dtype),
-    )
+    launch = SPEC.launch(M, K, N, R, x2d.dtype, decode=decode)
+    with device_guard(x2d.device):
+        SPEC.tuners[launch.kind][gemm_grid(M, N, launch, "BLOCK_N")](
+            x2d, weight, bias, s, lambda_d, lambda_b, adapter_ids, B, y, row_scale,
+            M, N, K, R, out_offset,
+            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
+            stride_lda, stride_lba,
+            B.stride(0) if B is not None else 0, B.stride(1) if B is not None else 0, y.stride(0), y.stride(1),
+            key0, key1, bound_b,
+            HAS_BIAS=bias is not None, GENERATE_AB=generate, HAS_IDS=adapter_ids is not None,
+            HAS_ROW_SCALE=row_scale is not None, **launch.host,
+            **dot_args(x2d.dtype),
+        )
     return y

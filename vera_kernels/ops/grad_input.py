@@ -18,15 +18,15 @@ from triton import Config
 import triton.language as tl
 
 from ._launch import (
-    on_input_device,
-    GEMM_HOST_CHOICES, GEMM_KEYS, build_tuners, dot_args, dropout_args, gemm_plan, matrix_args, vector_args,
+    GEMM_HOST_CHOICES, GEMM_KEYS, KernelSpec, device_guard, dot_args, dropout_args, gemm_grid, gemm_launch,
+    matrix_args, vector_args,
 )
 from ._jit import MATRIX_A, dropout_keep_tile, gemm_main_loop, gemm_tile_program, rank_expand
 
 
 # GPU autotune lists per kind; the first config of each is the one used when autotuning is off. (The same
 # layout as fused_forward's table, other values: the output tile is [M, K] and the loop runs over N.)
-CONFIGS = {
+_CONFIGS = {
     "prefill": [
         # first choice: fits the registers with dropout (also at an unaligned shard offset) and ids on sm_90
         # and sm_80; 128x256 spills with them
@@ -52,7 +52,6 @@ _INTERPRETER = {
                       num_warps=4, num_stages=1),
     "decode": Config({"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 1}, num_warps=4, num_stages=1),
 }
-HOST_CHOICES, _KEYS = GEMM_HOST_CHOICES, GEMM_KEYS
 
 
 @triton.jit(do_not_specialize=["M", "in_offset", "key0", "key1", "drop_key0", "drop_key1", "drop_threshold"])
@@ -104,10 +103,18 @@ def _grad_input_kernel(
              acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
-TUNERS = build_tuners(_grad_input_kernel, CONFIGS, _INTERPRETER, _KEYS)
+SPEC = KernelSpec(
+    "grad_input", _grad_input_kernel, _CONFIGS, _INTERPRETER, GEMM_KEYS,
+    launch=gemm_launch, host_choices=GEMM_HOST_CHOICES,
+    flags=[("GENERATE_AB", (True, False)), ("ALIGNED", (True, False)), ("DROPOUT", (True, False)),
+           ("HAS_IDS", (False, True))],
+    none_if={"a_ptr": ("GENERATE_AB", True), "ids_ptr": ("HAS_IDS", False)},
+    io_ptrs=["gy_ptr", "w_ptr", "gx_ptr"], int_ptrs=["ids_ptr"], ab_ptr="a_ptr",
+    layouts={"contiguous": ["stride_gyn", "stride_wk", "stride_gr", "stride_gxk"],
+             "transposed-W": ["stride_gyn", "stride_wn", "stride_gr", "stride_gxk"]},
+)
 
 
-@on_input_device
 def grad_input(gy2d, weight, g, lambda_d, projection, dropout=None, *, decode=None, adapter_ids=None,
                in_offset: int = 0) -> torch.Tensor:
     """``grad_x2d [M, K]`` in ``gy2d.dtype`` from ``gy2d [M, N]``, ``weight [N, K]`` and ``g [M, r]``.
@@ -126,14 +133,16 @@ def grad_input(gy2d, weight, g, lambda_d, projection, dropout=None, *, decode=No
     generate, key0, key1, bound_a, A = matrix_args(projection, 0, gy2d.device, gy2d.dtype, (M, K, N), in_offset)
     drop, dk0, dk1, threshold, scale = dropout_args(dropout)
     lambda_d, stride_lda = vector_args(lambda_d, adapter_ids)
-    kernel, host, grid = gemm_plan(TUNERS, M, K, gy2d.dtype, "BLOCK_K", decode)
-    kernel[grid](
-        gy2d, weight, g, lambda_d, adapter_ids, A, gx,
-        M, N, K, R, in_offset,
-        gy2d.stride(0), gy2d.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1), stride_lda,
-        A.stride(0) if A is not None else 0, A.stride(1) if A is not None else 0, gx.stride(0), gx.stride(1),
-        key0, key1, bound_a, dk0, dk1, threshold, scale,
-        GENERATE_AB=generate, ALIGNED=in_offset % 4 == 0, DROPOUT=drop, HAS_IDS=adapter_ids is not None, **host,
-        **dot_args(gy2d.dtype),
-    )
+    launch = SPEC.launch(M, K, N, R, gy2d.dtype, decode=decode)
+    with device_guard(gy2d.device):
+        SPEC.tuners[launch.kind][gemm_grid(M, K, launch, "BLOCK_K")](
+            gy2d, weight, g, lambda_d, adapter_ids, A, gx,
+            M, N, K, R, in_offset,
+            gy2d.stride(0), gy2d.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
+            stride_lda,
+            A.stride(0) if A is not None else 0, A.stride(1) if A is not None else 0, gx.stride(0), gx.stride(1),
+            key0, key1, bound_a, dk0, dk1, threshold, scale,
+            GENERATE_AB=generate, ALIGNED=in_offset % 4 == 0, DROPOUT=drop, HAS_IDS=adapter_ids is not None,
+            **launch.host, **dot_args(gy2d.dtype),
+        )
     return gx

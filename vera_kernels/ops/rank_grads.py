@@ -17,8 +17,8 @@ from triton import Config
 import triton.language as tl
 
 from ._launch import (
-    on_input_device,
-    build_tuners, dot_args, interpreting, kind_of, next_pow2, matrix_args, split_reduction, vector_args,
+    KernelSpec, Launch, device_guard, dot_args, interpreting, kind_of, next_pow2, matrix_args, sm_count,
+    split_reduction, vector_args,
 )
 from ._jit import MATRIX_B, rank_factor_tile, rank_mma, rank_tile_program
 from .segment_sum import segment_sum
@@ -26,7 +26,7 @@ from .segment_sum import segment_sum
 N_SPLIT_ALIGN = 256
 
 # GPU autotune lists per kind (BLOCK_M, BLOCK_R and the N split are chosen on the host)
-CONFIGS = {
+_CONFIGS = {
     "rank_grads": [
         Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
         Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
@@ -35,7 +35,6 @@ CONFIGS = {
     "rank_grads-fp32": [Config({"BLOCK_N": 32}, num_warps=8, num_stages=3)],
 }
 _INTERPRETER = {"rank_grads": Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)}
-_KEYS = {"rank_grads": ["N", "R", "N_PER_SPLIT", "BLOCK_M", "BLOCK_R", "NEED_G", "NEED_GB", "HAS_IDS"]}
 
 
 @triton.jit(do_not_specialize=["M", "out_offset", "key0", "key1"])
@@ -102,31 +101,35 @@ def _rank_grads_kernel(
                      mask=mask_j)
 
 
-TUNERS = build_tuners(_rank_grads_kernel, CONFIGS, _INTERPRETER, _KEYS)
-
-
-# every (BLOCK_M, BLOCK_R) the launcher can choose on a GPU, per kind (the AOT compile test walks these)
-HOST_CHOICES = {
-    "rank_grads": [dict(BLOCK_M=m, BLOCK_R=r) for m in (16, 32, 64, 128) for r in (32, 64)],
-    "rank_grads-fp32": [dict(BLOCK_M=m, BLOCK_R=32) for m in (16, 32, 64)],
-}
-
-
-def rank_grads_launch_params(M: int, N: int, R: int, device, dtype=torch.bfloat16, split_n: Optional[int] = None,
-                             num_adapters: int = 1):
-    """``(BLOCK_M, BLOCK_R, split_n, N_PER_SPLIT)`` the launcher uses.
-
-    With ``num_adapters > 1`` (per-row ids) a row block holds rows of one adapter only, so ``BLOCK_M``
-    is also capped near the mean number of rows per adapter.
-    """
+def _rank_grads_launch(M: int, K: int, N: int, R: int, dtype: torch.dtype, sms: Optional[int] = None,
+                       split: Optional[int] = None, num_adapters: int = 1) -> Launch:
+    """``BLOCK_M``, ``BLOCK_R`` and the split of N (``split`` ranges, or enough to give each of ``sms`` SMs a
+    program). With ``num_adapters > 1`` (per-row ids) a row block holds rows of one adapter only, so
+    ``BLOCK_M`` is also capped near the mean number of rows per adapter."""
     fp32 = dtype == torch.float32
     block_m = next_pow2(M) if M <= 64 else (64 if fp32 else 128)
     if num_adapters > 1:
         block_m = min(block_m, next_pow2(triton.cdiv(M, min(num_adapters, max(M, 1)))))
     block_r = 16 if interpreting() else (64 if R > 32 and not fp32 else 32)
     programs = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
-    split_n, n_per_split = split_reduction(N, programs, device, split_n, N_SPLIT_ALIGN)
-    return block_m, block_r, split_n, n_per_split
+    splits, span = split_reduction(N, programs, sms, split, N_SPLIT_ALIGN)
+    return Launch(kind_of("rank_grads", dtype), dict(BLOCK_M=block_m, BLOCK_R=block_r), splits, span)
+
+
+SPEC = KernelSpec(
+    "rank_grads", _rank_grads_kernel, _CONFIGS, _INTERPRETER,
+    {"rank_grads": ["N", "R", "N_PER_SPLIT", "BLOCK_M", "BLOCK_R", "NEED_G", "NEED_GB", "HAS_IDS"]},
+    launch=_rank_grads_launch,
+    host_choices={"rank_grads": [dict(BLOCK_M=m, BLOCK_R=r) for m in (16, 32, 64, 128) for r in (32, 64)],
+                  "rank_grads-fp32": [dict(BLOCK_M=m, BLOCK_R=32) for m in (16, 32, 64)]},
+    flags=[("GENERATE_AB", (True, False)), ("NEED_G", (True, False)), ("NEED_GB", (True, False)),
+           ("HAS_IDS", (False, True))],
+    none_if={"b_ptr": ("GENERATE_AB", True), "gd_ptr": ("HAS_IDS", False), "rows_ptr": ("HAS_IDS", False),
+             "blk_start_ptr": ("HAS_IDS", False), "blk_len_ptr": ("HAS_IDS", False),
+             "blk_adapter_ptr": ("HAS_IDS", False)},
+    io_ptrs=["gy_ptr"], int_ptrs=["rows_ptr", "blk_start_ptr", "blk_len_ptr", "blk_adapter_ptr"], ab_ptr="b_ptr",
+    layouts={"contiguous": ["stride_gyn", "stride_sr", "stride_gr"]},
+)
 
 
 def adapter_row_blocks(ids: torch.Tensor, num_adapters: int, block_m: int):
@@ -162,7 +165,6 @@ class RankGrads(NamedTuple):
     grad_lambda_b: Optional[torch.Tensor]
 
 
-@on_input_device
 def rank_grads(gy2d, s, lambda_d, lambda_b, projection, *, need_g: bool = True, need_grad_d: bool = False,
                need_grad_b: bool = True, split_n: Optional[int] = None, adapter_ids=None,
                out_offset: int = 0) -> RankGrads:
@@ -189,7 +191,9 @@ def rank_grads(gy2d, s, lambda_d, lambda_b, projection, *, need_g: bool = True, 
     generate, key0, key1, bound_b, B = matrix_args(projection, 1, dev, gy2d.dtype, (M, 0, N), out_offset)
     lambda_d, stride_lda = vector_args(lambda_d, adapter_ids)
     lambda_b, stride_lba = vector_args(lambda_b, adapter_ids)
-    block_m, block_r, split_n, n_per_split = rank_grads_launch_params(M, N, R, dev, gy2d.dtype, split_n, n)
+    launch = SPEC.launch(M, 0, N, R, gy2d.dtype, sm_count(dev), split=split_n, num_adapters=n)
+    block_m, block_r = launch.host["BLOCK_M"], launch.host["BLOCK_R"]
+    split_n = launch.splits
     num_r = triton.cdiv(R, block_r)
     if adapter_ids is None:
         blocks, rows = None, (None,) * 4
@@ -206,17 +210,18 @@ def rank_grads(gy2d, s, lambda_d, lambda_b, projection, *, need_g: bool = True, 
                                device=dev)
     # (a one-element dummy stands in for an output that is not wanted)
     gb_parts = torch.empty((num_tiles, N) if need_grad_b else (1, 1), dtype=torch.float32, device=dev)
-    TUNERS[kind_of("rank_grads", gy2d.dtype)][(num_tiles, split_n)](
-        gy2d, s, lambda_d, lambda_b, B, g_parts, gb_parts, gd_parts, *rows,
-        M, N, R, n_per_split, out_offset,
-        gy2d.stride(0), gy2d.stride(1), s.stride(0), s.stride(1), stride_lda, stride_lba,
-        B.stride(0) if B is not None else 0, B.stride(1) if B is not None else 0,
-        g_parts.stride(0), g_parts.stride(1), g_parts.stride(2), gb_parts.stride(0),
-        gd_parts.stride(0) if gd_parts is not None else 0,
-        key0, key1, bound_b,
-        NEED_G=need_g_any, NEED_GB=need_grad_b, GENERATE_AB=generate, HAS_IDS=adapter_ids is not None,
-        BLOCK_M=block_m, BLOCK_R=block_r, **dot_args(gy2d.dtype),
-    )
+    with device_guard(dev):
+        SPEC.tuners[launch.kind][(num_tiles, split_n)](
+            gy2d, s, lambda_d, lambda_b, B, g_parts, gb_parts, gd_parts, *rows,
+            M, N, R, launch.span, out_offset,
+            gy2d.stride(0), gy2d.stride(1), s.stride(0), s.stride(1), stride_lda, stride_lba,
+            B.stride(0) if B is not None else 0, B.stride(1) if B is not None else 0,
+            g_parts.stride(0), g_parts.stride(1), g_parts.stride(2), gb_parts.stride(0),
+            gd_parts.stride(0) if gd_parts is not None else 0,
+            key0, key1, bound_b,
+            NEED_G=need_g_any, NEED_GB=need_grad_b, GENERATE_AB=generate, HAS_IDS=adapter_ids is not None,
+            **launch.host, **dot_args(gy2d.dtype),
+        )
     g = gd = gb = None
     if need_g_any:
         g = g_parts[0] if split_n == 1 else g_parts.sum(0)

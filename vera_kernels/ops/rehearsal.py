@@ -202,14 +202,16 @@ def _driver_class():
 # --- recording compiles -------------------------------------------------------------------------------
 
 
-def _first_configs(fn) -> list:
-    """The first autotune config of every tuner kind of the module that defines ``fn`` (empty: none)."""
-    module = importlib.import_module(fn.__module__)
-    return [cfgs[0] for cfgs in getattr(module, "CONFIGS", {}).values() if cfgs]
+def _first_configs(kernel) -> list:
+    """The first autotune config of every tuner kind of ``kernel`` (a ``@triton.jit`` function) by its
+    ``KernelSpec`` (empty: a kernel without one)."""
+    from . import SPECS
+
+    return [cfgs[0] for spec in SPECS.values() if spec.kernel is kernel for cfgs in spec.configs.values() if cfgs]
 
 
 def _is_first_choice(src, options: dict) -> bool:
-    firsts = _first_configs(src.fn.fn)
+    firsts = _first_configs(src.fn)
     if not firsts:
         return True
     names = src.fn.arg_names
@@ -319,16 +321,15 @@ def start(arch: int) -> None:
 
     backends = importlib.import_module("vera_kernels.backends")  # the package attribute is a function
     from ..backends.triton_backend import TritonBackend
-    from . import _launch
 
     record(arch)
     triton.runtime.driver.set_active(_driver_class()(arch))
     for name, fn in _cuda_patches(arch).items():
         setattr(torch.cuda, name, fn)
-    # CPU tensors stand for the GPU's: the CUDA priority list, the Triton backend, the GPU's SM count
+    # CPU tensors stand for the GPU's: the CUDA priority list, the Triton backend (``_launch.sm_count``
+    # asks the patched torch.cuda for the GPU's SMs)
     backends.PRIORITY["cpu"] = backends.PRIORITY["cuda"]
     TritonBackend.device_types = ("cuda", "cpu")
-    _launch.sm_count = lambda device: ARCHS[arch]["sms"]
 
 
 def report() -> dict:

@@ -11,12 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import build_tuners, on_input_device
-
-CONFIGS = {"segment_sum": [triton.Config({"BLOCK_L": 256}, num_warps=4, num_stages=2)]}
-_INTERPRETER = {"segment_sum": triton.Config({"BLOCK_L": 16}, num_warps=4, num_stages=1)}
-_KEYS = {"segment_sum": ["L"]}
-HOST_CHOICES = {"segment_sum": [{}]}
+from ._launch import KernelSpec, device_guard
 
 
 @triton.jit
@@ -33,10 +28,13 @@ def _segment_sum_kernel(parts_ptr, lo_ptr, hi_ptr, out_ptr, L, MULT, stride_p, s
     tl.store(out_ptr + a * stride_o + offs, acc, mask=mask)
 
 
-TUNERS = build_tuners(_segment_sum_kernel, CONFIGS, _INTERPRETER, _KEYS)
+SPEC = KernelSpec(
+    "segment_sum", _segment_sum_kernel, {"segment_sum": [triton.Config({"BLOCK_L": 256}, num_warps=4, num_stages=2)]},
+    {"segment_sum": triton.Config({"BLOCK_L": 16}, num_warps=4, num_stages=1)}, {"segment_sum": ["L"]},
+    int_ptrs=["lo_ptr", "hi_ptr"],
+)
 
 
-@on_input_device
 def segment_sum(parts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, mult: int = 1) -> torch.Tensor:
     """float32 ``[n, L]``: row ``a`` is the sum of ``parts[lo[a] * mult : hi[a] * mult]`` in row order.
 
@@ -47,6 +45,7 @@ def segment_sum(parts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, mult: i
     if n == 0 or L == 0:
         return out
     assert parts.stride(1) == 1 and parts.dtype == torch.float32
-    TUNERS["segment_sum"][lambda meta: (n, triton.cdiv(L, meta["BLOCK_L"]))](
-        parts, lo, hi, out, L, mult, parts.stride(0), out.stride(0))
+    with device_guard(parts.device):
+        SPEC.tuners["segment_sum"][lambda meta: (n, triton.cdiv(L, meta["BLOCK_L"]))](
+            parts, lo, hi, out, L, mult, parts.stride(0), out.stride(0))
     return out

@@ -16,15 +16,17 @@ import triton
 from triton import Config
 import triton.language as tl
 
-from ._launch import build_tuners, dot_args, dropout_args, kind_of, next_pow2, matrix_args, split_reduction
-from ._launch import on_input_device
+from ._launch import (
+    KernelSpec, Launch, device_guard, dot_args, dropout_args, kind_of, next_pow2, matrix_args, sm_count,
+    split_reduction,
+)
 from ._jit import MATRIX_A, dropout_keep_tile, mma, rank_factor_tile, rank_tile_program
 
 # K ranges of split programs are multiples of this (every BLOCK_K divides it; keeps tiles 4-aligned).
 K_SPLIT_ALIGN = 256
 
-# GPU autotune lists per kind (BLOCK_M and the K split are chosen on the host, see shrink_launch_params)
-CONFIGS = {
+# GPU autotune lists per kind (BLOCK_M and the K split are chosen on the host, see _shrink_launch)
+_CONFIGS = {
     "shrink": [
         Config({"BLOCK_R": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),  # no spill at BLOCK_M = 256 with dropout
         Config({"BLOCK_R": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
@@ -39,7 +41,6 @@ CONFIGS = {
     "shrink-fp32": [Config({"BLOCK_R": 32, "BLOCK_K": 16}, num_warps=8, num_stages=3)],
 }
 _INTERPRETER = {"shrink": Config({"BLOCK_R": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)}
-_KEYS = {"shrink": ["K", "R", "K_PER_SPLIT", "BLOCK_M"]}
 
 
 @triton.jit(do_not_specialize=["M", "in_offset", "key0", "key1", "drop_key0", "drop_key1", "drop_threshold"])
@@ -75,32 +76,30 @@ def _shrink_kernel(
     tl.store(s_ptrs, acc, mask=mask_m[:, None] & (offs_j[None, :] < R))
 
 
-TUNERS = build_tuners(_shrink_kernel, CONFIGS, _INTERPRETER, _KEYS)
-
-
-# every BLOCK_M the launcher can choose, per kind (the AOT compile test walks these)
-HOST_CHOICES = {"shrink": [dict(BLOCK_M=b) for b in (16, 32, 64, 128, 256)],
-                "shrink-fp32": [dict(BLOCK_M=b) for b in (16, 32, 64, 128)]}
-
-
-def _block_m(M: int, dtype: torch.dtype) -> int:
-    """Rows per program: small for decode; large for prefill, where it divides A's generation work."""
+def _shrink_launch(M: int, K: int, N: int, R: int, dtype: torch.dtype, sms: Optional[int] = None,
+                   split: Optional[int] = None) -> Launch:
+    """``BLOCK_M`` (small for decode; large for prefill, where it divides A's generation work) and the split
+    of K (``split`` ranges, or enough to give each of ``sms`` SMs a program)."""
     if M <= 64:
-        return next_pow2(M)
-    if M < 4096 or dtype == torch.float32:
-        return 128
-    return 256
-
-
-def shrink_launch_params(M: int, K: int, R: int, device, dtype=torch.bfloat16, split_k: Optional[int] = None):
-    """``(BLOCK_M, split_k, K_PER_SPLIT)`` the launcher uses for an ``[M, K]`` input and rank ``R``."""
-    block_m = _block_m(M, dtype)
+        block_m = next_pow2(M)
+    else:
+        block_m = 128 if M < 4096 or dtype == torch.float32 else 256
     programs = triton.cdiv(M, block_m) * triton.cdiv(R, 64)
-    split_k, k_per_split = split_reduction(K, programs, device, split_k, K_SPLIT_ALIGN)
-    return block_m, split_k, k_per_split
+    splits, span = split_reduction(K, programs, sms, split, K_SPLIT_ALIGN)
+    return Launch(kind_of("shrink", dtype), dict(BLOCK_M=block_m), splits, span)
 
 
-@on_input_device
+SPEC = KernelSpec(
+    "shrink", _shrink_kernel, _CONFIGS, _INTERPRETER, {"shrink": ["K", "R", "K_PER_SPLIT", "BLOCK_M"]},
+    launch=_shrink_launch,
+    host_choices={"shrink": [dict(BLOCK_M=b) for b in (16, 32, 64, 128, 256)],
+                  "shrink-fp32": [dict(BLOCK_M=b) for b in (16, 32, 64, 128)]},
+    flags=[("GENERATE_AB", (True, False)), ("ALIGNED", (True, False)), ("DROPOUT", (True, False))],
+    none_if={"a_ptr": ("GENERATE_AB", True)}, io_ptrs=["x_ptr"], ab_ptr="a_ptr",
+    layouts={"contiguous": ["stride_xk", "stride_sr"]},
+)
+
+
 def shrink(x2d: torch.Tensor, projection, dropout=None, *, split_k: Optional[int] = None,
            in_offset: int = 0) -> torch.Tensor:
     """``s = (x ⊙ mask · q) A_Kᵀ`` as float32 ``[M, r]`` for ``x2d`` ``[M, K]`` (any strides).
@@ -116,20 +115,21 @@ def shrink(x2d: torch.Tensor, projection, dropout=None, *, split_k: Optional[int
         return torch.zeros((0, R), dtype=torch.float32, device=x2d.device)
     generate, key0, key1, bound_a, A = matrix_args(projection, 0, x2d.device, x2d.dtype, (M, K, 0), in_offset)
     drop, dk0, dk1, threshold, scale = dropout_args(dropout)
-    block_m, split_k, k_per_split = shrink_launch_params(M, K, R, x2d.device, x2d.dtype, split_k)
-    out = torch.empty((split_k, M, R), dtype=torch.float32, device=x2d.device)
-    num_m = triton.cdiv(M, block_m)
+    launch = SPEC.launch(M, K, 0, R, x2d.dtype, sm_count(x2d.device), split=split_k)
+    out = torch.empty((launch.splits, M, R), dtype=torch.float32, device=x2d.device)
+    num_m = triton.cdiv(M, launch.host["BLOCK_M"])
 
     def grid(meta):
-        return (num_m * triton.cdiv(R, meta["BLOCK_R"]), split_k)
+        return (num_m * triton.cdiv(R, meta["BLOCK_R"]), launch.splits)
 
-    TUNERS[kind_of("shrink", x2d.dtype)][grid](
-        x2d, A, out,
-        M, K, R, k_per_split, in_offset,
-        x2d.stride(0), x2d.stride(1),
-        A.stride(0) if A is not None else 0, A.stride(1) if A is not None else 0,
-        out.stride(0), out.stride(1), out.stride(2),
-        key0, key1, bound_a, dk0, dk1, threshold, scale,
-        GENERATE_AB=generate, ALIGNED=in_offset % 4 == 0, DROPOUT=drop, BLOCK_M=block_m, **dot_args(x2d.dtype),
-    )
-    return out[0] if split_k == 1 else out.sum(0)
+    with device_guard(x2d.device):
+        SPEC.tuners[launch.kind][grid](
+            x2d, A, out,
+            M, K, R, launch.span, in_offset,
+            x2d.stride(0), x2d.stride(1),
+            A.stride(0) if A is not None else 0, A.stride(1) if A is not None else 0,
+            out.stride(0), out.stride(1), out.stride(2),
+            key0, key1, bound_a, dk0, dk1, threshold, scale,
+            GENERATE_AB=generate, ALIGNED=in_offset % 4 == 0, DROPOUT=drop, **launch.host, **dot_args(x2d.dtype),
+        )
+    return out[0] if launch.splits == 1 else out.sum(0)
