@@ -389,3 +389,79 @@ def test_put_of_a_directory_saved_concurrently_reads_one_adapter(tmp_path):
         stop.set()
         t.join()
     assert not errors, errors[0]
+
+
+def test_keys_come_from_file_names_without_opening_files(tmp_path):
+    """Keys up to 125 UTF-8 bytes are in their file names (base32, lower case): keys() lists them even when
+    every such file is unreadable; a longer key's file (named by its hash) is opened for its key."""
+    store = vk.AdapterStore(tmp_path, model=_bank())
+    keys = ["alice", "Alice", "bob/../../etc", "ünïcode ✓", "", "é" * 62, "x" * 126, "y" * 1000]
+    for i, key in enumerate(keys):
+        store.put(key, _random_vectors(store, i))
+    names = {os.path.basename(f) for f in _user_files(tmp_path)}
+    assert len(names) == len(keys) and all(n.endswith(".safetensors") and n == n.lower() for n in names)
+    assert sum(n.startswith("h-") for n in names) == 2  # the two keys over 125 bytes
+    for f in _user_files(tmp_path):
+        if os.path.basename(f).startswith("u-"):
+            with open(f, "wb") as fh:
+                fh.write(b"unreadable")
+    assert sorted(store.keys()) == sorted(keys) and len(store) == len(keys)
+    with pytest.raises(vk.AdapterFileError, match="safetensors"):
+        store.get("alice")
+    _assert_vectors(store.get("y" * 1000), _random_vectors(store, 7))
+
+
+def test_read_into_a_preallocated_buffer(tmp_path):
+    store = vk.AdapterStore(tmp_path, model=_bank())
+    vectors = _random_vectors(store, 1)
+    store.put("alice", vectors)
+    layout = store.layout
+    assert [v[2] for v in layout] == sorted(v[2] for v in layout)  # grouped by length
+    want = torch.cat([vectors[name][kind] for name, kind, _ in layout])
+    out = torch.full((store.vector_size,), float("nan"))
+    ptr = out.data_ptr()
+    assert store.read("alice", out=out) is out and out.data_ptr() == ptr
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(store.read("alice"), want, rtol=0, atol=0)
+    for bad in (torch.empty(store.vector_size - 1), torch.empty(store.vector_size, dtype=torch.float64),
+                torch.empty(2, store.vector_size)[:, 0], torch.empty(store.vector_size, requires_grad=True)):
+        with pytest.raises(ValueError, match="out must be"):
+            store.read("alice", out=bad)
+    with pytest.raises(KeyError):
+        store.read("bob", out=out)
+
+
+def test_stores_of_the_first_format_version_still_load(tmp_path):
+    """A store written by the first version (files named by the key's SHA-256, "lambda_d"/"lambda_b" in
+    module order) reads, lists and takes new users in its own layout; an unknown version fails clearly."""
+    import hashlib
+    import json
+
+    st = pytest.importorskip("safetensors.torch")
+    store = vk.AdapterStore(tmp_path / "s", model=_bank())
+    header_path = tmp_path / "s" / "store.json"
+    header = json.loads(header_path.read_text())
+    header["format_version"] = 1
+    header_path.write_text(json.dumps(header))
+    names = sorted(header["target_modules"])
+    old = {}
+    for i, key in enumerate(["alice", "ünïcode ✓"]):
+        old[key] = _random_vectors(store, i)
+        h = hashlib.sha256(key.encode()).hexdigest()
+        os.makedirs(tmp_path / "s" / "users" / h[:2], exist_ok=True)
+        st.save_file({"lambda_d": torch.stack([old[key][n][0] for n in names]),
+                      "lambda_b": torch.cat([old[key][n][1] for n in names])},
+                     str(tmp_path / "s" / "users" / h[:2] / f"{h}.safetensors"),
+                     metadata={"user": key, "store": header["fingerprint"]})
+    v1 = vk.AdapterStore(tmp_path / "s")
+    for key, vectors in old.items():
+        _assert_vectors(v1.get(key), vectors)
+    v1.put("bob", _random_vectors(v1, 5))
+    _assert_vectors(v1.get("bob"), _random_vectors(v1, 5))
+    assert os.path.basename(v1.path("bob")) == hashlib.sha256(b"bob").hexdigest() + ".safetensors"
+    assert set(st.load_file(v1.path("bob"))) == {"lambda_d", "lambda_b"}  # still readable by the first version
+    assert sorted(v1.keys()) == sorted(["alice", "ünïcode ✓", "bob"])
+    header["format_version"] = 3
+    header_path.write_text(json.dumps(header))
+    with pytest.raises(vk.AdapterFileError, match="format_version 3"):
+        vk.AdapterStore(tmp_path / "s")

@@ -7,16 +7,26 @@ user's adapter is a few kilobytes. The store keeps one small safetensors file pe
                                               adapted modules {path: in/out features, fan_in_fan_out},
                                               recorded once, by the first put (or ``AdapterStore(dir, model=)``)
     <directory>/projection-<hash>.safetensors A/B, only for a projection stored as matrices
-    <directory>/users/<hh>/<sha256(key)>.safetensors
-                                              "lambda_d" [L, r] and "lambda_b" [N_1 + ... + N_L] float32: the
-                                              L modules' vectors packed in store.json's (sorted) module order;
-                                              metadata {"user": key, "store": <store.json's fingerprint>}
+    <directory>/users/<hh>/u-<base32(key)>.safetensors    (h-<sha256(key)>.safetensors for keys over 125 bytes)
+                                              one tensor "vectors" [L (r + N)] float32: every vector of the
+                                              user in the store's layout (:func:`vector_layout`: by length,
+                                              lambda_d before lambda_b, then module path); metadata
+                                              {"user": key, "store": <store.json's fingerprint>}
 
-Two packed tensors rather than two per module keep a file's header small (about 200 bytes whatever the
-model) and a read to two tensors. A user key is any string; its SHA-256 names the file (``hh`` = the first two hex digits: 256 shard
-directories, ~4,000 files each at a million users), so a lookup is one ``open`` of a known path, and the
-key itself is kept inside the file and checked on every read. Every file is checked on every get against
-``store.json`` (same store fingerprint, exactly the recorded modules, the recorded shapes).
+One flat tensor keeps a file's header small (about 150 bytes plus the key, whatever the model) and a read
+to one ``readinto`` of the vectors into a preallocated buffer (:meth:`AdapterStore.read`); vectors of one
+length are consecutive, so :class:`~vera_kernels.SlotCache` copies them into a model's banks with one copy
+per distinct length. ``hh`` is the first two hex digits of the key's SHA-256 (256 shard directories, ~4,000
+files each at a million users), so a lookup is one ``open`` of a computed path. The key itself is in the
+file name (base32 of its UTF-8 bytes, lower case: safe on case-insensitive file systems, no ``/`` or ``..``),
+so :meth:`AdapterStore.keys` lists the shard directories without opening a file (but the files of keys too
+long for a file name); it is also kept inside the file and checked on every read, with the store
+fingerprint (projection and modules) and the tensor's shape.
+
+Stores written by earlier versions (``format_version`` 1: files named by the key's SHA-256, holding
+"lambda_d" [L, r] and "lambda_b" [N_1 + ... + N_L] in module order) are read and written as they are
+(their ``keys()`` reads every file's header); a reader of version 1 refuses a version 2 store by its
+``format_version``.
 
 Writes are atomic: the new file is written to a temporary file (``.tmp-*``) in the same shard directory,
 flushed and ``fsync``-ed, then renamed over the old one with ``os.replace`` (and the directory is
@@ -28,15 +38,18 @@ the new version. Leftover ``.tmp-*`` files of a killed writer are never read and
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import json
 import os
 import struct
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -56,13 +69,17 @@ from .adapter_io import (
 from .models import check_slot, require, shared_projection, slot_vectors, vera_layers
 from .projection import Projection
 
-__all__ = ["AdapterStore"]
+__all__ = ["AdapterStore", "vector_layout"]
 
 STORE_FORMAT = "vera_kernels.store"
-STORE_VERSION = 1
+STORE_VERSION = 2  # written by new stores; versions 1 and 2 are read
+_READ_VERSIONS = (1, 2)
 HEADER_NAME = "store.json"
 USERS_DIR = "users"
 _TMP_PREFIX = ".tmp-"
+_SUFFIX = ".safetensors"
+_VECTORS = "vectors"
+_KEY_NAME_LIMIT = 200  # base32 characters of a key kept in a file name (NAME_MAX is 255 bytes): 125 key bytes
 
 Vectors = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -126,6 +143,24 @@ def _projection_record(proj: Projection) -> Tuple[dict, Optional[Dict[str, torch
     return {"kind": "stored", "file": f"projection-{digest}.safetensors"}, {"A": A, "B": B}
 
 
+def vector_layout(modules: Mapping, rank: int) -> List[Tuple[str, int, int]]:
+    """``(module path, 0 for lambda_d or 1 for lambda_b, length)`` of each of a user's vectors, in the order a
+    store file (and :meth:`AdapterStore.read`) lays them out: by length, then ``lambda_d`` before
+    ``lambda_b``, then module path. Vectors of one length are consecutive."""
+    out = [(name, 0, int(rank)) for name in modules] + [(name, 1, int(m["out_features"])) for name, m in modules.items()]
+    return sorted(out, key=lambda v: (v[2], v[1], v[0]))
+
+
+def _key_of_name(name: str) -> Optional[str]:
+    """The user key a ``u-<base32>.safetensors`` file name encodes (``None`` for a name not written so)."""
+    enc = name[2:-len(_SUFFIX)]
+    try:
+        key = base64.b32decode(enc.upper() + "=" * (-len(enc) % 8)).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    return key if base64.b32encode(key.encode("utf-8")).decode("ascii").rstrip("=").lower() == enc else None
+
+
 DVORA_UNSUPPORTED = ("AdapterStore holds VeRA vectors (lambda_d, lambda_b) only; a DVoRA adapter (use_dora) also "
                      "has a magnitude per layer: keep DVoRA adapters as vk.save_adapter directories")
 
@@ -184,9 +219,9 @@ class AdapterStore:
             raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(header, dict) or header.get("format") != STORE_FORMAT:
             raise AdapterFileError(f"{path}: not an adapter store header (format {STORE_FORMAT!r})")
-        if header.get("format_version") != STORE_VERSION:
+        if header.get("format_version") not in _READ_VERSIONS:
             raise AdapterFileError(f"{path}: store format_version {header.get('format_version')!r} is not "
-                                   f"supported (this vera_kernels reads version {STORE_VERSION})")
+                                   f"supported (this vera_kernels reads versions {_READ_VERSIONS})")
         p = header["projection"]
         rank, max_in, max_out = header["rank"], header["max_in_features"], header["max_out_features"]
         if p["kind"] == "philox":
@@ -199,8 +234,21 @@ class AdapterStore:
             proj = Projection.from_tensors(t["A"], t["B"])
         else:
             raise AdapterFileError(f"{path}: unknown projection kind {p['kind']!r}")
+        self._layout = vector_layout(header["target_modules"], rank)
+        self._sizes = [length for _, _, length in self._layout]
         self._header, self._projection = header, proj
         return True
+
+    @property
+    def layout(self) -> Optional[List[Tuple[str, int, int]]]:
+        """:func:`vector_layout` of the store's modules: the order of :meth:`read`'s vector (``None`` until
+        the first put)."""
+        return None if self._header is None else self._layout
+
+    @property
+    def vector_size(self) -> Optional[int]:
+        """The numbers in one user's adapter, ``L r + N_1 + ... + N_L`` (``None`` until the first put)."""
+        return None if self._header is None else sum(self._sizes)
 
     @staticmethod
     def _model_layout(model: nn.Module):
@@ -260,8 +308,14 @@ class AdapterStore:
 
     def path(self, user: str) -> str:
         """The file that holds ``user``'s adapter (whether or not it exists)."""
-        h = hashlib.sha256(self._check_key(user).encode("utf-8")).hexdigest()
-        return os.path.join(self.directory, USERS_DIR, h[:2], h + ".safetensors")
+        raw = self._check_key(user).encode("utf-8")
+        h = hashlib.sha256(raw).hexdigest()
+        if self._header is not None and self._header["format_version"] == 1:
+            name = h
+        else:
+            enc = base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+            name = "u-" + enc if len(enc) <= _KEY_NAME_LIMIT else "h-" + h
+        return os.path.join(self.directory, USERS_DIR, h[:2], name + _SUFFIX)
 
     # --- put ----------------------------------------------------------------------------------
     def put(self, user: str, source) -> None:
@@ -292,9 +346,12 @@ class AdapterStore:
 
     def _write_user(self, user: str, vectors: Vectors) -> None:
         st = require("safetensors.torch")
-        names = sorted(self._header["target_modules"])
-        tensors = {"lambda_d": torch.stack([vectors[n][0] for n in names]),
-                   "lambda_b": torch.cat([vectors[n][1] for n in names])}
+        if self._header["format_version"] == 1:  # a store of the first version keeps its files' layout
+            names = sorted(self._header["target_modules"])
+            tensors = {"lambda_d": torch.stack([vectors[n][0] for n in names]),
+                       "lambda_b": torch.cat([vectors[n][1] for n in names])}
+        else:
+            tensors = {_VECTORS: torch.cat([vectors[name][kind] for name, kind, _ in self._layout])}
         data = st.save(tensors, metadata={"user": user, "store": self._header["fingerprint"]})
         path = self.path(user)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -376,29 +433,81 @@ class AdapterStore:
         The file is checked against the store: its user key, its store fingerprint, exactly the store's
         modules and shapes (:class:`AdapterFileError` otherwise).
         """
+        parts = self.read(user).split(self._sizes)
+        pairs: Dict[str, list] = {name: [None, None] for name in sorted(self._header["target_modules"])}
+        for (name, kind, _), t in zip(self._layout, parts):
+            pairs[name][kind] = t
+        return {name: tuple(pair) for name, pair in pairs.items()}
+
+    def read(self, user: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``user``'s vectors as one float32 CPU tensor ``[vector_size]`` in :attr:`layout` order (``KeyError``
+        if absent), checked as :meth:`get` checks them.
+
+        ``out``: a contiguous float32 CPU tensor of ``vector_size`` numbers to read into (no allocation; the
+        file's vectors go there with one ``readinto``); its contents are undefined if the read fails.
+        """
         path = self.path(user)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 -- closed below
         except FileNotFoundError:
             raise KeyError(user) from None
-        meta = _safetensors_metadata(data, path)
-        if meta.get("user") != user:
-            raise AdapterFileError(f"{path}: holds user {meta.get('user')!r}, not {user!r}")
-        if self._header is None:
-            self._load_header()
-        if self._header is None or meta.get("store") != self._header["fingerprint"]:
-            raise AdapterFileError(f"{path}: written for another store (fingerprint {meta.get('store')!r})")
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            try:
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8:
+                    raise ValueError(f"a header of {n} bytes in a file of {size}")
+                header = json.loads(f.read(n))
+                meta = header.get("__metadata__") or {}
+            except (struct.error, ValueError, AttributeError) as e:
+                raise AdapterFileError(f"{path}: not a safetensors file ({e})") from None
+            if meta.get("user") != user:
+                raise AdapterFileError(f"{path}: holds user {meta.get('user')!r}, not {user!r}")
+            if self._header is None:
+                self._load_header()
+            if self._header is None or meta.get("store") != self._header["fingerprint"]:
+                raise AdapterFileError(f"{path}: written for another store (fingerprint {meta.get('store')!r})")
+            total = sum(self._sizes)
+            if out is not None and not (isinstance(out, torch.Tensor) and out.dtype == torch.float32
+                                        and out.device.type == "cpu" and out.is_contiguous()
+                                        and out.numel() == total and not out.requires_grad):
+                raise ValueError(f"out must be a contiguous float32 CPU tensor of {total} numbers (vector_size) "
+                                 f"that does not require grad")
+            want = {"dtype": "F32", "shape": [total], "data_offsets": [0, 4 * total]}
+            if set(header) == {"__metadata__", _VECTORS} and header[_VECTORS] == want and size == 8 + n + 4 * total \
+                    and sys.byteorder == "little":
+                out = torch.empty(total, dtype=torch.float32) if out is None else out
+                if f.readinto(memoryview(out.numpy()).cast("B")) != 4 * total:
+                    raise AdapterFileError(f"{path}: shorter than its header says")
+                return out
+            f.seek(0)
+            flat = self._parse(f.read(), path)
+        return flat if out is None else out.copy_(flat)
+
+    def _parse(self, data: bytes, path: str) -> torch.Tensor:
+        """The flat vector of a file read whole, in either layout (this version's or the first version's)."""
         st = require("safetensors.torch")
-        tensors = st.load(data)
+        try:
+            tensors = st.load(data)
+        except Exception as e:  # safetensors raises its own SafetensorError for a damaged file
+            raise AdapterFileError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
         mods = self._header["target_modules"]
         names = sorted(mods)
-        sizes = [mods[n]["out_features"] for n in names]
-        shapes = {"lambda_d": (len(names), self._header["rank"]), "lambda_b": (sum(sizes),)}
+        total = sum(self._sizes)
+        if set(tensors) == {_VECTORS}:
+            shapes = {_VECTORS: (total,)}
+        else:  # the first version's layout
+            shapes = {"lambda_d": (len(names), self._header["rank"]),
+                      "lambda_b": (sum(mods[n]["out_features"] for n in names),)}
         got = {k: tuple(t.shape) for k, t in tensors.items()}
         if got != shapes or any(t.dtype != torch.float32 for t in tensors.values()):
             raise AdapterFileError(f"{path}: tensors {got} do not match the store's modules (float32 {shapes})")
-        return dict(zip(names, zip(tensors["lambda_d"].unbind(0), tensors["lambda_b"].split(sizes))))
+        if _VECTORS in tensors:
+            return tensors[_VECTORS]
+        d = dict(zip(names, tensors["lambda_d"].unbind(0)))
+        b = dict(zip(names, tensors["lambda_b"].split([mods[n]["out_features"] for n in names])))
+        return torch.cat([(d, b)[kind][name] for name, kind, _ in self._layout])
 
     def __contains__(self, user) -> bool:
         return isinstance(user, str) and os.path.isfile(self.path(user))
@@ -413,23 +522,30 @@ class AdapterStore:
         if self.durable:
             _fsync_dir(os.path.dirname(path))
 
-    def _files(self) -> Iterator[str]:
+    def _names(self) -> Iterator[Tuple[str, str]]:
+        """``(shard directory, file name)`` of every stored user (temporary files left out)."""
         root = os.path.join(self.directory, USERS_DIR)
         for shard in sorted(os.listdir(root)):
             d = os.path.join(root, shard)
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 for name in os.listdir(d):
-                    if not name.startswith(".") and name.endswith(".safetensors"):
-                        yield os.path.join(d, name)
+                    if not name.startswith(".") and name.endswith(_SUFFIX):
+                        yield d, name
 
     def __len__(self) -> int:
         """The number of stored users (lists the 256 shard directories)."""
-        return sum(1 for _ in self._files())
+        return sum(1 for _ in self._names())
 
     def keys(self) -> Iterator[str]:
-        """Every stored user key (reads each file's header: a full scan, for maintenance, not serving)."""
-        for path in self._files():
+        """Every stored user key, from the file names (lists the 256 shard directories; only the files of keys
+        too long for a file name, and every file of a first-version store, are opened for their key)."""
+        for d, name in self._names():
+            key = _key_of_name(name) if name.startswith("u-") else None
+            if key is not None:
+                yield key
+                continue
             with contextlib.suppress(FileNotFoundError):  # deleted while listing
+                path = os.path.join(d, name)
                 with open(path, "rb") as f:
                     head = f.read(8)
                     (n,) = struct.unpack("<Q", head)
