@@ -51,9 +51,9 @@ def test_projection_generation_is_one_opaque_op():
 
     proj = vk.Projection(5, 3, 10, 7)
     A, B = proj.materialize()
-    torch.library.opcheck(torch.ops.vera_kernels_host.projection_block.default,
+    torch.library.opcheck(torch.ops.vera_kernels_opaque.projection_block.default,
                           (5, 0, 0, 1, 2, 3, 5, proj.bound_a, "cpu"))
-    assert torch.equal(torch.ops.vera_kernels_host.projection_block(5, 0, 0, 1, 2, 3, 5, proj.bound_a, "cpu"),
+    assert torch.equal(torch.ops.vera_kernels_opaque.projection_block(5, 0, 0, 1, 2, 3, 5, proj.bound_a, "cpu"),
                        A[1:3, 3:8])
     with FakeTensorMode():
         fa, fb = vk.Projection(5, 3, 10, 7).materialize()

@@ -154,7 +154,7 @@ def projection_block(seed: int, matrix: int, rows: range, cols: range, bound: fl
 # A/B generation as one opaque op: tracers (torch.jit.trace, torch.compile, torch.export, FakeTensorMode)
 # record a single call with a shape-only fake instead of the generator's hundreds of integer ops, which
 # inductor would otherwise compile for minutes and jit.trace would record into its graph.
-@torch.library.custom_op("vera_kernels_host::projection_block", mutates_args=())
+@torch.library.custom_op("vera_kernels_opaque::projection_block", mutates_args=())
 def _projection_block_op(key0: int, key1: int, matrix: int, row0: int, rows: int, col0: int, cols: int,
                          bound: float, device: str) -> torch.Tensor:
     """``projection_block`` for the seed with Philox key ``(key0, key1)``, as a float32 ``[rows, cols]`` tensor."""

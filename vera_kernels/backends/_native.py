@@ -213,7 +213,7 @@ def op_dropout_args(dropout: Optional[Dropout]) -> OpDropoutArgs:
 # A dropout seed drawn inside a compiled graph is a 0-d tensor; the ops take the key as ints. These
 # wrappers read the seed when they run (opaque to torch.compile, with fake kernels), so the graph
 # carries the tensor instead of breaking on ``.item()``.
-@torch.library.custom_op("vera_kernels_host::shrink_tensor_seed", mutates_args=())
+@torch.library.custom_op("vera_kernels_opaque::shrink_tensor_seed", mutates_args=())
 def _shrink_tensor_seed(x: torch.Tensor, A: Optional[torch.Tensor], rank: int, key0: int, key1: int,
                         bound: float, seed: torch.Tensor, threshold: int, scale: float, in_offset: int) -> torch.Tensor:
     d0, d1 = split_key(int(seed.item()) & 0xFFFFFFFFFFFFFFFF)
@@ -225,7 +225,7 @@ def _(x, A, rank, key0, key1, bound, seed, threshold, scale, in_offset):
     return x.new_empty((x.shape[0], rank), dtype=torch.float32)
 
 
-@torch.library.custom_op("vera_kernels_host::grad_input_tensor_seed", mutates_args=())
+@torch.library.custom_op("vera_kernels_opaque::grad_input_tensor_seed", mutates_args=())
 def _grad_input_tensor_seed(grad_y: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, lambda_d: torch.Tensor,
                             A: Optional[torch.Tensor], key0: int, key1: int, bound: float, seed: torch.Tensor,
                             threshold: int, scale: float, in_offset: int,

@@ -122,7 +122,7 @@ def _dropout_from(p: float, seed: Optional[torch.Tensor], threshold: int, scale:
     return Dropout(p=p, seed=int(seed.item()), threshold=threshold, scale=scale)
 
 
-@torch.library.custom_op("vera_kernels_host::backend_forward", mutates_args=())
+@torch.library.custom_op("vera_kernels_opaque::backend_forward", mutates_args=())
 def _backend_forward(backend: str, x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      lambda_d: torch.Tensor, lambda_b: torch.Tensor, proj_ints: List[int],
                      proj_a: Optional[torch.Tensor], proj_b: Optional[torch.Tensor], drop_p: float,
@@ -147,7 +147,7 @@ def _(backend, x2d, weight, bias, lambda_d, lambda_b, proj_ints, proj_a, proj_b,
             x2d.new_empty((x2d.shape[0], proj_ints[2]), dtype=torch.float32))
 
 
-@torch.library.custom_op("vera_kernels_host::backend_backward", mutates_args=())
+@torch.library.custom_op("vera_kernels_opaque::backend_backward", mutates_args=())
 def _backend_backward(backend: str, grad_y2d: torch.Tensor, s: torch.Tensor, weight: torch.Tensor,
                       lambda_d: torch.Tensor, lambda_b: torch.Tensor, proj_ints: List[int],
                       proj_a: Optional[torch.Tensor], proj_b: Optional[torch.Tensor], drop_p: float,

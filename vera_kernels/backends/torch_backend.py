@@ -46,7 +46,7 @@ def _int_seed_keep_mask(seed: int, threshold: int, rows: int, cols: int, device,
     return dropout_keep_mask(seed, threshold, rows, cols, device, col0)
 
 
-@torch.library.custom_op("vera_kernels_host::dropout_keep_mask", mutates_args=())
+@torch.library.custom_op("vera_kernels_opaque::dropout_keep_mask", mutates_args=())
 def _keep_mask_op(seed: torch.Tensor, threshold: int, rows: int, cols: int, device: torch.device,
                   col0: int) -> torch.Tensor:
     """The dropout keep-mask for a seed held in a 0-d tensor (drawn inside a compiled graph)."""
