@@ -38,3 +38,38 @@ def test_minus_one_rows_ignore_a_non_finite_bank_row_0(backend, where, value, pe
         if name.startswith("grad_lambda"):
             assert torch.equal(o[0], torch.zeros_like(o[0])), f"{name}: bank row 0 (unused) got a gradient"
         torch.testing.assert_close(o.double(), e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_checked_ids_say_whether_some_row_has_no_adapter():
+    from vera_kernels.core import checked_adapter_ids
+
+    x = torch.randn(3, 2, 5)
+    ids, base_rows = checked_adapter_ids(torch.tensor([2, -1, 0]), x, 4)
+    assert ids.tolist() == [2, 2, -1, -1, 0, 0] and base_rows is True
+    assert checked_adapter_ids(torch.tensor([[1, 3], [0, 0], [2, 1]]), x, 4)[1] is False
+    assert checked_adapter_ids(torch.zeros(0, dtype=torch.int64), torch.randn(0, 5), 4)[1] is None
+
+
+@pytest.mark.parametrize("ids", [[1, 0, 2, 1, 0], [1, -1, 2, -1, 0]])
+def test_torch_bank_forward_with_and_without_the_base_rows_hint(ids):
+    """The torch backend gathers without masking when the checked ids say no row has id -1; with the hint
+    unknown (None) it masks: both give the same output, the per-row reference's."""
+    from vera_kernels.backends import get_backend
+    from vera_kernels.core import checked_adapter_ids, make_problem
+
+    g = torch.Generator().manual_seed(3)
+    n, r, K, N = 3, 4, 6, 7
+    proj = vk.Projection(11, r, K, N)
+    x, W, b = torch.randn(5, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    ld, lb = torch.rand(n, r, generator=g) + 0.5, torch.randn(n, N, generator=g)
+    flat, base_rows = checked_adapter_ids(torch.tensor(ids), x, n)
+    assert base_rows is (-1 in ids)
+    outs = [get_backend("torch").forward(make_problem(x, W, b, ld, lb, proj, None, flat, base_rows=hint))[0]
+            for hint in (base_rows, None)]
+    assert torch.equal(outs[0], outs[1])
+    want = vk.reference.vera_linear(x.double(), W.double(), b.double(), ld.double(), lb.double(), proj,
+                                    adapter_ids=torch.tensor(ids))
+    torch.testing.assert_close(outs[0].double(), want, rtol=1e-5, atol=1e-5)
+    base = torch.nn.functional.linear(x, W, b)
+    for m in (m for m, a in enumerate(ids) if a < 0):
+        assert torch.equal(outs[0][m], base[m])

@@ -9,19 +9,34 @@ per-row scaling by ``lambda_d[id]`` and ``lambda_b[id]`` differs.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["gather_rows", "bank_sum", "adapter_ids"]
+__all__ = ["gather_rows", "row_index", "bank_sum", "adapter_ids"]
 
 
-def gather_rows(bank: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``bank[ids]`` in ``dtype`` (``[M, C]``), with zero rows where ``ids == -1`` (exact zeros, even when bank
-    row 0, which those rows index, holds inf or NaN: a product with a 0/1 mask would give NaN there)."""
-    rows = bank.index_select(0, ids.clamp_min(0)).to(dtype)
-    return rows.masked_fill((ids < 0)[:, None], 0.0)
+def row_index(ids: torch.Tensor, base_rows: Optional[bool] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Each row's index into a bank and the mask ``[M, 1]`` of its rows with id -1 (``None`` when there are
+    none). Those rows index bank row 0: what is gathered for them must be overwritten with zeros (a product
+    with a 0/1 mask would turn an inf or NaN of row 0 into NaN). ``base_rows``: whether some id is -1, when
+    the caller knows it from checking the ids (``False``: the ids index the bank as they are); ``None``:
+    masked without looking (a look would synchronise a GPU)."""
+    if base_rows is False:
+        return ids, None
+    return ids.clamp_min(0), (ids < 0)[:, None]
+
+
+def gather_rows(bank: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype,
+                base_rows: Optional[bool] = None) -> torch.Tensor:
+    """``bank[ids]`` in ``dtype`` (``[M, C]``, a fresh tensor), with exact zero rows where ``ids == -1``
+    (``row_index``)."""
+    index, no_adapter = row_index(ids, base_rows)
+    rows = bank.index_select(0, index)
+    if rows.dtype != dtype:
+        rows = rows.to(dtype)
+    return rows if no_adapter is None else rows.masked_fill_(no_adapter, 0.0)
 
 
 def bank_sum(rows: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import numbers
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -120,6 +120,9 @@ class Problem:
     # B[out_offset : out_offset + N, :] of the global projection (global counters, docs/DESIGN.md §2).
     in_offset: int = 0
     out_offset: int = 0
+    # With adapter_ids: whether some row has id -1 (its bank rows must then be zeros, not bank row 0), when
+    # the caller knows it from checking the ids; None: not known (a backend masks those rows anyway).
+    base_rows: Optional[bool] = None
 
     @property
     def num_adapters(self) -> int:
@@ -160,28 +163,37 @@ def flatten_adapter_ids(adapter_ids, x: torch.Tensor, num_adapters: int) -> torc
 
     Ids are in ``[-1, num_adapters)``; -1 means "base layer only" for that row.
     """
+    return checked_adapter_ids(adapter_ids, x, num_adapters)[0]
+
+
+def checked_adapter_ids(adapter_ids, x: torch.Tensor, num_adapters: int) -> Tuple[torch.Tensor, Optional[bool]]:
+    """``flatten_adapter_ids``, and whether some row has id -1 (``None`` where the values are not read:
+    empty or meta ids)."""
     _is_tensor(adapter_ids, "adapter_ids")
     if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
         raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
     if adapter_ids.device != x.device:
         raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}")
-    lead = tuple(x.shape[:-1])
-    if tuple(adapter_ids.shape) == lead:
+    lead = x.shape[:-1]
+    if adapter_ids.shape == lead:
         ids = adapter_ids
-    elif len(lead) >= 1 and tuple(adapter_ids.shape) == lead[:1]:
+    elif len(lead) >= 1 and adapter_ids.shape == lead[:1]:
         ids = adapter_ids.reshape(lead[:1] + (1,) * (len(lead) - 1)).expand(lead)
     else:
         raise ValueError(
-            f"adapter_ids must have shape {lead} (one id per row) or {lead[:1]} (one per sequence), "
+            f"adapter_ids must have shape {tuple(lead)} (one id per row) or {tuple(lead[:1])} (one per sequence), "
             f"got {tuple(adapter_ids.shape)}"
         )
     ids = ids.reshape(-1).to(torch.int64)
+    base_rows = None
     if ids.numel() and ids.device.type != "meta":
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = ids.aminmax()  # one pass for both ends
+        lo, hi = int(lo), int(hi)
         if lo < -1 or hi >= num_adapters:
             raise ValueError(f"adapter_ids must be in [-1, {num_adapters}) (-1 = no adapter), got values in "
                              f"[{lo}, {hi}]")
-    return ids
+        base_rows = lo < 0
+    return ids, base_rows
 
 
 def validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids=None, in_offset=0,
@@ -277,7 +289,7 @@ def dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, adapter_ids=None, in_offset=0,
-                 out_offset=0) -> Problem:
+                 out_offset=0, base_rows=None) -> Problem:
     N, K = weight.shape
     x2d = x if x.dim() == 2 else x.reshape(-1, K)
     # dense(), inlined for the usual case (contiguous vectors): this runs on every call
@@ -288,4 +300,4 @@ def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, adapt
     if not lambda_b.is_contiguous():
         lambda_b = lambda_b.contiguous()
     return Problem(x2d, weight, bias, lambda_d, lambda_b, projection, dropout, x2d.shape[0], K, N,
-                   dense(adapter_ids), in_offset, out_offset)
+                   dense(adapter_ids), in_offset, out_offset, base_rows)

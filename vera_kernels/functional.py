@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ._compat import functorch_transforms_active
-from .core import flatten_adapter_ids, make_dropout, make_problem, validate, warn_once
+from .core import checked_adapter_ids, make_dropout, make_problem, validate, warn_once
 from .autograd import VeRAFunction
 from .backends import Backend, _override, _read_env, select
 from .projection import Projection
@@ -147,13 +147,14 @@ def vera_linear(
     if adapter_ids is None:
         chosen = _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset,
                                   out_offset, compiling)
-        ids = None
+        ids = base_rows = None
     else:  # ids are values: checked on every call
         validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
-        ids = flatten_adapter_ids(adapter_ids, x, lambda_d.shape[0])
+        ids, base_rows = checked_adapter_ids(adapter_ids, x, lambda_d.shape[0])
         chosen = None
     dropout = None if (dropout_p == 0.0 and type(dropout_p) in (float, int)) else make_dropout(dropout_p, training)
-    problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, ids, in_offset, out_offset)
+    problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, ids, in_offset, out_offset,
+                           base_rows)
     if chosen is None:
         chosen = select(problem, backend)
     if compiling:  # caches must exist before the traced Function (see Backend.prepare)

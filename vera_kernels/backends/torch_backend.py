@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import ACCEPTED_DTYPES, Problem
-from ..banks import bank_sum, gather_rows
+from ..banks import bank_sum, gather_rows, row_index
 from ..projection import dropout_keep_mask, split_key
 from ._native import native_keep_mask_available
 from .base import Backend
@@ -105,33 +105,31 @@ class TorchBackend(Backend):
         return (base.to(cd) + adapter).to(x2d.dtype), s
 
     def _bank_forward(self, problem: Problem, A_K, B_N, cd):
-        """``vera_forward_math`` with each row's bank vectors, in as few full-size passes as the
-        single-adapter path plus one ``[M, N]`` gather (each pass is a parallel region on CPU)."""
+        """``vera_forward_math`` with each row's bank vectors: the single-adapter ops with the two vectors
+        gathered per row (``banks.row_index``), the ``lambda_b`` product fused into the add to the base
+        output (``addcmul_``); rows with id -1 are masked only when the batch has some."""
         x2d, ids = problem.x2d, problem.adapter_ids
         base = F.linear(x2d, problem.weight, problem.bias)
-        xa = x2d.to(cd)
+        xa = x2d if x2d.dtype == cd else x2d.to(cd)
         if problem.dropout is not None:
             xa = dropped(xa, problem)
         s = F.linear(xa, A_K)
-        idc = ids.clamp_min(0)
-        # rows with id -1 must add exactly nothing, even if bank row 0 holds inf/nan: mask them (on CPU
-        # only when present; checking would synchronise a GPU)
-        masked = ids.device.type != "cpu" or bool((ids < 0).any())
-        u = s * problem.lambda_d.index_select(0, idc).to(cd)
-        lambda_b = problem.lambda_b.index_select(0, idc).to(cd)
-        if masked:
-            used = (ids >= 0)[:, None]
-            u = u.masked_fill(~used, 0.0)
-            lambda_b = lambda_b.masked_fill(~used, 0.0)
-        adapter = F.linear(u, B_N.to(cd)).mul_(lambda_b)
-        return (base.to(cd) + adapter).to(x2d.dtype), s
+        index, no_adapter = row_index(ids, problem.base_rows)
+        u = s * problem.lambda_d.index_select(0, index).to(cd)
+        lambda_b = problem.lambda_b.index_select(0, index).to(cd)  # a fresh tensor
+        if no_adapter is not None:  # rows with id -1 add exactly nothing, whatever bank row 0 holds
+            u.masked_fill_(no_adapter, 0.0)
+            lambda_b.masked_fill_(no_adapter, 0.0)
+        if base.dtype == cd:
+            return base.addcmul_(F.linear(u, B_N), lambda_b), s  # base is this call's own fresh tensor
+        return base.to(cd).addcmul_(F.linear(u, B_N), lambda_b).to(x2d.dtype), s
 
     def _bank_backward(self, problem: Problem, gy, s, A_K, B_N, need_d, need_b):
         """Per-row ``g`` and the bank gradients ``[n, r]``, ``[n, N]`` (reduced by ``bank_sum``)."""
         ids, n = problem.adapter_ids, problem.num_adapters
         cd = gy.dtype
-        lambda_d = gather_rows(problem.lambda_d, ids, cd)  # [M, r]
-        g = (gy * gather_rows(problem.lambda_b, ids, cd)) @ B_N  # [M, r]; zero rows for id -1
+        lambda_d = gather_rows(problem.lambda_d, ids, cd, problem.base_rows)  # [M, r]
+        g = (gy * gather_rows(problem.lambda_b, ids, cd, problem.base_rows)) @ B_N  # [M, r]; zero rows for id -1
         grad_d = bank_sum(s * g, ids, n) if need_d else None
         grad_b = bank_sum(gy * ((lambda_d * s) @ B_N.t()), ids, n) if need_b else None
         return g, lambda_d, grad_d, grad_b
