@@ -115,6 +115,29 @@ def test_launchers_run_on_their_input_device(monkeypatch):
     assert launches == [[DEVICE]] * 8
 
 
+def test_every_gpu_launch_choice_is_in_the_kernels_spec(monkeypatch):
+    """What a launcher picks on a GPU (``SPEC.launch``: tuner kind, host block sizes, reduction split) is
+    one of the kinds and host choices its spec declares, which the AOT compile covers; every kind has an
+    interpreter config and an autotune key."""
+    from vera_kernels.ops import SPECS
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU's choices (the launch functions only ask)
+    for spec in SPECS.values():
+        for kind in spec.configs:
+            assert kind.split("-")[0] in spec.interpreter and kind.split("-")[0] in spec.keys, (spec.name, kind)
+        if spec.launch is None:
+            continue
+        for M in (1, 3, 16, 17, 33, 64, 65, 1000, 4095, 4096, 5000):
+            for R, dtype, n in ((8, torch.float32, 1), (33, torch.float16, 1), (64, torch.bfloat16, 7),
+                                (256, torch.bfloat16, 1), (256, torch.float32, 300), (1024, torch.float16, 2)):
+                extra = {"num_adapters": n} if spec.name == "rank_grads" else {}
+                launch = spec.launch(M, 4096, 4096, R, dtype, 132, **extra)
+                assert launch.kind in spec.configs, (spec.name, M, R, dtype, launch)
+                assert launch.host in spec.host_choices.get(launch.kind, [{}]), (spec.name, M, R, dtype, n, launch)
+                if launch.span:  # the ranges cover the reduction, none of them empty
+                    assert (launch.splits - 1) * launch.span < 4096 <= launch.splits * launch.span, launch
+
+
 @triton.jit
 def _rank_mma_kernel(a_ptr, b_ptr, c_ptr, PRECISION: tl.constexpr):
     offs = tl.arange(0, 16)
