@@ -300,6 +300,32 @@ def test_adapter_ids_context_rejects_bad_ids_before_changing_anything():
             model(torch.randn(3, 4, 16))
 
 
+def test_adapter_ids_context_checks_and_flattens_once_and_keeps_its_own_copy(monkeypatch):
+    """The block's ids are checked once for the model and flattened once per input shape, not in every
+    layer's call; they are a copy: changing the caller's tensor inside the block changes nothing."""
+    import vera_kernels.core as core
+
+    model = _model()
+    x1, x2 = torch.randn(4, 3, 16), torch.randn(4, 1, 16)
+    ids = torch.tensor([3, -1, 0, 3])
+    with vk.adapter_ids(model, ids.clone()):
+        want1, want2 = model(x1), model(x2)
+    real, reads = core.checked_adapter_ids, []
+
+    def counting(adapter_ids, x, n):
+        if isinstance(adapter_ids, torch.Tensor):
+            reads.append(tuple(x.shape[:-1]))
+        return real(adapter_ids, x, n)
+
+    monkeypatch.setattr(core, "checked_adapter_ids", counting)
+    with vk.adapter_ids(model, ids):
+        ids.fill_(1)  # the caller's tensor, changed inside the block
+        for _ in range(2):
+            torch.testing.assert_close(model(x1), want1, rtol=0, atol=0)
+            torch.testing.assert_close(model(x2), want2, rtol=0, atol=0)
+    assert reads == [(4, 3), (4, 1)]  # two bank layers, two calls each: one flattening per shape
+
+
 def test_bank_layer_trains_only_used_adapters_and_state_dict_round_trips():
     model = _model(n=6)
     x = torch.randn(3, 2, 16)

@@ -14,6 +14,8 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .core import BatchIds
+
 __all__ = ["gather_rows", "row_index", "bank_sum", "adapter_ids"]
 
 
@@ -83,9 +85,10 @@ def adapter_ids(model: nn.Module, ids: torch.Tensor) -> Iterator[None]:
     Every ``VeRALinear`` of ``model`` built with ``num_adapters > 1`` uses ``ids`` as its ``adapter_ids``:
     an integer tensor ``[batch]`` (one adapter per sequence) or ``[batch, seq]`` (one per token), values
     in ``[-1, num_adapters)``, -1 meaning the base model for that sequence/token. The ids are checked
-    against every such layer before anything is changed; the previous ids are restored on exit (blocks
-    nest; an exception leaves the model as it was). The ids live on the layers, so one model object is
-    not meant to serve two threads' batches at once::
+    against every such layer before anything is changed, once (the layers' calls inside the block do not
+    check them again), and copied (changing ``ids`` inside the block changes nothing); the previous ids
+    are restored on exit (blocks nest; an exception leaves the model as it was). The ids live on the
+    layers, so one model object is not meant to serve two threads' batches at once::
 
         with vk.adapter_ids(model, torch.tensor([3, 17, -1, 3])):
             logits = model(input_ids)  # input_ids [4, seq]
@@ -103,20 +106,20 @@ def adapter_ids(model: nn.Module, ids: torch.Tensor) -> Iterator[None]:
     if not layers:
         raise ValueError("the model has no VeRALinear with num_adapters > 1; build layers with "
                          "VeRALinear(..., num_adapters=n) to serve several adapters in one batch")
+    lo, hi = -1, -1
     if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = (int(v) for v in ids.aminmax())
         n_min = min(layer.num_adapters for layer in layers)
         if lo < -1 or hi >= n_min:
             raise ValueError(f"ids must be in [-1, {n_min}) (the smallest bank of the model's multi-adapter "
                              f"layers; -1 = base model), got values in [{lo}, {hi}]")
-    ids = ids.to(torch.int64)
     per_device = {}
     previous = [layer._adapter_ids for layer in layers]
     try:
         for layer in layers:
             dev = layer.lambda_d.device
-            if dev not in per_device:
-                per_device[dev] = ids.to(dev)
+            if dev not in per_device:  # a copy: changing ``ids`` inside the block changes nothing
+                per_device[dev] = BatchIds(ids.to(dev, torch.int64, copy=True), lo, hi)
             layer._adapter_ids = per_device[dev]
         yield
     finally:

@@ -166,9 +166,32 @@ def flatten_adapter_ids(adapter_ids, x: torch.Tensor, num_adapters: int) -> torc
     return checked_adapter_ids(adapter_ids, x, num_adapters)[0]
 
 
+class BatchIds:
+    """One batch's adapter ids as ``vk.adapter_ids(model, ids)`` hands them to a model's layers: a private
+    int64 copy, its values checked once for the whole model (``lo``, ``hi``), flattened once per input shape
+    (a decode step's layers share one flattening instead of checking the ids in each call)."""
+
+    __slots__ = ("ids", "lo", "hi", "_rows")
+
+    def __init__(self, ids: torch.Tensor, lo: int, hi: int):
+        self.ids, self.lo, self.hi = ids, lo, hi
+        self._rows: dict = {}
+
+    def rows(self, x: torch.Tensor, num_adapters: int) -> Tuple[torch.Tensor, Optional[bool]]:
+        """``checked_adapter_ids(self.ids, x, num_adapters)``, from a per-shape cache."""
+        hit = self._rows.get(x.shape[:-1])
+        if hit is None or self.hi >= num_adapters:
+            hit = self._rows[x.shape[:-1]] = checked_adapter_ids(self.ids, x, num_adapters)
+        return hit
+
+
 def checked_adapter_ids(adapter_ids, x: torch.Tensor, num_adapters: int) -> Tuple[torch.Tensor, Optional[bool]]:
     """``flatten_adapter_ids``, and whether some row has id -1 (``None`` where the values are not read:
     empty or meta ids)."""
+    if type(adapter_ids) is BatchIds:
+        if not torch.compiler.is_compiling():
+            return adapter_ids.rows(x, num_adapters)
+        adapter_ids = adapter_ids.ids  # dynamo traces the checks themselves
     _is_tensor(adapter_ids, "adapter_ids")
     if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
         raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
