@@ -5,7 +5,8 @@
 # that fails other than on the values it checks. Covered here (a sample that fits CI's time on two cores):
 #   sm_90: every test file that launches Triton kernels directly (tests/test_ops_*, test_triton_*; per-row
 #          ids included), with autotuning off (the first config of each kernel, as gpu_check's test run);
-#   sm_80: the GEMM and shrink kernel tests (the tiles whose shared memory depends on the architecture);
+#   sm_80: the GEMM and shrink kernel tests, adapter-only GEMM modes included (the tiles whose shared memory
+#          depends on the architecture);
 #   gpu_check.py --dry-run under the sm_90 rehearsal: its precompile (autotuning on: every config) and table
 #          on tiny shapes, and its JSON.
 # The per-kernel records (compiles, seconds, shared memory, ptxas findings) go to $VERA_KERNELS_REHEARSAL_OUT.
@@ -21,7 +22,8 @@ python -m pytest "${opts[@]}" --gpu-rehearsal=90 --gpu-rehearsal-json="$out/test
   tests/test_ops_*.py tests/test_triton_*.py > "$out/tests-sm90.log" 2>&1 &
 p90=$!
 python -m pytest "${opts[@]}" --gpu-rehearsal=80 --gpu-rehearsal-json="$out/tests-sm80.json" \
-  tests/test_ops_fused_forward.py tests/test_ops_grad_input.py tests/test_ops_shrink.py > "$out/tests-sm80.log" 2>&1 &
+  tests/test_ops_fused_forward.py tests/test_ops_grad_input.py tests/test_ops_shrink.py tests/test_ops_adapter_only.py \
+  > "$out/tests-sm80.log" 2>&1 &
 p80=$!
 rc=0
 wait $p90 || rc=1

@@ -135,8 +135,8 @@ def test_layer_refuses_what_it_cannot_do():
     with pytest.raises(NotImplementedError, match="DVoRA"):
         QuantizedVeRALinear(q, rank=4, dora=True)
     layer = QuantizedVeRALinear(q, rank=4)
-    with pytest.raises(ValueError, match="'torch' backend only"):
-        layer(torch.randn(2, 16), backend="triton")
+    with pytest.raises(ValueError, match="'triton' or 'torch' only"):
+        layer(torch.randn(2, 16), backend="cpu")
     with pytest.raises(ValueError, match="adapter_ids"):
         layer(torch.randn(2, 16), adapter_ids=torch.zeros(2, dtype=torch.long))
 
@@ -190,6 +190,7 @@ def test_merge_is_refused_unless_asked_and_requantizes(kind):
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 import tiny_models as tm  # noqa: E402
+from conftest import backend_skip_reason  # noqa: E402
 
 KEY, RANK = 1234, 8
 
@@ -259,6 +260,49 @@ def test_outputs_and_vector_gradients_match_peft(kind, compute_dtype):
             scale = want.abs().max().clamp_min(1e-12)
             assert ((got - want).abs().max() / scale) < (1e-4 if compute_dtype == torch.float32 else 5e-2), name
     assert vk.trainable_summary(ours).split(" || VeRA")[0] == _peft_summary(pm)
+
+
+@needs_bnb
+@pytest.mark.skipif(backend_skip_reason("triton", torch.device("cpu")) is not None, reason="triton cannot run on CPU here")
+def test_triton_adapter_path_matches_peft_and_the_torch_path(monkeypatch):
+    """A 4-bit Llama whose adapter terms run on "triton" (the interpreter here): outputs and vector gradients
+    against PEFT's VeRA and against the same model on "torch"; each layer's Triton adapter-only kernels ran."""
+    from vera_kernels import ops
+
+    launched = []
+    real_launch = ops.fused_forward
+
+    def counting(*a, **kw):
+        launched.append(kw.get("base") is not None)
+        return real_launch(*a, **kw)
+
+    monkeypatch.setattr(ops, "fused_forward", counting)
+    pm, ours = twins("nf4")
+    ids = tm.inputs(batch=1, seq=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = tm.output(pm, ids)
+        with vk.use_backend("torch"):
+            on_torch = tm.output(ours, ids)
+        on_torch.float().square().mean().backward()
+        grads_torch = {n: (l.lambda_d.grad.clone(), l.lambda_b.grad.clone())
+                       for n, l in vk.models.vera_layers(ours).items()}
+        ours.zero_grad()
+        with vk.use_backend("triton"):
+            mine = tm.output(ours, ids)
+            mine.float().square().mean().backward()
+        theirs.float().square().mean().backward()
+    layers = vk.models.vera_layers(ours)
+    assert launched.count(True) == len(layers)  # one adapter-only launch per layer, on "triton" only
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mine, on_torch, rtol=1e-4, atol=1e-4)
+    lambdas = tm.peft_lambdas(pm)
+    for name, layer in layers.items():
+        for got, want, alt in ((layer.lambda_d.grad, lambdas[name][0].grad, grads_torch[name][0]),
+                               (layer.lambda_b.grad, lambdas[name][1].grad, grads_torch[name][1])):
+            scale = want.abs().max().clamp_min(1e-12)
+            assert ((got - want).abs().max() / scale) < 1e-3, name
+            assert ((got - alt).abs().max() / scale) < 1e-3, name
 
 
 def _peft_summary(pm):

@@ -3,13 +3,16 @@
 ``quantize_(model, Int8WeightOnlyConfig())``: a torchao tensor subclass the kernels cannot read).
 
 The base product is the quantized module's own (its dequantizing matmul, its backward for ``x``); the
-adapter term ``lambda_b * ((lambda_d * (dropout(x) A_K^T)) B_N^T)`` is added by :func:`adapter_term`, an
-adapter-only autograd Function that, like the fused layer, saves only ``s = dropout(x) A_K^T`` (``[M, r]``,
-float32) for backward and regenerates the dropout mask from its seed. It runs on the "torch" backend's
-operations on every device: there is no fused adapter-only Triton or CUDA kernel yet.
+adapter term ``lambda_b * ((lambda_d * (dropout(x) A_K^T)) B_N^T)`` is added to it by :func:`adapter_term`,
+one adapter-only autograd Function that, like the fused layer, saves only ``s = dropout(x) A_K^T``
+(``[M, r]``, float32) for backward and regenerates the dropout mask from its seed. Its backend is chosen as
+every VeRA call's: on a CUDA GPU "triton" (the shrink, then the fused forward's rank step and expand-add
+epilogue without the base GEMM, adding the adapter to the quantized output in one pass; backward:
+``rank_grads`` and ``grad_input`` without ``gy W``), elsewhere "torch" operations.
 
-As in PEFT, the adapter math is float32 with float32 ``A``/``B`` (PEFT keeps its projection buffers in
-float32 on quantized models), and the sum is returned in ``x``'s dtype. Nothing here imports
+On "torch", as in PEFT, the adapter math is float32 with float32 ``A``/``B`` (PEFT keeps its projection
+buffers in float32 on quantized models); on "triton", 16-bit inputs use ``A``/``B`` rounded to their dtype
+(docs/DESIGN.md §3). The sum is returned in the base output's dtype (``x``'s). Nothing here imports
 ``bitsandbytes`` or ``torchao``: a module can only hold their layers or tensors if they are already imported.
 """
 
@@ -21,11 +24,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .core import make_dropout, warn_once
+from .core import Problem, make_dropout, warn_once
 from .layer import VeRALinear
 from .projection import Projection, dropout_keep_mask
 
-__all__ = ["QuantizedVeRALinear", "adapter_term", "quantized_kind", "dequantized_weight", "parameter_count"]
+__all__ = ["QuantizedVeRALinear", "adapter_term", "quantized_kind", "dequantized_weight", "parameter_count",
+           "ADAPTER_BACKENDS"]
 
 BNB_4BIT = "bnb-4bit"
 BNB_8BIT = "bnb-8bit"
@@ -66,55 +70,120 @@ def parameter_count(p: torch.Tensor) -> int:
 
 
 # --- the adapter-only path -------------------------------------------------------------------------------
+# Backends with an adapter-only implementation: "triton" (the fused forward's rank step and epilogue without the
+# base GEMM, rank_grads, grad_input without gy W) and "torch" (torch operations, on every device).
+ADAPTER_BACKENDS = ("triton", "torch")
+
+
 class _AdapterTerm(torch.autograd.Function):
-    """``apply(x2d, lambda_d, lambda_b, A_K, B_N, dropout)`` -> the adapter term ``[M, N]`` in the compute
-    dtype; saves ``s`` only (plus the vectors it already references)."""
+    """``apply(x2d, base2d, lambda_d, lambda_b, projection, dropout, backend, A_K, B_N)`` -> ``base + adapter``
+    ``[M, N]`` in ``base``'s dtype, the adapter computed by ``backend`` ("triton" or "torch"; ``A_K``/``B_N``
+    are the torch path's float32 slices, ``None`` on "triton"). Saves ``s`` only (plus the vectors it already
+    references); the gradient of ``base`` is the incoming gradient itself."""
 
     @staticmethod
-    def forward(ctx, x2d, lambda_d, lambda_b, A_K, B_N, dropout):
-        cd = A_K.dtype
-        xa = x2d.to(cd)
-        if dropout is not None:
-            keep = dropout_keep_mask(dropout.seed, dropout.threshold, xa.shape[0], xa.shape[1], xa.device)
-            xa = xa * keep.to(cd) * dropout.scale
-        s = xa @ A_K.t()
-        out = lambda_b.to(cd) * ((lambda_d.to(cd) * s) @ B_N.t())
+    def forward(ctx, x2d, base, lambda_d, lambda_b, projection, dropout, backend, A_K, B_N):
+        if backend == "triton":
+            from .ops import fused_forward, shrink
+
+            s = shrink(x2d, projection, dropout)
+            out = fused_forward(x2d, None, None, lambda_d, lambda_b, s, projection, base=base)
+        else:
+            cd = A_K.dtype
+            xa = x2d.to(cd)
+            if dropout is not None:
+                keep = dropout_keep_mask(dropout.seed, dropout.threshold, xa.shape[0], xa.shape[1], xa.device)
+                xa = xa * keep.to(cd) * dropout.scale
+            s = xa @ A_K.t()
+            out = (base.to(cd) + lambda_b.to(cd) * ((lambda_d.to(cd) * s) @ B_N.t())).to(base.dtype)
         ctx.save_for_backward(s, lambda_d, lambda_b)
-        ctx.A_K, ctx.B_N, ctx.dropout, ctx.x_dtype = A_K, B_N, dropout, x2d.dtype  # cached, not per call
+        ctx.meta = (projection, dropout, backend, A_K, B_N, x2d.dtype, x2d.shape[1])  # cached, not per call
         return out
 
     @staticmethod
     def backward(ctx, gy):
+        from .autograd import _first_order_only
+
         s, lambda_d, lambda_b = ctx.saved_tensors
-        A_K, B_N, dropout = ctx.A_K, ctx.B_N, ctx.dropout
-        need_x, need_d, need_b = ctx.needs_input_grad[:3]
-        cd = A_K.dtype
-        gy = gy.to(cd)
-        ld, lb = lambda_d.to(cd), lambda_b.to(cd)
-        g = (gy * lb) @ B_N  # [M, r]
+        projection, dropout, backend, A_K, B_N, x_dtype, K = ctx.meta
+        need_x, need_base, need_d, need_b = ctx.needs_input_grad[:4]
         grad_x = grad_d = grad_b = None
-        if need_d:
-            grad_d = (s * g).sum(0).to(lambda_d.dtype)
-        if need_b:
-            grad_b = (B_N * (gy.t() @ (ld * s))).sum(1).to(lambda_b.dtype)  # [N, r] intermediate, not [M, N]
-        if need_x:
-            gx = (g * ld) @ A_K
-            if dropout is not None:
-                keep = dropout_keep_mask(dropout.seed, dropout.threshold, gx.shape[0], gx.shape[1], gx.device)
-                gx = gx * keep.to(cd) * dropout.scale
-            grad_x = gx.to(ctx.x_dtype)
-        return grad_x, grad_d, grad_b, None, None, None
+        with torch.no_grad():
+            if backend == "triton":
+                from .ops import grad_input, rank_grads
+
+                if 0 in gy.stride() and gy.numel() > 1:  # an expanded grad (y.sum().backward()): read dense
+                    gy = gy.contiguous()
+                g, grad_d, grad_b = rank_grads(gy, s, lambda_d, lambda_b, projection, need_g=need_x,
+                                               need_grad_d=need_d, need_grad_b=need_b)
+                if need_x:
+                    grad_x = grad_input(gy, None, g, lambda_d, projection, dropout, in_features=K).to(x_dtype)
+            else:
+                cd = A_K.dtype
+                gyc = gy.to(cd)
+                ld, lb = lambda_d.to(cd), lambda_b.to(cd)
+                g = (gyc * lb) @ B_N  # [M, r]
+                if need_d:
+                    grad_d = (s * g).sum(0)
+                if need_b:
+                    grad_b = (B_N * (gyc.t() @ (ld * s))).sum(1)  # [N, r] intermediate, not [M, N]
+                if need_x:
+                    gx = (g * ld) @ A_K
+                    if dropout is not None:
+                        keep = dropout_keep_mask(dropout.seed, dropout.threshold, gx.shape[0], gx.shape[1],
+                                                 gx.device)
+                        gx = gx * keep.to(cd) * dropout.scale
+                    grad_x = gx.to(x_dtype)
+            grad_d = grad_d.to(lambda_d.dtype) if need_d else None
+            grad_b = grad_b.to(lambda_b.dtype) if need_b else None
+        grad_x, grad_d, grad_b = _first_order_only((grad_x, grad_d, grad_b), (lambda_d, lambda_b, gy))
+        return grad_x, (gy if need_base else None), grad_d, grad_b, None, None, None, None, None
+
+
+def _adapter_backend(x2d: torch.Tensor, N: int, lambda_d, lambda_b, projection: Projection, dropout,
+                     requested: Optional[str]) -> str:
+    """The backend of the adapter term, chosen as every VeRA call's (``vera_kernels.backends.select``:
+    ``backend=``, else ``use_backend``'s, else ``$VERA_KERNELS_BACKEND``, else the device's priority list)
+    among the backends with an adapter-only path; "torch" where the choice has none (the native backends)."""
+    from .backends import current_override, env_backend, select
+    from .backends.base import runs_opaque
+
+    named = requested or current_override() or env_backend()
+    if named is not None and named not in ADAPTER_BACKENDS:
+        if requested is not None:
+            raise ValueError(f"backend={requested!r}: the adapter term over a quantized base runs on "
+                             f"{' or '.join(repr(b) for b in ADAPTER_BACKENDS)} only")
+        warn_once(f"quantized-adapter-{named}", f"vera_kernels: the {named!r} backend has no adapter-only path "
+                  "(the adapter term over a quantized base): those layers run it on 'torch'")
+        named = "torch"
+    # the selection reads dtype, device and shape only: a [N, K] stand-in for the weight the kernels never see
+    shape_only = x2d.new_empty((1, 1)).expand(N, x2d.shape[1])
+    problem = Problem(x2d, shape_only, None, lambda_d, lambda_b, projection, dropout, x2d.shape[0],
+                      x2d.shape[1], N)
+    name = select(problem, named).name
+    if name == "triton" and runs_opaque((x2d, lambda_d, lambda_b), True):
+        warn_once("quantized-adapter-opaque", "vera_kernels: while torch.compile or torch.export traces, under "
+                  "functorch transforms and for tensor subclasses, the adapter term over a quantized base runs on "
+                  "torch operations (the Triton launchers cannot be traced)")
+        return "torch"
+    return name if name in ADAPTER_BACKENDS else "torch"
 
 
 def adapter_term(x: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tensor, projection: Projection,
-                 dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
-    """The adapter alone: ``lambda_b * ((lambda_d * (dropout(x) A_K^T)) B_N^T)``, ``[..., N]`` in float32
-    (float64 for float64 ``x``), with ``K = x.shape[-1]`` and ``N = lambda_b.shape[-1]``.
+                 dropout_p: float = 0.0, training: bool = False, base: Optional[torch.Tensor] = None,
+                 backend: Optional[str] = None) -> torch.Tensor:
+    """The adapter alone, ``lambda_b * ((lambda_d * (dropout(x) A_K^T)) B_N^T)``, added to ``base`` when given.
 
-    The base product of a layer whose weight this package cannot read (a quantized module) is computed by
-    that module; this adds the VeRA term. Gradients go to ``x``, ``lambda_d`` and ``lambda_b``; only ``s``
-    (``[M, r]``) is saved for backward. ``A``/``B`` are materialised once per device and cached on the
-    projection.
+    ``K = x.shape[-1]``, ``N = lambda_b.shape[-1]``. With ``base`` (``[..., N]``: the base product of a layer
+    whose weight this package cannot read, e.g. a quantized module's output) the result is ``base + adapter``
+    in ``base``'s dtype; without, the adapter in float32 (float64 for float64 ``x``). Gradients go to ``x``,
+    ``base``, ``lambda_d`` and ``lambda_b``; only ``s`` (``[M, r]``) is saved for backward.
+
+    ``backend`` ("triton" or "torch", or ``None``: chosen as for every VeRA call, docs/DESIGN.md §6): on
+    "triton" the fused forward's rank step and epilogue run without the base GEMM (``A``/``B`` generated or
+    loaded, rounded to ``x``'s dtype for 16-bit inputs, docs/DESIGN.md §3), the backward is ``rank_grads`` and
+    ``grad_input`` without ``gy W``; on "torch", torch operations with float32 ``A``/``B`` (as PEFT on a
+    quantized model), materialised once per device and cached on the projection.
     """
     K, N = x.shape[-1], lambda_b.shape[-1]
     if lambda_d.shape != (projection.rank,) or lambda_b.dim() != 1:
@@ -123,9 +192,22 @@ def adapter_term(x: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tensor
     if K > projection.max_in_features or N > projection.max_out_features:
         raise ValueError(f"[{N}, {K}] is larger than the projection {projection!r}")
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    A, B = projection.materialize(cd, x.device, cache=True)
+    x2d = x.reshape(-1, K)
+    if base is None:
+        base2d = x2d.new_zeros((x2d.shape[0], N), dtype=cd)
+    else:
+        if base.shape != x.shape[:-1] + (N,) or base.device != x.device:
+            raise ValueError(f"base must be [..., N] = {tuple(x.shape[:-1]) + (N,)} on {x.device}, got "
+                             f"{tuple(base.shape)} on {base.device}")
+        base2d = base.reshape(-1, N)
     dropout = make_dropout(dropout_p, training)
-    out = _AdapterTerm.apply(x.reshape(-1, K), lambda_d, lambda_b, A[:, :K], B[:N], dropout)
+    lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()
+    chosen = _adapter_backend(x2d, N, lambda_d, lambda_b, projection, dropout, backend)
+    A_K = B_N = None
+    if chosen == "torch":
+        A, B = projection.materialize(cd, x.device, cache=True)
+        A_K, B_N = A[:, :K], B[:N]
+    out = _AdapterTerm.apply(x2d, base2d, lambda_d, lambda_b, projection, dropout, chosen, A_K, B_N)
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -218,13 +300,11 @@ class QuantizedVeRALinear(VeRALinear):
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None,
                 adapter_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The base layer's output plus the adapter term (in ``x``'s dtype). ``backend`` may be ``None`` or
-        ``"torch"``: the adapter-only path has no other implementation yet."""
+        """The base layer's output plus the adapter term (:func:`adapter_term`), in the base output's dtype
+        (``x``'s for bitsandbytes and torchao layers). ``backend``: "triton", "torch" or ``None`` (chosen as
+        for every VeRA call: "triton" on a CUDA GPU it supports, else "torch")."""
         if adapter_ids is not None:
             raise ValueError("adapter_ids needs a bank of adapters; a quantized VeRA layer holds one")
-        if backend not in (None, "torch"):
-            raise ValueError(f"backend={backend!r}: the adapter term over a quantized base runs on the 'torch' "
-                             "backend only (no fused adapter-only kernel yet)")
         out = self.base_layer(x)
         if self.adapter_disabled:
             return out
@@ -234,11 +314,8 @@ class QuantizedVeRALinear(VeRALinear):
                 warn_once("merged-training", "VeRALinear is merged: the adapter is folded into the weight and "
                           "lambda_d/lambda_b get no gradient; call unmerge() before training")
             return out
-        if x.device.type != "cpu":
-            warn_once("quantized-adapter-torch", "vera_kernels: the adapter term over a quantized base runs on "
-                      "the 'torch' backend's operations (no fused adapter-only kernel yet)")
-        adapter = adapter_term(x, self.lambda_d, self.lambda_b, self.projection, self.dropout, self.training)
-        return (out.to(adapter.dtype) + adapter).to(x.dtype)
+        return adapter_term(x, self.lambda_d, self.lambda_b, self.projection, self.dropout, self.training,
+                            base=out, backend=backend)
 
     def merge_problem(self, requantize: bool, action: str = "merge") -> Optional[str]:
         """Why ``action`` ("merge", "unmerge") cannot write into the quantized weight, or ``None``."""

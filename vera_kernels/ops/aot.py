@@ -8,11 +8,12 @@ and on stderr a progress line as each kernel kind is done. It must run with
 
 Variants (see ``variants``): for each kernel (its ``KernelSpec``) and each tuner kind (prefill/decode,
 16-bit/float32), its GPU autotune configs, the block sizes its launcher picks on the host, its flag
-combinations (GENERATE_AB, ALIGNED, DROPOUT, HAS_BIAS, HAS_IDS, NEED_G/NEED_GB), the dtype modes of the
-kind (float16, bfloat16; float32 IEEE and TF32), where loaded A/B come from (a stored float32 projection or
-the cached copy in the input dtype) and the weight layouts (contiguous, transposed); by default a covering
-set in which every value of every one of these appears, with ``--full`` their whole product. A variant also
-fails when it needs more shared memory than the architecture has (the launch would fail).
+combinations (GENERATE_AB, ALIGNED, DROPOUT, HAS_BIAS, HAS_IDS, NEED_G/NEED_GB, BASE_GEMM), the dtype
+modes of the kind (float16, bfloat16; float32 IEEE and TF32), where loaded A/B come from (a stored float32
+projection or the cached copy in the input dtype) and the weight layouts (contiguous, transposed); by
+default a covering set in which every value of every one of these appears, with ``--full`` their whole
+product. A variant also fails when it needs more shared memory than the architecture has (the launch would
+fail).
 """
 
 from __future__ import annotations
@@ -93,8 +94,10 @@ class Variant:
 def _flag_sets(flags):
     names = [n for n, _ in flags]
     sets = [dict(zip(names, vals)) for vals in itertools.product(*(v for _, v in flags))]
-    # rank_grads is never launched with neither output
-    return [f for f in sets if f.get("NEED_G", True) or f.get("NEED_GB", True)]
+    # rank_grads is never launched with neither output; the adapter-only GEMM kernels never with a bias, a row
+    # scale or per-row ids
+    return [f for f in sets if (f.get("NEED_G", True) or f.get("NEED_GB", True))
+            and (f.get("BASE_GEMM", True) or not (f.get("HAS_BIAS") or f.get("HAS_ROW_SCALE") or f.get("HAS_IDS")))]
 
 
 def _kernel_variants(op: str, full: bool) -> Iterator[Variant]:

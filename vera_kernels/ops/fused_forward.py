@@ -9,6 +9,10 @@ operands); per-row ``lambda_b`` (many adapters) scales the finished rank product
 ``s`` (from the shrink) is the only intermediate. ``W`` may have any strides (a transposed view of a
 ``[K, N]`` matrix is read in place). Decode (M <= 64) uses a single row block of ``BLOCK_M`` rows, so
 ``W`` is streamed exactly once, with narrow column tiles to spread it over every SM.
+
+Adapter only (``BASE_GEMM=False``, the launcher's ``base=``): the base product comes from elsewhere (a
+quantized layer's own matmul): the given ``[M, N]`` base tile, loaded in float32, starts the accumulator
+instead of ``x Wᵀ``, and the rank product continues it with the same configs, tiles and A/B sources.
 """
 
 from __future__ import annotations
@@ -59,12 +63,13 @@ _INTERPRETER = {
 
 @triton.jit(do_not_specialize=["M", "out_offset", "key0", "key1"])
 def _fused_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, s_ptr, lamd_ptr, lamb_ptr, ids_ptr, b_ptr, y_ptr, scale_ptr,
+    x_ptr, w_ptr, bias_ptr, s_ptr, lamd_ptr, lamb_ptr, ids_ptr, b_ptr, y_ptr, scale_ptr, base_ptr,
     M, N, K, R, out_offset,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_lda, stride_lba,
-    stride_bn, stride_bj, stride_ym, stride_yn,
+    stride_bn, stride_bj, stride_ym, stride_yn, stride_basem, stride_basen,
     key0, key1, bound_b,
     HAS_BIAS: tl.constexpr, GENERATE_AB: tl.constexpr, HAS_IDS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    BASE_GEMM: tl.constexpr,
     IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     RANK_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -83,15 +88,22 @@ def _fused_forward_kernel(
                           IN_DTYPE=IN_DTYPE, RANK_PRECISION=RANK_PRECISION, INTERPRETER=INTERPRETER,
                           BLOCK_R=BLOCK_R, BLOCK_O=BLOCK_N)
         acc = acc * rank_vector(lamb_ptr, ids, stride_lba, offs_n, N, HAS_IDS=True)
-        acc = gemm_main_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, offs_m, offs_n,
-                             mask_m, mask_n, K, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_K)
+        if BASE_GEMM:
+            acc = gemm_main_loop(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wn, offs_m, offs_n,
+                                 mask_m, mask_n, K, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_K)
     else:
         # x Wᵀ first, from zeros: ptxas serialises a wgmma pipeline whose accumulator other instructions
         # define (C7515), as they did when the rank product came first; the rank product continues it, one
         # lambda_b for every row scaling B's float32 tile (never a 16-bit operand)
-        acc = gemm_main_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, stride_xm, stride_xk, w_ptr,
-                             stride_wk, stride_wn, offs_m, offs_n, mask_m, mask_n, K, IN_DTYPE, DOT_DTYPE,
-                             DOT_PRECISION, BLOCK_L=BLOCK_K)
+        if BASE_GEMM:
+            acc = gemm_main_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, stride_xm, stride_xk,
+                                 w_ptr, stride_wk, stride_wn, offs_m, offs_n, mask_m, mask_n, K, IN_DTYPE,
+                                 DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_K)
+        else:
+            # adapter only: the given base tile (float32) starts the accumulator, the rank product continues
+            # it (added after the loop, the base tile and the accumulator are live together: 16-bit tiles spill)
+            acc = tl.load(base_ptr + offs_m[:, None] * stride_basem + offs_n[None, :] * stride_basen,
+                          mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         lamb = rank_vector(lamb_ptr, offs_m, 0, offs_n, N, HAS_IDS=False)
         acc = rank_expand(acc, s_ptr, stride_sm, stride_sr,
                           lamd_ptr, 0, offs_m, offs_m, M, R, offs_n, n_start, out_offset, N, lamb,
@@ -110,18 +122,20 @@ def _fused_forward_kernel(
 SPEC = KernelSpec(
     "fused_forward", _fused_forward_kernel, _CONFIGS, _INTERPRETER, GEMM_KEYS,
     launch=gemm_launch, host_choices=GEMM_HOST_CHOICES,
-    flags=[("HAS_BIAS", (True, False)), ("GENERATE_AB", (True, False)), ("HAS_IDS", (False, True)),
-           ("HAS_ROW_SCALE", (False, True))],
+    # BASE_GEMM first: the AOT covering set then compiles the adapter-only mode with the first configs
+    flags=[("BASE_GEMM", (False, True)), ("HAS_BIAS", (True, False)), ("GENERATE_AB", (True, False)),
+           ("HAS_IDS", (False, True)), ("HAS_ROW_SCALE", (False, True))],
     none_if={"bias_ptr": ("HAS_BIAS", False), "b_ptr": ("GENERATE_AB", True), "ids_ptr": ("HAS_IDS", False),
-             "scale_ptr": ("HAS_ROW_SCALE", False)},
-    io_ptrs=["x_ptr", "w_ptr", "bias_ptr", "y_ptr"], int_ptrs=["ids_ptr"], ab_ptr="b_ptr",
-    layouts={"contiguous": ["stride_xk", "stride_wk", "stride_sr", "stride_yn"],
-             "transposed-W": ["stride_xk", "stride_wn", "stride_sr", "stride_yn"]},
+             "scale_ptr": ("HAS_ROW_SCALE", False), "x_ptr": ("BASE_GEMM", False), "w_ptr": ("BASE_GEMM", False),
+             "base_ptr": ("BASE_GEMM", True)},
+    io_ptrs=["x_ptr", "w_ptr", "bias_ptr", "y_ptr", "base_ptr"], int_ptrs=["ids_ptr"], ab_ptr="b_ptr",
+    layouts={"contiguous": ["stride_xk", "stride_wk", "stride_sr", "stride_yn", "stride_basen"],
+             "transposed-W": ["stride_xk", "stride_wn", "stride_sr", "stride_yn", "stride_basen"]},
 )
 
 
 def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decode=None, adapter_ids=None,
-                  out_offset: int = 0, row_scale=None) -> torch.Tensor:
+                  out_offset: int = 0, row_scale=None, base=None) -> torch.Tensor:
     """``y2d [M, N]`` in ``x2d.dtype`` from ``x2d [M, K]``, ``weight [N, K]`` (any strides), ``s [M, r]``.
 
     ``bias`` may be ``None``; ``lambda_d``/``lambda_b`` are float32 ``[r]``/``[N]``, or with
@@ -131,27 +145,42 @@ def fused_forward(x2d, weight, bias, lambda_d, lambda_b, s, projection, *, decod
     to ``x2d.dtype``, while the vectors are applied in float32. ``decode`` forces (True) or forbids
     (False) the single-row-block path; by default it is used for ``M <= 64``. ``row_scale`` (float32 ``[N]``,
     DVoRA's ``magnitude / ||W + dW||``) multiplies ``x W^T + adapter`` in the epilogue, before the bias.
+
+    Adapter only: with ``base`` (``[M, N]``, any float dtype and strides: the base product computed
+    elsewhere, e.g. by a quantized layer, its bias included) and ``weight=None``, the kernel skips
+    ``x W^T`` and writes ``base + adapter`` in ``base``'s dtype (``x2d`` then only gives ``M``, ``K`` and the
+    dtype B is rounded to; one adapter, no ``bias`` or ``row_scale``).
     """
     M, K = x2d.shape
-    N = weight.shape[0]
+    if base is not None:
+        if weight is not None or bias is not None or row_scale is not None or adapter_ids is not None:
+            raise ValueError("fused_forward with base= adds the adapter term to a given base product: weight and "
+                             "bias must be None, and row_scale and adapter_ids are not supported there")
+        if base.dim() != 2 or base.shape[0] != M or base.device != x2d.device:
+            raise ValueError(f"base must be [M={M}, N] on {x2d.device}, got {tuple(base.shape)} on {base.device}")
+        N = base.shape[1]
+    else:
+        N = weight.shape[0]
     R = projection.rank
-    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    y = torch.empty((M, N), dtype=x2d.dtype if base is None else base.dtype, device=x2d.device)
     if M == 0 or N == 0:
         return y
     generate, key0, key1, bound_b, B = matrix_args(projection, 1, x2d.device, x2d.dtype, (M, K, N), out_offset)
     lambda_d, stride_lda = vector_args(lambda_d, adapter_ids)
     lambda_b, stride_lba = vector_args(lambda_b, adapter_ids)
     launch = SPEC.launch(M, K, N, R, x2d.dtype, decode=decode)
+    gemm = base is None
     with device_guard(x2d.device):
         SPEC.tuners[launch.kind][gemm_grid(M, N, launch, "BLOCK_N")](
-            x2d, weight, bias, s, lambda_d, lambda_b, adapter_ids, B, y, row_scale,
+            x2d if gemm else None, weight, bias, s, lambda_d, lambda_b, adapter_ids, B, y, row_scale, base,
             M, N, K, R, out_offset,
-            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
-            stride_lda, stride_lba,
+            x2d.stride(0), x2d.stride(1), weight.stride(0) if gemm else 0, weight.stride(1) if gemm else 0,
+            s.stride(0), s.stride(1), stride_lda, stride_lba,
             B.stride(0) if B is not None else 0, B.stride(1) if B is not None else 0, y.stride(0), y.stride(1),
+            0 if gemm else base.stride(0), 0 if gemm else base.stride(1),
             key0, key1, bound_b,
             HAS_BIAS=bias is not None, GENERATE_AB=generate, HAS_IDS=adapter_ids is not None,
-            HAS_ROW_SCALE=row_scale is not None, **launch.host,
+            HAS_ROW_SCALE=row_scale is not None, BASE_GEMM=gemm, **launch.host,
             **dot_args(x2d.dtype),
         )
     return y

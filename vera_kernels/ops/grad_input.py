@@ -7,7 +7,9 @@ operands. The GEMM runs first, from a zero accumulator (a wgmma pipeline whose a
 instructions define is serialised by ptxas), and the adapter part continues the same accumulator; with
 dropout the adapter part runs first instead, masked with the regenerated keep-mask and scaled by ``q``
 in the accumulator, which the GEMM then continues (one accumulator either way).
-No ``[M, N]`` or ``[M, K]`` intermediate exists.
+No ``[M, N]`` or ``[M, K]`` intermediate exists. Adapter only (``BASE_GEMM=False``, the launcher's
+``weight=None``): ``gy W`` is skipped and the adapter part alone is written (the base part of ``grad_x``
+comes from a quantized layer's own backward).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _grad_input_kernel(
     stride_aj, stride_ak, stride_gxm, stride_gxk,
     key0, key1, bound_a, drop_key0, drop_key1, drop_threshold, drop_scale,
     GENERATE_AB: tl.constexpr, ALIGNED: tl.constexpr, DROPOUT: tl.constexpr, HAS_IDS: tl.constexpr,
-    IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BASE_GEMM: tl.constexpr, IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     RANK_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -85,14 +87,16 @@ def _grad_input_kernel(
         keep = dropout_keep_tile(drop_key0, drop_key1, drop_threshold, offs_m, in_offset + k_start, BLOCK_K,
                                  ALIGNED)
         acc = tl.where(keep, acc * drop_scale, 0.0)
-        acc = gemm_main_loop(acc, gy_ptr, stride_gym, stride_gyn, w_ptr, stride_wn, stride_wk, offs_m, offs_k,
-                             mask_m, mask_k, N, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_N)
+        if BASE_GEMM:
+            acc = gemm_main_loop(acc, gy_ptr, stride_gym, stride_gyn, w_ptr, stride_wn, stride_wk, offs_m,
+                                 offs_k, mask_m, mask_k, N, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_N)
     else:
         # gy W first, from zeros (ptxas serialises a wgmma pipeline whose accumulator other instructions
         # define, C7515, as when the adapter part came first); the adapter part continues it
-        acc = gemm_main_loop(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), gy_ptr, stride_gym, stride_gyn,
-                             w_ptr, stride_wn, stride_wk, offs_m, offs_k, mask_m, mask_k, N, IN_DTYPE, DOT_DTYPE,
-                             DOT_PRECISION, BLOCK_L=BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        if BASE_GEMM:
+            acc = gemm_main_loop(acc, gy_ptr, stride_gym, stride_gyn, w_ptr, stride_wn, stride_wk, offs_m,
+                                 offs_k, mask_m, mask_k, N, IN_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_L=BLOCK_N)
         acc = rank_expand(acc, g_ptr, stride_gm, stride_gr,
                           lamd_ptr, stride_lda, ids, offs_m, M, R, offs_k, k_start, in_offset, K, 1.0,
                           key0, key1, bound_a, a_ptr, stride_aj, stride_ak,
@@ -106,9 +110,10 @@ def _grad_input_kernel(
 SPEC = KernelSpec(
     "grad_input", _grad_input_kernel, _CONFIGS, _INTERPRETER, GEMM_KEYS,
     launch=gemm_launch, host_choices=GEMM_HOST_CHOICES,
-    flags=[("GENERATE_AB", (True, False)), ("ALIGNED", (True, False)), ("DROPOUT", (True, False)),
-           ("HAS_IDS", (False, True))],
-    none_if={"a_ptr": ("GENERATE_AB", True), "ids_ptr": ("HAS_IDS", False)},
+    # BASE_GEMM first: the AOT covering set then compiles the adapter-only mode with the first configs
+    flags=[("BASE_GEMM", (False, True)), ("GENERATE_AB", (True, False)), ("ALIGNED", (True, False)),
+           ("DROPOUT", (True, False)), ("HAS_IDS", (False, True))],
+    none_if={"a_ptr": ("GENERATE_AB", True), "ids_ptr": ("HAS_IDS", False), "w_ptr": ("BASE_GEMM", False)},
     io_ptrs=["gy_ptr", "w_ptr", "gx_ptr"], int_ptrs=["ids_ptr"], ab_ptr="a_ptr",
     layouts={"contiguous": ["stride_gyn", "stride_wk", "stride_gr", "stride_gxk"],
              "transposed-W": ["stride_gyn", "stride_wn", "stride_gr", "stride_gxk"]},
@@ -116,16 +121,21 @@ SPEC = KernelSpec(
 
 
 def grad_input(gy2d, weight, g, lambda_d, projection, dropout=None, *, decode=None, adapter_ids=None,
-               in_offset: int = 0) -> torch.Tensor:
+               in_offset: int = 0, in_features=None) -> torch.Tensor:
     """``grad_x2d [M, K]`` in ``gy2d.dtype`` from ``gy2d [M, N]``, ``weight [N, K]`` and ``g [M, r]``.
 
     Any strides for ``gy2d`` and ``weight``; ``lambda_d`` is float32 ``[r]``, or with ``adapter_ids``
     (int64 ``[M]``, -1 = no adapter) a bank ``[n, r]`` indexed per row. ``A_K`` starts at global column
     ``in_offset``; it is generated from ``projection`` (or loaded), its values rounded to ``gy2d.dtype``.
-    ``dropout`` (or ``None``) is the forward call's, its mask regenerated here.
+    ``dropout`` (or ``None``) is the forward call's, its mask regenerated here. Adapter only: with
+    ``weight=None`` and ``in_features=K``, ``gy W`` is skipped and only ``mask · q ⊙ ((g ⊙ lambda_d) A_K)``
+    is written.
     """
     M, N = gy2d.shape
-    K = weight.shape[1]
+    gemm = weight is not None
+    if not gemm and in_features is None:
+        raise ValueError("grad_input without a weight (the adapter part only) needs in_features=K")
+    K = weight.shape[1] if gemm else int(in_features)
     R = projection.rank
     gx = torch.empty((M, K), dtype=gy2d.dtype, device=gy2d.device)
     if M == 0 or K == 0:
@@ -138,11 +148,11 @@ def grad_input(gy2d, weight, g, lambda_d, projection, dropout=None, *, decode=No
         SPEC.tuners[launch.kind][gemm_grid(M, K, launch, "BLOCK_K")](
             gy2d, weight, g, lambda_d, adapter_ids, A, gx,
             M, N, K, R, in_offset,
-            gy2d.stride(0), gy2d.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
-            stride_lda,
+            gy2d.stride(0), gy2d.stride(1), weight.stride(0) if gemm else 0, weight.stride(1) if gemm else 0,
+            g.stride(0), g.stride(1), stride_lda,
             A.stride(0) if A is not None else 0, A.stride(1) if A is not None else 0, gx.stride(0), gx.stride(1),
             key0, key1, bound_a, dk0, dk1, threshold, scale,
             GENERATE_AB=generate, ALIGNED=in_offset % 4 == 0, DROPOUT=drop, HAS_IDS=adapter_ids is not None,
-            **launch.host, **dot_args(gy2d.dtype),
+            BASE_GEMM=gemm, **launch.host, **dot_args(gy2d.dtype),
         )
     return gx
