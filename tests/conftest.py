@@ -135,3 +135,13 @@ def call_inputs(x_shape, K, N, r=4, dtype=torch.float32, bias=True, seed=0, max_
     ld = (torch.rand(r, generator=g) + 0.5).to(dtype if dtype == torch.float64 else torch.float32)
     lb = torch.randn(N, generator=g).to(ld.dtype)
     return x, W, b, ld, lb, vk.Projection(11, r, max_dim, max_dim)
+
+
+def randomise(model, seed=3):
+    """``model`` with fresh random vectors in every VeRA layer (``lambda_d`` kept away from zero), in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in vk.models.vera_layers(model).values():
+            layer.lambda_b.copy_(torch.randn(layer.lambda_b.shape, generator=g))
+            layer.lambda_d.copy_(torch.rand(layer.lambda_d.shape, generator=g) + 0.5)
+    return model

@@ -18,17 +18,19 @@ import torch
 import vera_kernels as vk
 from vera_kernels.backends import _native
 
-import test_cpu_backend as cpu_suite
+import test_native_ops as cpu_suite
 import test_lambda_range as lambda_suite
 import test_many_adapters as bank_suite
 import test_shard_offsets as offsets_suite
-from test_cpu_backend import poison_uninitialised_memory  # noqa: F401  (autouse: outputs start as NaN)
+from test_native_ops import poison_uninitialised_memory  # noqa: F401  (outputs start as NaN: pytestmark)
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
-    _native.availability("cpu") is not None, reason=f"native extension unavailable: {_native.availability('cpu')}"
-)
+pytestmark = [
+    pytest.mark.skipif(_native.availability("cpu") is not None,
+                       reason=f"native extension unavailable: {_native.availability('cpu')}"),
+    pytest.mark.usefixtures("poison_uninitialised_memory"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import vera_kernels as vk
-from conftest import backend_skip_reason
+from conftest import backend_skip_reason, randomise
 from parity import assert_parity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,15 +48,6 @@ def row(kind, *params):
 
 
 # --- the model and its float64 reference --------------------------------------------------------
-def randomise(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in vk.models.vera_layers(model).values():
-            layer.lambda_b.copy_(torch.randn(layer.lambda_b.shape, generator=g))
-            layer.lambda_d.copy_(torch.rand(layer.lambda_d.shape, generator=g) + 0.5)
-    return model
-
-
 def base_model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(K, H), nn.Tanh(), nn.Linear(H, N))
