@@ -1,6 +1,6 @@
 """Static GPU evidence for the Triton kernels, with no GPU: registers, spills, shared memory and the SASS
-instruction mix of every loop of every kernel variant (``report.py``), the JSON it wrote for sm_90 and
-sm_80 (``sm90.json``, ``sm80.json``) and what they show (``NOTES.md``).
+instruction mix of every loop of every kernel variant.
 
-    python -m benchmarks.static --help
+``report.py`` compiles and analyses the variants (``python -m benchmarks.static --help``); ``sm90.json``
+and ``sm80.json`` are what it wrote; ``NOTES.md`` says what they show.
 """
