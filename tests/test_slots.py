@@ -62,9 +62,13 @@ def _slot_equals(model, slot, vectors):
 # --- the cache ----------------------------------------------------------------------------------
 def test_ids_load_users_in_place(store):
     model = _bank()
-    ptrs = {n: (d.data_ptr(), b.data_ptr()) for n, (d, b) in _banks(model).items()}
     params = {n: (d, b) for n, (d, b) in _banks(model).items()}
-    slots = vk.SlotCache(model, store)
+    before = {n: (d.clone(), b.clone()) for n, (d, b) in params.items()}
+    slots = vk.SlotCache(model, store)  # lays the banks out once: the same Parameters and values
+    ptrs = {n: (d.data_ptr(), b.data_ptr()) for n, (d, b) in _banks(model).items()}
+    for n, (d, b) in _banks(model).items():
+        assert d is params[n][0] and b is params[n][1] and d.is_contiguous() and b.is_contiguous()
+        assert torch.equal(d, before[n][0]) and torch.equal(b, before[n][1])
     ids = slots.ids(["user1", None, "user3", "user1"])
     assert ids.dtype == torch.int64 and ids.tolist() == [0, -1, 1, 0]
     assert _slot_equals(model, 0, store.get("user1")) and _slot_equals(model, 1, store.get("user3"))
@@ -138,6 +142,84 @@ def test_model_must_match_the_store(store):
         vk.SlotCache(single, store)
     with pytest.raises(TypeError, match="AdapterStore"):
         vk.SlotCache(_bank(), "somewhere")
+
+
+def _tables(model):
+    """{row length: the storages of the banks of that length}"""
+    out = {}
+    for d, b in _banks(model).values():
+        for t in (d, b):
+            out.setdefault(t.shape[1], set()).add(t.untyped_storage().data_ptr())
+    return out
+
+
+def test_banks_laid_out_in_one_table_per_row_length(store):
+    """The cache lays the banks of each row length out in one buffer (each bank a contiguous view); swaps of
+    one user and of several write only their slots, the right vectors, and keep every bank's storage."""
+    model = _bank(4)
+    slots = vk.SlotCache(model, store)
+    tables = _tables(model)
+    assert all(len(ptrs) == 1 for ptrs in tables.values()) and len(tables) < 2 * len(_banks(model))
+    ptrs = {n: (d.data_ptr(), b.data_ptr()) for n, (d, b) in _banks(model).items()}
+    slots.ids(["user0", "user1", "user2", "user3"])  # several users at once
+    for k in range(4):
+        assert _slot_equals(model, k, store.get(f"user{k}"))
+    before = {n: (d.clone(), b.clone()) for n, (d, b) in _banks(model).items()}
+    assert slots.ids(["user4"]).tolist() == [0]  # one user: evicts user0 from slot 0
+    assert _slot_equals(model, 0, store.get("user4"))
+    for n, (d, b) in _banks(model).items():
+        assert torch.equal(d[1:], before[n][0][1:]) and torch.equal(b[1:], before[n][1][1:])
+        assert (d.data_ptr(), b.data_ptr()) == ptrs[n]
+    # a second cache on the same model reuses the layout: nothing moves
+    again = vk.SlotCache(model, store)
+    assert {n: (d.data_ptr(), b.data_ptr()) for n, (d, b) in _banks(model).items()} == ptrs
+    again.ids(["user2"])
+    assert _slot_equals(model, 0, store.get("user2"))
+
+
+def test_laid_out_banks_save_load_and_train(store, tmp_path):
+    """The bank layout is invisible to state_dict, safetensors, save_pretrained and training."""
+    st = pytest.importorskip("safetensors.torch")
+    model = _bank()
+    slots = vk.SlotCache(model, store)
+    slots.ids(["user0", "user1", "user2"])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    st.save_file(model.state_dict(), str(tmp_path / "sd.safetensors"))
+    model.save_pretrained(tmp_path / "hf")
+    reloaded = vk.apply_vera(tm.base_model("llama"), rank=RANK, seed=SEED, num_adapters=SLOTS)
+    reloaded.load_state_dict(st.load_file(str(tmp_path / "sd.safetensors")))
+    saved = st.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for k, v in state.items():
+        assert torch.equal(reloaded.state_dict()[k], v)
+        if "lambda" in k:
+            assert torch.equal(saved[k], v)
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with vk.adapter_ids(model, torch.tensor([1, -1])):
+        model(tm.inputs(2, 5, seed=3)).logits.square().mean().backward()
+    opt.step()
+    for n, (d, b) in _banks(model).items():
+        assert torch.equal(d[[0, 2]], state[n + ".lambda_d"][[0, 2]]) and not torch.equal(d[1], state[n + ".lambda_d"][1])
+        assert torch.equal(b[[0, 2]], state[n + ".lambda_b"][[0, 2]])
+    assert all(len(ptrs) == 1 for ptrs in _tables(model).values())  # the optimizer stepped in place
+
+
+def test_a_bank_replaced_after_the_cache_was_made(store):
+    """A bank moved out of the layout (a new Parameter, or new storage): the cache warns once and still
+    writes the right slot of every bank."""
+    model = _bank()
+    slots = vk.SlotCache(model, store)
+    slots.ids(["user0"])
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.lambda_b = torch.nn.Parameter(layer.lambda_b.detach().clone())
+    model.model.layers[1].mlp.up_proj.lambda_d.data = model.model.layers[1].mlp.up_proj.lambda_d.detach().clone()
+    vk.core._warned.discard("slotcache-unpacked")
+    with pytest.warns(UserWarning, match="layer by layer"):
+        slots.ids(["user1"])
+    assert _slot_equals(model, 1, store.get("user1")) and _slot_equals(model, 0, store.get("user0"))
+    assert slots.ids(["user2", "user3"]).tolist() == [2, 0]  # several users, layer by layer
+    for user in ("user1", "user2", "user3"):
+        assert _slot_equals(model, slots.slot_of(user), store.get(user))
 
 
 # --- mixed-user generation ----------------------------------------------------------------------

@@ -5,6 +5,18 @@ those slots, least recently used first out. Bringing a user in copies its vector
 layer's ``lambda_d``/``lambda_b`` in place: no parameter is reallocated, so compiled graphs, CUDA graphs and
 optimizer references to the banks stay valid.
 
+Banks in one buffer per row length: when the cache is created, the banks of the model whose rows have the
+same length (every ``lambda_d``; the ``lambda_b`` of the layers with the same ``out_features``) are laid out
+as the ``G`` consecutive ``[n, C]`` blocks of one ``[G, n, C]`` tensor, and each bank ``Parameter`` becomes
+a view of its block (same object, same shape, contiguous, same values). Slot ``k`` of every bank of a length
+is then the one strided view ``table[:, k, :]``, and the store lays a user's vectors out in the same order
+(:func:`~vera_kernels.store.vector_layout`), so a swap is one ``readinto`` of the user's file into a
+preallocated buffer and one copy per distinct length (three for a Llama), whatever the number of layers.
+This happens once, when the cache is created (create it after moving the model to its device and before
+compiling it or capturing CUDA graphs; a second cache on the same model reuses the layout). If a bank is
+later moved or replaced (``model.to(...)``, a new ``Parameter``), the cache warns once and copies layer by
+layer.
+
 Pinning: the slots of the users of one :meth:`SlotCache.ids` call stay pinned (never evicted) until the next
 ``ids()`` call or :meth:`SlotCache.release`: the batch that used them is finished by the time the next batch
 is formed. To keep several batches in flight at once (continuous batching), take each one's slots with
@@ -15,13 +27,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from typing import Dict, Iterator, List, Optional, Sequence
+import itertools
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .core import warn_once
 from .models import check_slot, shared_projection, vera_layers
-from .store import AdapterStore
+from .store import AdapterStore, vector_layout
 
 __all__ = ["SlotCache", "SlotsFullError", "UnknownUserError"]
 
@@ -70,6 +84,12 @@ class SlotCache:
         self._modules = {name: {"in_features": m.in_features, "out_features": m.out_features,
                                 "fan_in_fan_out": bool(m.fan_in_fan_out)} for name, m in layers.items()}
         self._projection = proj
+        self._layout = vector_layout(self._modules, proj.rank)
+        self._sizes = [length for _, _, length in self._layout]
+        device = next(iter(layers.values())).lambda_d.device
+        self._stage = torch.empty(sum(self._sizes), dtype=torch.float32,
+                                  pin_memory=device.type == "cuda" and torch.cuda.is_available())
+        self._tables = self._pack()
         self._checked = False
         self._check_store()
         self._lru: "collections.OrderedDict[str, int]" = collections.OrderedDict()  # least recent first
@@ -77,6 +97,48 @@ class SlotCache:
         self._pins = [0] * self.num_slots
         self._auto: List[int] = []
         self.hits = self.misses = self.evictions = 0
+
+    @torch.no_grad()
+    def _pack(self):
+        """Lay the banks of each row length out in one ``[G, n, C]`` table (see the module's notes); returns
+        ``[(table, start in the layout, G * C)]``, or ``None`` for banks of several devices or slot counts."""
+        banks = {(name, kind): (layer, ("lambda_d", "lambda_b")[kind]) for name, layer in self._layers.items()
+                 for kind in (0, 1)}
+        params = {key: getattr(layer, pname) for key, (layer, pname) in banks.items()}
+        if len({(p.device, p.shape[0]) for p in params.values()}) != 1 or not all(
+                isinstance(p, nn.Parameter) and p.dtype == torch.float32 for p in params.values()):
+            return None
+        tables, checks, start = [], [], 0
+        for length, group in itertools.groupby(self._layout, key=lambda v: v[2]):
+            ps = [params[(name, kind)] for name, kind, _ in group]
+            n = ps[0].shape[0]
+            table = _table_of(ps, n, length)
+            if table is None:
+                table = torch.empty(len(ps), n, length, dtype=torch.float32, device=ps[0].device)
+                for g, p in enumerate(ps):
+                    table[g].copy_(p)
+                    p.data = table[g]
+            tables.append((table, start, len(ps) * length))
+            start += len(ps) * length
+        for (name, kind), (layer, pname) in banks.items():
+            p = params[(name, kind)]
+            checks.append((layer._parameters, pname, p, p.data_ptr()))
+        self._checks = checks
+        return tables
+
+    def _packed(self) -> bool:
+        """Whether every bank is still the view of its table that :meth:`_pack` made (cheap: no copies)."""
+        if self._tables is None:
+            return False
+        if all(params.get(pname) is p and p.data_ptr() == ptr for params, pname, p, ptr in self._checks):
+            return True
+        warn_once("slotcache-unpacked",
+                  "SlotCache: the model's banks are no longer the views of one table per row length that the "
+                  "cache laid out (the model was moved or converted, or a bank replaced, after the cache was "
+                  "created): swaps now copy layer by layer, which is slower; create the SlotCache after moving "
+                  "the model")
+        self._tables = None
+        return False
 
     def _check_store(self) -> None:
         if not self._checked and self.store.projection is not None:
@@ -148,15 +210,15 @@ class SlotCache:
                 f"the batch names {len(wanted)} distinct users, {len(missing)} of them not resident, but only "
                 f"{len(free)} of the model's {self.num_slots} slots can take them ({pinned} pinned by batches in "
                 f"flight): use smaller batches, release leases, or build the model with more num_adapters")
-        loaded = []
-        for u in missing:  # read everything before changing anything
-            try:
-                loaded.append(self.store.get(u))
-            except KeyError:
-                raise UnknownUserError(f"user {u!r} is not in the store at {self.store.directory!r} (a row of "
-                                       f"the base model alone is None, not an unknown user)") from None
-        if missing:
-            self._fill(free[: len(missing)], missing, loaded)
+        if missing:  # read everything before changing anything
+            stage = self._stage if len(missing) == 1 else torch.empty(len(missing), len(self._stage))
+            for i, u in enumerate(missing):
+                try:
+                    self.store.read(u, out=stage if len(missing) == 1 else stage[i])
+                except KeyError:
+                    raise UnknownUserError(f"user {u!r} is not in the store at {self.store.directory!r} (a row "
+                                           f"of the base model alone is None, not an unknown user)") from None
+            self._fill(free[: len(missing)], missing, stage)
         self.misses += len(missing)
         self.hits += len(wanted) - len(missing)
         for u in wanted:
@@ -168,22 +230,32 @@ class SlotCache:
         return ids, slots
 
     @torch.no_grad()
-    def _fill(self, slots: List[int], users: List[str], vectors: List[Dict[str, tuple]]) -> None:
-        """Copy ``users``' vectors into ``slots`` in place: per bank one ``copy_`` for a single user, one
-        ``index_copy_`` of the stacked vectors for several (a few ops per layer however many users)."""
+    def _fill(self, slots: List[int], users: List[str], stage: torch.Tensor) -> None:
+        """Copy ``users``' vectors (``stage``: ``[vector_size]`` for one user, ``[users, vector_size]`` for
+        several, in the store's layout) into ``slots`` in place: one copy (one user) or one ``index_copy_``
+        (several) per table of banks, or per bank if the banks are not laid out in tables."""
         for slot in slots:
             old = self._user_of[slot]
             if old is not None:
                 del self._lru[old]
                 self.evictions += 1
-        index = torch.tensor(slots, dtype=torch.int64)
-        for name, layer in self._layers.items():
-            for bank, k in ((layer.lambda_d, 0), (layer.lambda_b, 1)):
-                if len(slots) == 1:
-                    bank[slots[0]].copy_(vectors[0][name][k])
+        one = len(slots) == 1
+        if self._packed():
+            for table, start, size in self._tables:
+                if one:
+                    table[:, slots[0]].copy_(stage[start:start + size].view(table.shape[0], -1))
                 else:
-                    rows = torch.stack([v[name][k] for v in vectors]).to(bank.device, bank.dtype)
-                    bank.index_copy_(0, index.to(bank.device), rows)
+                    rows = stage[:, start:start + size].reshape(len(slots), table.shape[0], -1).transpose(0, 1)
+                    table.index_copy_(1, torch.tensor(slots, device=table.device), rows.to(table.device))
+        else:
+            index = torch.tensor(slots, dtype=torch.int64)
+            for (name, kind, _), v in zip(self._layout, stage.split(self._sizes, dim=-1)):
+                layer = self._layers[name]
+                bank = layer.lambda_d if kind == 0 else layer.lambda_b
+                if one:
+                    bank[slots[0]].copy_(v)
+                else:
+                    bank.index_copy_(0, index.to(bank.device), v.to(bank.device, bank.dtype))
         for slot, user in zip(slots, users):
             self._user_of[slot] = user
             self._lru[user] = slot
@@ -201,3 +273,15 @@ class SlotCache:
     def __repr__(self) -> str:
         return (f"SlotCache({len(self)}/{self.num_slots} slots used, hits={self.hits}, misses={self.misses}, "
                 f"evictions={self.evictions})")
+
+
+def _table_of(params: List[torch.Tensor], n: int, length: int) -> Optional[torch.Tensor]:
+    """The ``[G, n, length]`` table whose blocks ``params`` already are (laid out by an earlier cache), or
+    ``None``."""
+    first = params[0]
+    storage = first.untyped_storage().data_ptr()
+    for g, p in enumerate(params):
+        if (p.untyped_storage().data_ptr() != storage or not p.is_contiguous() or tuple(p.shape) != (n, length)
+                or p.storage_offset() != first.storage_offset() + g * n * length):
+            return None
+    return first.detach().as_strided((len(params), n, length), (n * length, length, 1))
