@@ -153,9 +153,16 @@ def _tables(model):
     return out
 
 
-def test_banks_laid_out_in_one_table_per_row_length(store):
+@pytest.mark.parametrize("direct", [True, False], ids=["read-into-rows", "staged"])
+def test_banks_laid_out_in_one_table_per_row_length(store, direct, monkeypatch):
     """The cache lays the banks of each row length out in one buffer (each bank a contiguous view); swaps of
-    one user and of several write only their slots, the right vectors, and keep every bank's storage."""
+    one user and of several write only their slots, the right vectors, and keep every bank's storage: read
+    straight into the slot's rows (CPU, POSIX) or through a staging buffer (as for banks on a GPU)."""
+    from vera_kernels import slots as slots_mod
+
+    if direct and not slots_mod._PREADV:
+        pytest.skip("no os.preadv here")
+    monkeypatch.setattr(slots_mod, "_PREADV", direct)
     model = _bank(4)
     slots = vk.SlotCache(model, store)
     tables = _tables(model)

@@ -392,15 +392,15 @@ def test_put_of_a_directory_saved_concurrently_reads_one_adapter(tmp_path):
 
 
 def test_keys_come_from_file_names_without_opening_files(tmp_path):
-    """Keys up to 125 UTF-8 bytes are in their file names (base32, lower case): keys() lists them even when
-    every such file is unreadable; a longer key's file (named by its hash) is opened for its key."""
+    """Keys up to 100 UTF-8 bytes are in their file names (hex): keys() lists them even when every such file
+    is unreadable; a longer key's file (named by its hash) is opened for its key."""
     store = vk.AdapterStore(tmp_path, model=_bank())
-    keys = ["alice", "Alice", "bob/../../etc", "ünïcode ✓", "", "é" * 62, "x" * 126, "y" * 1000]
+    keys = ["alice", "Alice", "bob/../../etc", "ünïcode ✓", "", "é" * 50, "x" * 101, "y" * 1000]
     for i, key in enumerate(keys):
         store.put(key, _random_vectors(store, i))
     names = {os.path.basename(f) for f in _user_files(tmp_path)}
     assert len(names) == len(keys) and all(n.endswith(".safetensors") and n == n.lower() for n in names)
-    assert sum(n.startswith("h-") for n in names) == 2  # the two keys over 125 bytes
+    assert sum(n.startswith("h-") for n in names) == 2  # the two keys over 100 bytes
     for f in _user_files(tmp_path):
         if os.path.basename(f).startswith("u-"):
             with open(f, "wb") as fh:

@@ -28,6 +28,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import operator
+import os
 from typing import Iterator, List, Optional, Sequence
 
 import torch
@@ -35,9 +37,14 @@ from torch import nn
 
 from .core import warn_once
 from .models import check_slot, shared_projection, vera_layers
+from .adapter_io import AdapterFileError
 from .store import AdapterStore, vector_layout
 
 __all__ = ["SlotCache", "SlotsFullError", "UnknownUserError"]
+
+_PREADV = hasattr(os, "preadv")  # POSIX: a file's vectors straight into the rows of a slot
+_IOV_MAX = 1024  # buffers per preadv (Linux's IOV_MAX)
+_data_ptr = torch.Tensor.data_ptr
 
 
 class SlotsFullError(RuntimeError):
@@ -90,6 +97,7 @@ class SlotCache:
         self._stage = torch.empty(sum(self._sizes), dtype=torch.float32,
                                   pin_memory=device.type == "cuda" and torch.cuda.is_available())
         self._tables = self._pack()
+        self._rows = {}  # slot -> memoryviews of its row in every table (the direct reads' destinations)
         self._checked = False
         self._check_store()
         self._lru: "collections.OrderedDict[str, int]" = collections.OrderedDict()  # least recent first
@@ -108,7 +116,7 @@ class SlotCache:
         if len({(p.device, p.shape[0]) for p in params.values()}) != 1 or not all(
                 isinstance(p, nn.Parameter) and p.dtype == torch.float32 for p in params.values()):
             return None
-        tables, checks, start = [], [], 0
+        tables, start = [], 0
         for length, group in itertools.groupby(self._layout, key=lambda v: v[2]):
             ps = [params[(name, kind)] for name, kind, _ in group]
             n = ps[0].shape[0]
@@ -120,17 +128,16 @@ class SlotCache:
                     p.data = table[g]
             tables.append((table, start, len(ps) * length))
             start += len(ps) * length
-        for (name, kind), (layer, pname) in banks.items():
-            p = params[(name, kind)]
-            checks.append((layer._parameters, pname, p, p.data_ptr()))
-        self._checks = checks
+        self._checks = ([layer._parameters for layer, _ in banks.values()], [pname for _, pname in banks.values()],
+                        list(params.values()), [p.data_ptr() for p in params.values()])
         return tables
 
     def _packed(self) -> bool:
         """Whether every bank is still the view of its table that :meth:`_pack` made (cheap: no copies)."""
         if self._tables is None:
             return False
-        if all(params.get(pname) is p and p.data_ptr() == ptr for params, pname, p, ptr in self._checks):
+        dicts, names, params, ptrs = self._checks
+        if all(map(operator.is_, map(dict.get, dicts, names), params)) and list(map(_data_ptr, params)) == ptrs:
             return True
         warn_once("slotcache-unpacked",
                   "SlotCache: the model's banks are no longer the views of one table per row length that the "
@@ -138,6 +145,7 @@ class SlotCache:
                   "created): swaps now copy layer by layer, which is slower; create the SlotCache after moving "
                   "the model")
         self._tables = None
+        self._rows.clear()
         return False
 
     def _check_store(self) -> None:
@@ -193,7 +201,7 @@ class SlotCache:
                 self._pins[s] -= 1
 
     def _acquire(self, users: Sequence[Optional[str]]):
-        if isinstance(users, str) or not isinstance(users, Sequence):
+        if not isinstance(users, (list, tuple)) and (isinstance(users, str) or not isinstance(users, Sequence)):
             raise TypeError(f"users must be a sequence of str or None (one per row), got {type(users).__name__}")
         for u in users:
             if u is not None and not isinstance(u, str):
@@ -210,15 +218,8 @@ class SlotCache:
                 f"the batch names {len(wanted)} distinct users, {len(missing)} of them not resident, but only "
                 f"{len(free)} of the model's {self.num_slots} slots can take them ({pinned} pinned by batches in "
                 f"flight): use smaller batches, release leases, or build the model with more num_adapters")
-        if missing:  # read everything before changing anything
-            stage = self._stage if len(missing) == 1 else torch.empty(len(missing), len(self._stage))
-            for i, u in enumerate(missing):
-                try:
-                    self.store.read(u, out=stage if len(missing) == 1 else stage[i])
-                except KeyError:
-                    raise UnknownUserError(f"user {u!r} is not in the store at {self.store.directory!r} (a row "
-                                           f"of the base model alone is None, not an unknown user)") from None
-            self._fill(free[: len(missing)], missing, stage)
+        if missing:
+            self._load(free[: len(missing)], missing)
         self.misses += len(missing)
         self.hits += len(wanted) - len(missing)
         for u in wanted:
@@ -229,16 +230,64 @@ class SlotCache:
         ids = torch.tensor([-1 if u is None else self._lru[u] for u in users], dtype=torch.int64)
         return ids, slots
 
+    def _load(self, slots: List[int], users: List[str]) -> None:
+        """Bring ``users`` into ``slots`` (evicting their users). Every file is opened and its header checked
+        before any slot changes. Banks in CPU tables take each file's vectors straight into the slot's rows
+        (one ``preadv`` per file, no copy); otherwise all files are read into a staging buffer, then copied
+        in (:meth:`_fill`)."""
+        opened = []
+        try:
+            for u in users:
+                try:
+                    opened.append(self.store._open_vectors(u))
+                except KeyError:
+                    raise UnknownUserError(f"user {u!r} is not in the store at {self.store.directory!r} (a row "
+                                           f"of the base model alone is None, not an unknown user)") from None
+            if (_PREADV and self._packed() and self._tables[0][0].device.type == "cpu"
+                    and all(offset is not None for _, offset in opened)):
+                self._evict(slots)
+                for slot, user, (f, offset) in zip(slots, users, opened):
+                    self._read_into_slot(slot, f, offset)
+                    self._user_of[slot] = user
+                    self._lru[user] = slot
+                return
+            one = len(users) == 1
+            stage = self._stage if one else torch.empty(len(users), len(self._stage))
+            for i, (f, offset) in enumerate(opened):
+                self.store._read_vectors(f, offset, stage if one else stage[i])
+        finally:
+            for f, _ in opened:
+                f.close()
+        self._fill(slots, users, stage)
+
+    def _evict(self, slots: List[int]) -> None:
+        for slot in slots:
+            old = self._user_of[slot]
+            if old is not None:
+                del self._lru[old]
+                self._user_of[slot] = None
+                self.evictions += 1
+
+    def _read_into_slot(self, slot: int, f, offset: int) -> None:
+        """The vectors of an open store file (from byte ``offset`` to its end) straight into row ``slot`` of
+        every table: ``preadv`` into the rows' memory, ``IOV_MAX`` rows a call."""
+        chunks = self._rows.get(slot)
+        if chunks is None:
+            rows = [memoryview(table[g, slot].numpy()).cast("B") for table, _, _ in self._tables
+                    for g in range(table.shape[0])]
+            chunks = self._rows[slot] = [(rows[i:i + _IOV_MAX], sum(len(r) for r in rows[i:i + _IOV_MAX]))
+                                         for i in range(0, len(rows), _IOV_MAX)]
+        for chunk, want in chunks:
+            if os.preadv(f.fileno(), chunk, offset) != want:  # the store never writes such a file
+                raise AdapterFileError(f"{f.name}: shorter than its header says (slot {slot} is left empty)")
+            offset += want
+
     @torch.no_grad()
     def _fill(self, slots: List[int], users: List[str], stage: torch.Tensor) -> None:
         """Copy ``users``' vectors (``stage``: ``[vector_size]`` for one user, ``[users, vector_size]`` for
         several, in the store's layout) into ``slots`` in place: one copy (one user) or one ``index_copy_``
         (several) per table of banks, or per bank if the banks are not laid out in tables."""
-        for slot in slots:
-            old = self._user_of[slot]
-            if old is not None:
-                del self._lru[old]
-                self.evictions += 1
+        self._evict(slots)
         one = len(slots) == 1
         if self._packed():
             for table, start, size in self._tables:

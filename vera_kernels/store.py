@@ -7,7 +7,7 @@ user's adapter is a few kilobytes. The store keeps one small safetensors file pe
                                               adapted modules {path: in/out features, fan_in_fan_out},
                                               recorded once, by the first put (or ``AdapterStore(dir, model=)``)
     <directory>/projection-<hash>.safetensors A/B, only for a projection stored as matrices
-    <directory>/users/<hh>/u-<base32(key)>.safetensors    (h-<sha256(key)>.safetensors for keys over 125 bytes)
+    <directory>/users/<hh>/u-<hex(key)>.safetensors   (h-<sha256(key)>.safetensors for keys over 100 bytes)
                                               one tensor "vectors" [L (r + N)] float32: every vector of the
                                               user in the store's layout (:func:`vector_layout`: by length,
                                               lambda_d before lambda_b, then module path); metadata
@@ -18,7 +18,7 @@ to one ``readinto`` of the vectors into a preallocated buffer (:meth:`AdapterSto
 length are consecutive, so :class:`~vera_kernels.SlotCache` copies them into a model's banks with one copy
 per distinct length. ``hh`` is the first two hex digits of the key's SHA-256 (256 shard directories, ~4,000
 files each at a million users), so a lookup is one ``open`` of a computed path. The key itself is in the
-file name (base32 of its UTF-8 bytes, lower case: safe on case-insensitive file systems, no ``/`` or ``..``),
+file name (its UTF-8 bytes in lower-case hex: safe on case-insensitive file systems, no ``/`` or ``..``),
 so :meth:`AdapterStore.keys` lists the shard directories without opening a file (but the files of keys too
 long for a file name); it is also kept inside the file and checked on every read, with the store
 fingerprint (projection and modules) and the tensor's shape.
@@ -38,8 +38,6 @@ the new version. Leftover ``.tmp-*`` files of a killed writer are never read and
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import hashlib
 import json
@@ -79,7 +77,7 @@ USERS_DIR = "users"
 _TMP_PREFIX = ".tmp-"
 _SUFFIX = ".safetensors"
 _VECTORS = "vectors"
-_KEY_NAME_LIMIT = 200  # base32 characters of a key kept in a file name (NAME_MAX is 255 bytes): 125 key bytes
+_KEY_NAME_LIMIT = 100  # UTF-8 bytes of a key kept in a file name, as 200 hex digits (NAME_MAX is 255 bytes)
 
 Vectors = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -152,13 +150,14 @@ def vector_layout(modules: Mapping, rank: int) -> List[Tuple[str, int, int]]:
 
 
 def _key_of_name(name: str) -> Optional[str]:
-    """The user key a ``u-<base32>.safetensors`` file name encodes (``None`` for a name not written so)."""
+    """The user key a ``u-<hex>.safetensors`` file name encodes (``None`` for a name not written so)."""
     enc = name[2:-len(_SUFFIX)]
     try:
-        key = base64.b32decode(enc.upper() + "=" * (-len(enc) % 8)).decode("utf-8")
-    except (binascii.Error, ValueError):
+        raw = bytes.fromhex(enc)
+        key = raw.decode("utf-8")
+    except ValueError:
         return None
-    return key if base64.b32encode(key.encode("utf-8")).decode("ascii").rstrip("=").lower() == enc else None
+    return key if raw.hex() == enc else None
 
 
 DVORA_UNSUPPORTED = ("AdapterStore holds VeRA vectors (lambda_d, lambda_b) only; a DVoRA adapter (use_dora) also "
@@ -236,6 +235,7 @@ class AdapterStore:
             raise AdapterFileError(f"{path}: unknown projection kind {p['kind']!r}")
         self._layout = vector_layout(header["target_modules"], rank)
         self._sizes = [length for _, _, length in self._layout]
+        self._total = sum(self._sizes)
         self._header, self._projection = header, proj
         return True
 
@@ -313,8 +313,7 @@ class AdapterStore:
         if self._header is not None and self._header["format_version"] == 1:
             name = h
         else:
-            enc = base64.b32encode(raw).decode("ascii").rstrip("=").lower()
-            name = "u-" + enc if len(enc) <= _KEY_NAME_LIMIT else "h-" + h
+            name = "u-" + raw.hex() if len(raw) <= _KEY_NAME_LIMIT else "h-" + h
         return os.path.join(self.directory, USERS_DIR, h[:2], name + _SUFFIX)
 
     # --- put ----------------------------------------------------------------------------------
@@ -446,16 +445,42 @@ class AdapterStore:
         ``out``: a contiguous float32 CPU tensor of ``vector_size`` numbers to read into (no allocation; the
         file's vectors go there with one ``readinto``); its contents are undefined if the read fails.
         """
+        total = None if self._header is None else sum(self._sizes)
+        if out is not None and not (isinstance(out, torch.Tensor) and out.dtype == torch.float32
+                                    and out.device.type == "cpu" and out.is_contiguous() and not out.requires_grad
+                                    and (total is None or out.numel() == total)):
+            raise ValueError(f"out must be a contiguous float32 CPU tensor of vector_size ({total}) numbers that "
+                             f"does not require grad")
+        f, offset = self._open_vectors(user)
+        with f:
+            total = sum(self._sizes)
+            if out is not None and out.numel() != total:
+                raise ValueError(f"out must hold vector_size ({total}) numbers, not {out.numel()}")
+            return self._read_vectors(f, offset, torch.empty(total, dtype=torch.float32) if out is None else out)
+
+    def _read_vectors(self, f, offset: Optional[int], out: torch.Tensor) -> torch.Tensor:
+        """The vectors of a file that :meth:`_open_vectors` opened, into ``out`` (``[vector_size]``)."""
+        if offset is None:  # another layout: parsed whole
+            return out.copy_(self._parse(f.read(), f.name))
+        if f.readinto(memoryview(out.numpy()).cast("B")) != 4 * out.numel():
+            raise AdapterFileError(f"{f.name}: shorter than its header says")
+        return out
+
+    def _open_vectors(self, user: str):
+        """``(file, offset)``: ``user``'s file open (unbuffered) with its header checked (user key, store
+        fingerprint) and, in this version's layout, positioned at its vectors, which are ``vector_size``
+        float32 numbers from byte ``offset`` to the end of the file; ``offset`` is ``None`` (and the file
+        at its start) for a file in another layout, to be read whole with :meth:`_parse`. The caller closes
+        the file; ``KeyError`` if there is none."""
         path = self.path(user)
         try:
-            f = open(path, "rb", buffering=0)  # noqa: SIM115 -- closed below
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 -- the caller closes it
         except FileNotFoundError:
             raise KeyError(user) from None
-        with f:
+        try:
             size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
             try:
-                (n,) = struct.unpack("<Q", head)
+                (n,) = struct.unpack("<Q", f.read(8))
                 if n > size - 8:
                     raise ValueError(f"a header of {n} bytes in a file of {size}")
                 header = json.loads(f.read(n))
@@ -468,22 +493,15 @@ class AdapterStore:
                 self._load_header()
             if self._header is None or meta.get("store") != self._header["fingerprint"]:
                 raise AdapterFileError(f"{path}: written for another store (fingerprint {meta.get('store')!r})")
-            total = sum(self._sizes)
-            if out is not None and not (isinstance(out, torch.Tensor) and out.dtype == torch.float32
-                                        and out.device.type == "cpu" and out.is_contiguous()
-                                        and out.numel() == total and not out.requires_grad):
-                raise ValueError(f"out must be a contiguous float32 CPU tensor of {total} numbers (vector_size) "
-                                 f"that does not require grad")
-            want = {"dtype": "F32", "shape": [total], "data_offsets": [0, 4 * total]}
-            if set(header) == {"__metadata__", _VECTORS} and header[_VECTORS] == want and size == 8 + n + 4 * total \
-                    and sys.byteorder == "little":
-                out = torch.empty(total, dtype=torch.float32) if out is None else out
-                if f.readinto(memoryview(out.numpy()).cast("B")) != 4 * total:
-                    raise AdapterFileError(f"{path}: shorter than its header says")
-                return out
+            total = self._total
+            if (set(header) == {"__metadata__", _VECTORS} and sys.byteorder == "little" and size == 8 + n + 4 * total
+                    and header[_VECTORS] == {"dtype": "F32", "shape": [total], "data_offsets": [0, 4 * total]}):
+                return f, 8 + n
             f.seek(0)
-            flat = self._parse(f.read(), path)
-        return flat if out is None else out.copy_(flat)
+            return f, None
+        except BaseException:
+            f.close()
+            raise
 
     def _parse(self, data: bytes, path: str) -> torch.Tensor:
         """The flat vector of a file read whole, in either layout (this version's or the first version's)."""
