@@ -106,6 +106,34 @@ def test_layer_matches_the_reference(kind, lead, K, N, r, dropout):
     assert not any(p.requires_grad for p in layer.base_layer.parameters())
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_on_triton_matches_the_torch_path(kind):
+    """Every quantized kind with the adapter term on "triton" (the interpreter here) against "torch": outputs
+    and the gradients of x and the vectors, with dropout, on an awkward 3-D shape."""
+    from conftest import backend_skip_reason
+
+    if backend_skip_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip("triton cannot run on CPU tensors here")
+    torch.manual_seed(0)
+    layer = _random_vectors(QuantizedVeRALinear(quantized(torch.nn.Linear(37, 40), kind),
+                                                projection=vk.Projection(11, 5, 40, 48), dropout=0.3))
+    layer.train()
+    x = torch.randn(2, 3, 37)
+    gy = torch.randn(2, 3, 40)
+    results = {}
+    for backend in ("torch", "triton"):
+        layer.zero_grad()
+        xb = x.clone().requires_grad_()
+        torch.manual_seed(5)  # the same dropout seed
+        y = layer(xb, backend=backend)
+        y.backward(gy)
+        results[backend] = (y.detach(), xb.grad, layer.lambda_d.grad.clone(), layer.lambda_b.grad.clone())
+    for name, got, want in zip(("y", "grad_x", "grad_lambda_d", "grad_lambda_b"), results["triton"],
+                               results["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()),
+                                   msg=lambda m: f"{name}: {m}")
+
+
 def test_adapter_term_saves_only_s():
     proj = vk.Projection(1, 4, 32, 24)
     ld, lb = torch.rand(4, requires_grad=True), torch.randn(24, requires_grad=True)
