@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -16,52 +16,54 @@ from .projection import Projection
 __all__ = ["vera_linear"]
 
 
-# A call's validity and backend depend only on metadata (shapes, dtypes, devices, flags), so both are
-# memoised on it: a model calls each layer with the same few signatures, and re-validating and re-walking
-# the priority list cost more than PEFT's whole formula at decode sizes. Anything not in the key (values,
-# strides) is either checked per call or handled by every backend. An entry refers to its projection
-# weakly: the cache never keeps a deleted model's projection (and its materialised A/B) alive.
+# A call's validity and backend depend only on metadata (shapes, dtypes, devices, layouts, flags), so both
+# are memoised on it: a model calls each layer with the same few signatures, and re-validating and
+# re-walking the priority list cost more than PEFT's whole formula at decode sizes. Anything not in the key
+# (values, strides) is either checked per call or handled by every backend. An entry (a _Plan) refers to
+# its projection weakly: the cache never keeps a deleted model's projection (and its materialised A/B) alive.
 _PLAN_CACHE: dict = {}
 _PLAN_CACHE_MAX = 4096
 
 
-def _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset,
-                     compiling: bool) -> Backend:
-    """Validate a single-adapter call and pick its backend, memoised on the call's metadata."""
-    if compiling:  # dynamo traces the checks themselves (and guards on the metadata)
-        validate(x, weight, bias, lambda_d, lambda_b, projection, None, in_offset, out_offset)
-        return select(make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset,
-                                   out_offset), backend)
-    try:  # the key: every input of validation and dispatch (each attribute read costs ~0.05 µs)
-        key = (
-            type(x), x.shape, x.dtype, x.device, x.layout,
-            type(weight), weight.shape, weight.dtype, weight.device, weight.layout, weight.requires_grad,
-            None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device, bias.layout,
-                                       bias.requires_grad),
-            type(lambda_d), lambda_d.shape, lambda_d.dtype, lambda_d.device, lambda_d.layout,
-            type(lambda_b), lambda_b.shape, lambda_b.dtype, lambda_b.device, lambda_b.layout,
-            id(projection), backend, _override.name, _read_env(), torch.is_grad_enabled(),
-            type(in_offset), in_offset, type(out_offset), out_offset,  # 1.0 == 1 but only an int is valid
-        )
-        hit = _PLAN_CACHE.get(key)
-    except (AttributeError, TypeError, RuntimeError):  # not tensors, unhashable, nested: validate() says what
-        key, hit = None, None
-    if hit is not None and hit[0]() is projection:  # a live entry (a dead projection's id may be reused)
-        return hit[1]
+class _Plan(NamedTuple):
+    """A validated call signature: its projection (weakly), backend and device type."""
+
+    projection: weakref.ref
+    backend: Backend
+    device_type: str
+
+
+def _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset):
+    """Every input of validation and backend choice, as one hashable tuple (raises AttributeError,
+    TypeError or RuntimeError for arguments that are not dense tensors: validation then says what)."""
+    return (
+        x.shape, x.dtype, x.device, x.layout,
+        weight.shape, weight.dtype, weight.device, weight.layout, weight.requires_grad,
+        None if bias is None else (bias.shape, bias.dtype, bias.device, bias.layout, bias.requires_grad),
+        lambda_d.shape, lambda_d.dtype, lambda_d.device, lambda_d.layout,
+        lambda_b.shape, lambda_b.dtype, lambda_b.device, lambda_b.layout,
+        id(projection), backend, _override.name, _read_env(), torch.is_grad_enabled(),
+        type(in_offset), in_offset, type(out_offset), out_offset,  # 1.0 == 1 but only an int is valid
+    )
+
+
+def _new_plan(key, x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset) -> _Plan:
+    """Validate a single-adapter call and pick its backend; remember the result under ``key`` (unless None)."""
     validate(x, weight, bias, lambda_d, lambda_b, projection, None, in_offset, out_offset)
     chosen = select(make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset,
                                  out_offset), backend)
+    plan = _Plan(weakref.ref(projection), chosen, x.device.type)
     if key is not None:
         if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
             _PLAN_CACHE.clear()
-        _PLAN_CACHE[key] = (weakref.ref(projection), chosen)
-    return chosen
+        _PLAN_CACHE[key] = plan
+    return plan
 
 
-def _autocast_enabled(x) -> bool:
-    """Whether ``torch.autocast`` is on for ``x``'s device type (never for a device autocast does not know)."""
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (never for a device type autocast does not know)."""
     try:
-        return torch.is_autocast_enabled(x.device.type)
+        return torch.is_autocast_enabled(device_type)
     except RuntimeError:  # meta and other device types autocast does not know
         return False
 
@@ -135,7 +137,16 @@ def vera_linear(
                             magnitude=magnitude, adapter_ids=adapter_ids, in_offset=in_offset,
                             out_offset=out_offset)
     compiling = torch.compiler.is_compiling()
-    if isinstance(x, torch.Tensor) and _autocast_enabled(x):
+    plan = None
+    if adapter_ids is None and not compiling:  # the memoised plan (while compiling, dynamo guards on metadata)
+        try:
+            key = _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset)
+            plan = _PLAN_CACHE.get(key)
+        except (AttributeError, TypeError, RuntimeError):  # not tensors, unhashable, nested
+            key = None
+        if plan is not None and plan.projection() is not projection:  # a dead projection's id, reused
+            plan = None
+    if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type if plan is None else plan.device_type):
         # cast the inputs as autocast casts F.linear's, then run the call with autocast off: the backend's
         # math (float32 adapter path, one rounding) is its own
         device = x.device.type
@@ -144,13 +155,16 @@ def vera_linear(
             return vera_linear(_autocast_cast(x, dtype), _autocast_cast(weight, dtype), _autocast_cast(bias, dtype),
                                lambda_d, lambda_b, projection, dropout_p, training, backend,
                                adapter_ids=adapter_ids, in_offset=in_offset, out_offset=out_offset)
-    if adapter_ids is None:
-        chosen = _checked_backend(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset,
-                                  out_offset, compiling)
-        ids = base_rows = None
-    else:  # ids are values: checked on every call
+    ids = base_rows = None
+    if plan is not None:
+        chosen = plan.backend
+    elif adapter_ids is None and not compiling:
+        chosen = _new_plan(key, x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset,
+                           out_offset).backend
+    else:  # adapter ids are values, checked on every call; while compiling dynamo traces the checks
         validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
-        ids, base_rows = checked_adapter_ids(adapter_ids, x, lambda_d.shape[0])
+        if adapter_ids is not None:
+            ids, base_rows = checked_adapter_ids(adapter_ids, x, lambda_d.shape[0])
         chosen = None
     dropout = None if (dropout_p == 0.0 and type(dropout_p) in (float, int)) else make_dropout(dropout_p, training)
     problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, ids, in_offset, out_offset,
