@@ -322,5 +322,7 @@ def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, adapt
         lambda_d = lambda_d.contiguous()
     if not lambda_b.is_contiguous():
         lambda_b = lambda_b.contiguous()
-    return Problem(x2d, weight, bias, lambda_d, lambda_b, projection, dropout, x2d.shape[0], K, N,
-                   dense(adapter_ids), in_offset, out_offset, base_rows)
+    if adapter_ids is not None:
+        adapter_ids = dense(adapter_ids)
+    return Problem(x2d, weight, bias, lambda_d, lambda_b, projection, dropout, x2d.shape[0], K, N, adapter_ids,
+                   in_offset, out_offset, base_rows)

@@ -237,17 +237,19 @@ class VeRALinear(nn.Module):
         params = self._parameters
         try:
             weight, bias, lambda_d, lambda_b = params["weight"], params["bias"], params["lambda_d"], params["lambda_b"]
+            magnitude = params["magnitude"]  # DVoRA's, or None
         except KeyError:  # torch.nn.utils.parametrize made one of them a computed property
             weight, bias, lambda_d, lambda_b = self.weight, self.bias, self.lambda_d, self.lambda_b
+            magnitude = self.magnitude
         if self.fan_in_fan_out:
             weight = weight.t()
-        if not self.training and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        training = self.training
+        if not training and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             weight = weight.detach()  # eval mode: the base is frozen whatever its requires_grad says
             bias = None if bias is None else bias.detach()
-        extra = {} if self.magnitude is None else {"magnitude": self.magnitude}  # DVoRA
         return vera_linear(
-            x, weight, bias, lambda_d, lambda_b, self.projection, self.dropout, self.training,
-            backend, adapter_ids=adapter_ids, in_offset=self.in_offset, out_offset=self.out_offset, **extra,
+            x, weight, bias, lambda_d, lambda_b, self.projection, self.dropout, training, backend,
+            adapter_ids=adapter_ids, in_offset=self.in_offset, out_offset=self.out_offset, magnitude=magnitude,
         )
 
     def _row_adapter_ids(self, adapter_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

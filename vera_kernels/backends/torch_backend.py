@@ -12,27 +12,34 @@ import torch.nn.functional as F
 
 from ..core import ACCEPTED_DTYPES, Problem
 from ..banks import bank_sum, gather_rows, row_index
-from ..projection import dropout_keep_mask, split_key
+from ..projection import cacheable, dropout_keep_mask, split_key
 from ._native import native_keep_mask_available
 from .base import Backend
 
-def _sliced_ab(problem: Problem, dtype):
-    """``A[:, in_offset : in_offset + K]`` and ``B[out_offset : out_offset + N]`` of the cached global A/B in
-    ``dtype``; for 16-bit inputs their values are rounded to the input dtype first (docs/DESIGN.md §3, as the
-    same-dtype reference and PEFT in a 16-bit model), cached on the projection."""
-    proj, device = problem.projection, problem.device
-    i0, o0 = problem.in_offset, problem.out_offset
-    key = ("sliced", problem.dtype, dtype, device, problem.K, problem.N, i0, o0)
-    hit = proj._cache.get(key)  # the views themselves are cached: slicing costs more than a lookup at decode
+
+def _operands(problem: Problem):
+    """``(A_K, B_N, cd)``: ``A[:, in_offset : in_offset + K]`` and ``B[out_offset : out_offset + N]`` of the
+    global A/B in the compute dtype ``cd`` (``problem.compute_dtype``), cached on the projection per
+    call signature (the views themselves: slicing costs more than a lookup at decode). For 16-bit inputs
+    their values are rounded to the input dtype first (docs/DESIGN.md §3, as the same-dtype reference and
+    PEFT in a 16-bit model)."""
+    weight, i0, o0 = problem.weight, problem.in_offset, problem.out_offset
+    key = ("operands", weight.dtype, problem.lambda_d.dtype, problem.lambda_b.dtype, weight.device, problem.K,
+           problem.N, i0, o0)
+    proj = problem.projection
+    hit = proj._cache.get(key)
     if hit is not None:
         return hit
-    if problem.dtype in (torch.float16, torch.bfloat16):
-        rkey = ("rounded", problem.dtype, dtype, device)
-        A, B = proj._cache.get(rkey) or proj.remember(rkey, tuple(t.to(dtype) for t in
-                                                                   proj.materialize(problem.dtype, device)))
+    cd, dtype, device = problem.compute_dtype, problem.dtype, problem.device
+    if dtype in (torch.float16, torch.bfloat16):
+        rkey = ("rounded", dtype, cd, device)
+        A, B = proj._cache.get(rkey) or proj.remember(rkey, tuple(t.to(cd) for t in proj.materialize(dtype, device)))
     else:
-        A, B = proj.materialize(dtype, device, cache=True)
-    return proj.remember(key, (A[:, i0 : i0 + problem.K], B[o0 : o0 + problem.N]))
+        A, B = proj.materialize(cd, device, cache=True)
+    operands = (A[:, i0 : i0 + problem.K], B[o0 : o0 + problem.N], cd)
+    if cacheable(*operands[:2]):
+        proj._cache[key] = operands
+    return operands
 
 
 def _int_seed_keep_mask(seed: int, threshold: int, rows: int, cols: int, device, col0: int) -> torch.Tensor:
@@ -81,12 +88,11 @@ class TorchBackend(Backend):
     supports_adapter_ids = True
 
     def prepare(self, problem: Problem) -> None:
-        _sliced_ab(problem, problem.compute_dtype)  # fills the cache outside any traced Function
+        _operands(problem)  # fills the cache outside any traced Function
 
     def forward(self, problem: Problem):
         """``vera_forward_math``'s formula (the same ops in the same order), without its no-op casts."""
-        cd = problem.compute_dtype
-        A_K, B_N = _sliced_ab(problem, cd)
+        A_K, B_N, cd = _operands(problem)
         if problem.adapter_ids is not None:
             return self._bank_forward(problem, A_K, B_N, cd)
         x2d, lambda_d, lambda_b = problem.x2d, problem.lambda_d, problem.lambda_b
@@ -136,8 +142,7 @@ class TorchBackend(Backend):
 
     def backward(self, problem: Problem, grad_y2d, s, needs_input_grad):
         need_x, need_d, need_b = needs_input_grad
-        cd = problem.compute_dtype
-        A_K, B_N = _sliced_ab(problem, cd)
+        A_K, B_N, cd = _operands(problem)
         lambda_d = problem.lambda_d.to(cd)
         lambda_b = problem.lambda_b.to(cd)
         gy = grad_y2d.to(cd)
