@@ -312,9 +312,16 @@ def dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, adapter_ids=None, in_offset=0,
-                 out_offset=0, base_rows=None) -> Problem:
-    N, K = weight.shape
-    x2d = x if x.dim() == 2 else x.reshape(-1, K)
+                 out_offset=0, base_rows=None, dims=None) -> Problem:
+    """The :class:`Problem` of a validated call; ``dims`` is its ``(M, K, N)`` when the caller knows them
+    already (a memoised plan), else they are read from the shapes."""
+    if dims is None:
+        N, K = weight.shape
+        x2d = x if x.dim() == 2 else x.reshape(-1, K)
+        M = x2d.shape[0]
+    else:
+        M, K, N = dims
+        x2d = x if x.dim() == 2 else x.reshape(M, K)
     # dense(), inlined for the usual case (contiguous vectors): this runs on every call
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
@@ -324,5 +331,5 @@ def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, adapt
         lambda_b = lambda_b.contiguous()
     if adapter_ids is not None:
         adapter_ids = dense(adapter_ids)
-    return Problem(x2d, weight, bias, lambda_d, lambda_b, projection, dropout, x2d.shape[0], K, N, adapter_ids,
-                   in_offset, out_offset, base_rows)
+    return Problem(x2d, weight, bias, lambda_d, lambda_b, projection, dropout, M, K, N, adapter_ids, in_offset,
+                   out_offset, base_rows)

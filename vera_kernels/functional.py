@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -26,33 +26,19 @@ _PLAN_CACHE_MAX = 4096
 
 
 class _Plan(NamedTuple):
-    """A validated call signature: its projection (weakly), backend and device type."""
+    """A validated call signature: its projection (weakly), backend, device type and ``(M, K, N)``."""
 
     projection: weakref.ref
     backend: Backend
     device_type: str
-
-
-def _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset):
-    """Every input of validation and backend choice, as one hashable tuple (raises AttributeError,
-    TypeError or RuntimeError for arguments that are not dense tensors: validation then says what)."""
-    return (
-        x.shape, x.dtype, x.device, x.layout,
-        weight.shape, weight.dtype, weight.device, weight.layout, weight.requires_grad,
-        None if bias is None else (bias.shape, bias.dtype, bias.device, bias.layout, bias.requires_grad),
-        lambda_d.shape, lambda_d.dtype, lambda_d.device, lambda_d.layout,
-        lambda_b.shape, lambda_b.dtype, lambda_b.device, lambda_b.layout,
-        id(projection), backend, _override.name, _read_env(), torch.is_grad_enabled(),
-        type(in_offset), in_offset, type(out_offset), out_offset,  # 1.0 == 1 but only an int is valid
-    )
+    dims: Tuple[int, int, int]
 
 
 def _new_plan(key, x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset) -> _Plan:
     """Validate a single-adapter call and pick its backend; remember the result under ``key`` (unless None)."""
     validate(x, weight, bias, lambda_d, lambda_b, projection, None, in_offset, out_offset)
-    chosen = select(make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset,
-                                 out_offset), backend)
-    plan = _Plan(weakref.ref(projection), chosen, x.device.type)
+    probe = make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset, out_offset)
+    plan = _Plan(weakref.ref(projection), select(probe, backend), x.device.type, (probe.M, probe.K, probe.N))
     if key is not None:
         if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
             _PLAN_CACHE.clear()
@@ -139,10 +125,18 @@ def vera_linear(
     compiling = torch.compiler.is_compiling()
     plan = None
     if adapter_ids is None and not compiling:  # the memoised plan (while compiling, dynamo guards on metadata)
-        try:
-            key = _plan_key(x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset)
+        try:  # the key: every input of validation and backend choice (each attribute read costs ~0.05 µs)
+            key = (
+                x.shape, x.dtype, x.device, x.layout,
+                weight.shape, weight.dtype, weight.device, weight.layout, weight.requires_grad,
+                None if bias is None else (bias.shape, bias.dtype, bias.device, bias.layout, bias.requires_grad),
+                lambda_d.shape, lambda_d.dtype, lambda_d.device, lambda_d.layout,
+                lambda_b.shape, lambda_b.dtype, lambda_b.device, lambda_b.layout,
+                id(projection), backend, _override.name, _read_env(), torch.is_grad_enabled(),
+                type(in_offset), in_offset, type(out_offset), out_offset,  # 1.0 == 1 but only an int is valid
+            )
             plan = _PLAN_CACHE.get(key)
-        except (AttributeError, TypeError, RuntimeError):  # not tensors, unhashable, nested
+        except (AttributeError, TypeError, RuntimeError):  # not tensors, unhashable, nested: validate() says what
             key = None
         if plan is not None and plan.projection() is not projection:  # a dead projection's id, reused
             plan = None
@@ -155,20 +149,19 @@ def vera_linear(
             return vera_linear(_autocast_cast(x, dtype), _autocast_cast(weight, dtype), _autocast_cast(bias, dtype),
                                lambda_d, lambda_b, projection, dropout_p, training, backend,
                                adapter_ids=adapter_ids, in_offset=in_offset, out_offset=out_offset)
+    if plan is None and adapter_ids is None and not compiling:
+        plan = _new_plan(key, x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset)
     ids = base_rows = None
     if plan is not None:
-        chosen = plan.backend
-    elif adapter_ids is None and not compiling:
-        chosen = _new_plan(key, x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset,
-                           out_offset).backend
+        chosen, dims = plan.backend, plan.dims
     else:  # adapter ids are values, checked on every call; while compiling dynamo traces the checks
         validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
         if adapter_ids is not None:
             ids, base_rows = checked_adapter_ids(adapter_ids, x, lambda_d.shape[0])
-        chosen = None
+        chosen = dims = None
     dropout = None if (dropout_p == 0.0 and type(dropout_p) in (float, int)) else make_dropout(dropout_p, training)
     problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, ids, in_offset, out_offset,
-                           base_rows)
+                           base_rows, dims)
     if chosen is None:
         chosen = select(problem, backend)
     if compiling:  # caches must exist before the traced Function (see Backend.prepare)

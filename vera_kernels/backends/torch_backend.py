@@ -105,7 +105,7 @@ class TorchBackend(Backend):
             lambda_d = lambda_d.to(cd)
         if lambda_b.dtype != cd:
             lambda_b = lambda_b.to(cd)
-        adapter = lambda_b * F.linear(lambda_d * s, B_N)
+        adapter = F.linear(lambda_d * s, B_N).mul_(lambda_b)  # in place on the fresh product
         if base.dtype == cd:
             return base.add_(adapter), s  # base is this call's own fresh tensor
         return (base.to(cd) + adapter).to(x2d.dtype), s
