@@ -7,6 +7,8 @@ cached on the projection, as PEFT keeps them in buffers.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -17,12 +19,20 @@ from ._native import native_keep_mask_available
 from .base import Backend
 
 
-def _operands(problem: Problem):
-    """``(A_K, B_N, cd)``: ``A[:, in_offset : in_offset + K]`` and ``B[out_offset : out_offset + N]`` of the
-    global A/B in the compute dtype ``cd`` (``problem.compute_dtype``), cached on the projection per
-    call signature (the views themselves: slicing costs more than a lookup at decode). For 16-bit inputs
-    their values are rounded to the input dtype first (docs/DESIGN.md §3, as the same-dtype reference and
-    PEFT in a 16-bit model)."""
+class Operands(NamedTuple):
+    """The projection's part of one call signature, in the compute dtype ``cd`` (``problem.compute_dtype``)."""
+
+    A_K: torch.Tensor  # A[:, in_offset : in_offset + K], [r, K]
+    B_N: torch.Tensor  # B[out_offset : out_offset + N], [N, r]
+    A_Kt: torch.Tensor  # A_K.t() and B_N.t(): the forward's products are torch.mm on these, the mm that
+    B_Nt: torch.Tensor  # F.linear(x, A_K) runs, without transposing on every call
+    cd: torch.dtype
+
+
+def _operands(problem: Problem) -> Operands:
+    """:class:`Operands` of ``problem``, cached on the projection per call signature (views: slicing costs
+    more than a lookup at decode). For 16-bit inputs the values of A/B are rounded to the input dtype first
+    (docs/DESIGN.md §3, as the same-dtype reference and PEFT in a 16-bit model)."""
     weight, i0, o0 = problem.weight, problem.in_offset, problem.out_offset
     key = ("operands", weight.dtype, problem.lambda_d.dtype, problem.lambda_b.dtype, weight.device, problem.K,
            problem.N, i0, o0)
@@ -36,8 +46,9 @@ def _operands(problem: Problem):
         A, B = proj._cache.get(rkey) or proj.remember(rkey, tuple(t.to(cd) for t in proj.materialize(dtype, device)))
     else:
         A, B = proj.materialize(cd, device, cache=True)
-    operands = (A[:, i0 : i0 + problem.K], B[o0 : o0 + problem.N], cd)
-    if cacheable(*operands[:2]):
+    A_K, B_N = A[:, i0 : i0 + problem.K], B[o0 : o0 + problem.N]
+    operands = Operands(A_K, B_N, A_K.t(), B_N.t(), cd)
+    if cacheable(A_K, B_N):
         proj._cache[key] = operands
     return operands
 
@@ -91,21 +102,23 @@ class TorchBackend(Backend):
         _operands(problem)  # fills the cache outside any traced Function
 
     def forward(self, problem: Problem):
-        """``vera_forward_math``'s formula (the same ops in the same order), without its no-op casts."""
-        A_K, B_N, cd = _operands(problem)
+        """``vera_forward_math``'s formula, the same arithmetic in the same order without its no-op casts
+        (its ``F.linear`` products as the ``torch.mm`` they run, on the cached transposed ``A_K``/``B_N``)."""
+        op = _operands(problem)
+        cd = op.cd
         if problem.adapter_ids is not None:
-            return self._bank_forward(problem, A_K, B_N, cd)
+            return self._bank_forward(problem, op.A_K, op.B_N, cd)
         x2d, lambda_d, lambda_b = problem.x2d, problem.lambda_d, problem.lambda_b
         base = F.linear(x2d, problem.weight, problem.bias)
         xa = x2d if x2d.dtype == cd else x2d.to(cd)
         if problem.dropout is not None:
             xa = dropped(xa, problem)
-        s = F.linear(xa, A_K)
+        s = torch.mm(xa, op.A_Kt)
         if lambda_d.dtype != cd:
             lambda_d = lambda_d.to(cd)
         if lambda_b.dtype != cd:
             lambda_b = lambda_b.to(cd)
-        adapter = F.linear(lambda_d * s, B_N).mul_(lambda_b)  # in place on the fresh product
+        adapter = torch.mm(lambda_d * s, op.B_Nt).mul_(lambda_b)  # in place on the fresh product
         if base.dtype == cd:
             return base.add_(adapter), s  # base is this call's own fresh tensor
         return (base.to(cd) + adapter).to(x2d.dtype), s
@@ -142,7 +155,8 @@ class TorchBackend(Backend):
 
     def backward(self, problem: Problem, grad_y2d, s, needs_input_grad):
         need_x, need_d, need_b = needs_input_grad
-        A_K, B_N, cd = _operands(problem)
+        op = _operands(problem)
+        A_K, B_N, cd = op.A_K, op.B_N, op.cd
         lambda_d = problem.lambda_d.to(cd)
         lambda_b = problem.lambda_b.to(cd)
         gy = grad_y2d.to(cd)
