@@ -27,6 +27,16 @@ def test_tables_render():
     assert "vera_linear / PEFT" in text and "1×4" in text
 
 
+def test_targets_are_per_row():
+    """Gradients off are held to 1.5x PEFT's formula and gradients on to 2.0x, in both vera_kernels columns."""
+    rows = [{"grad": grad, "F.linear": 1.0, "PEFT formula": 10.0, "vk.vera_linear": v, "VeRALinear": v}
+            for grad, v in ((False, 16.0), (True, 19.0))]
+    lines = [line for line in overhead.format_tables(rows, None).splitlines() if line.startswith("| o")]
+    off, on = lines
+    assert off.count("1.60× ✗") == 2, off  # over 1.5 with gradients off, in both columns
+    assert on.count("1.90× ✓") == 2, on  # within 2.0 with gradients on, in both columns
+
+
 def test_llama_models_agree_with_lambda_b_zero():
     """Both tiny Llamas start from the same base with lambda_b = 0: identical logits (the ratio compares
     the same model)."""
