@@ -209,17 +209,19 @@ class SlotCache:
         self._check_store()
         wanted = list(dict.fromkeys(u for u in users if u is not None))
         missing = [u for u in wanted if u not in self._lru]
-        free = [s for s in range(self.num_slots) if self._user_of[s] is None and self._pins[s] == 0]
-        keep = set(wanted)
-        free += [s for u, s in self._lru.items() if u not in keep and self._pins[s] == 0]  # LRU order
-        if len(missing) > len(free):
-            pinned = sum(1 for p in self._pins if p)
-            raise SlotsFullError(
-                f"the batch names {len(wanted)} distinct users, {len(missing)} of them not resident, but only "
-                f"{len(free)} of the model's {self.num_slots} slots can take them ({pinned} pinned by batches in "
-                f"flight): use smaller batches, release leases, or build the model with more num_adapters")
-        if missing:
-            self._load(free[: len(missing)], missing)
+        if missing:  # free slots first, then the least recently used unpinned ones (scanned only as far as needed)
+            keep = set(wanted)
+            empty = () if len(self._lru) == self.num_slots else (
+                s for s in range(self.num_slots) if self._user_of[s] is None and self._pins[s] == 0)
+            lru = (s for u, s in self._lru.items() if u not in keep and self._pins[s] == 0)
+            free = list(itertools.islice(itertools.chain(empty, lru), len(missing)))
+            if len(missing) > len(free):
+                pinned = sum(1 for p in self._pins if p)
+                raise SlotsFullError(
+                    f"the batch names {len(wanted)} distinct users, {len(missing)} of them not resident, but only "
+                    f"{len(free)} of the model's {self.num_slots} slots can take them ({pinned} pinned by batches "
+                    f"in flight): use smaller batches, release leases, or build the model with more num_adapters")
+            self._load(free, missing)
         self.misses += len(missing)
         self.hits += len(wanted) - len(missing)
         for u in wanted:
