@@ -327,3 +327,26 @@ def test_serving_doc_runs():
     for i, code in enumerate(blocks):
         exec(compile(code, f"docs/serving.md[block {i}]", "exec"), ns)
     assert ns["ids"].tolist() == [0, -1, 1] and ns["slots"].misses == 2
+
+
+def test_a_first_version_file_is_read_through_the_staging_buffer(tmp_path):
+    """A user file in the store's first layout ("lambda_d"/"lambda_b" in module order) cannot be read straight
+    into the slot: the cache parses it and copies it in, with the same result."""
+    st = pytest.importorskip("safetensors.torch")
+    model = _bank()
+    store = vk.AdapterStore(tmp_path, model=model, durable=False)
+    g = torch.Generator().manual_seed(3)
+    vectors = {name: (torch.rand(RANK, generator=g) + 0.5, torch.randn(m["out_features"], generator=g))
+               for name, m in store.modules.items()}
+    names = sorted(vectors)
+    store.put("old", vectors)
+    st.save_file({"lambda_d": torch.stack([vectors[n][0] for n in names]),
+                  "lambda_b": torch.cat([vectors[n][1] for n in names])}, store.path("old"),
+                 metadata={"user": "old", "store": store._header["fingerprint"]})
+    store.put("new", {n: (d + 1, b - 1) for n, (d, b) in vectors.items()})
+    slots = vk.SlotCache(model, store)
+    assert slots.ids(["new", "old"]).tolist() == [0, 1]
+    assert _slot_equals(model, 1, vectors) and _slot_equals(model, 0, store.get("new"))
+    slots.release()
+    slots.evict("old")
+    assert slots.ids(["old"]).tolist() == [1] and _slot_equals(model, 1, vectors)
