@@ -188,7 +188,8 @@ class AdapterStore:
     def __init__(self, directory, *, model: Optional[nn.Module] = None, durable: bool = True):
         self.directory = os.fspath(directory)
         self.durable = bool(durable)
-        os.makedirs(os.path.join(self.directory, USERS_DIR), exist_ok=True)
+        self._users_root = os.path.join(self.directory, USERS_DIR)
+        os.makedirs(self._users_root, exist_ok=True)
         self._header: Optional[dict] = None
         self._projection: Optional[Projection] = None
         self._load_header()
@@ -314,7 +315,7 @@ class AdapterStore:
             name = h
         else:
             name = "u-" + raw.hex() if len(raw) <= _KEY_NAME_LIMIT else "h-" + h
-        return os.path.join(self.directory, USERS_DIR, h[:2], name + _SUFFIX)
+        return f"{self._users_root}{os.sep}{h[:2]}{os.sep}{name}{_SUFFIX}"
 
     # --- put ----------------------------------------------------------------------------------
     def put(self, user: str, source) -> None:
