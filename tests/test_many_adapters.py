@@ -447,3 +447,32 @@ def test_demo_serves_users_in_one_batch(capsys):
     assert "bank of 6 adapters" in out and "bytes per user" in out
     err = float(out.split("max |difference| ")[1].split()[0])
     assert err < 1e-4  # the batched call and the loop compute the same model
+
+
+def test_bank_calls_share_the_memoised_plan_and_check_the_ids_every_call(monkeypatch):
+    """A call with adapter ids validates its metadata and picks its backend once per signature, like a
+    single-adapter call; the ids' values are still checked on every call."""
+    from vera_kernels import functional
+
+    x, W, b, ld, lb, proj, _ = _bank_problem((5,), 12, 10, 4, 3, torch.float32, "cpu", 0)
+    chosen = []
+    real = functional.select
+
+    def spy(problem, requested=None):
+        chosen.append(problem.adapter_ids is not None)
+        return real(problem, requested)
+
+    monkeypatch.setattr(functional, "select", spy)
+    functional._PLAN_CACHE.clear()
+    ids = torch.tensor([0, 2, -1, 1, 2])
+    y1 = vk.vera_linear(x, W, b, ld, lb, proj, adapter_ids=ids)
+    y2 = vk.vera_linear(x, W, b, ld, lb, proj, adapter_ids=ids.flip(0))
+    assert chosen == [True]  # the second call came from the plan
+    torch.testing.assert_close(y2, vk.reference.vera_linear(x, W, b, ld, lb, proj, adapter_ids=ids.flip(0)))
+    assert not torch.allclose(y1, y2)
+    with pytest.raises(ValueError, match=r"adapter_ids must be in \[-1, 3\)"):
+        vk.vera_linear(x, W, b, ld, lb, proj, adapter_ids=torch.tensor([0, 3, 0, 0, 0]))
+    with pytest.raises(ValueError, match="adapter_ids must have shape"):
+        vk.vera_linear(x, W, b, ld, lb, proj, adapter_ids=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="needs adapter_ids"):  # bank-shaped vectors without ids: refused
+        vk.vera_linear(x, W, b, ld, lb, proj)

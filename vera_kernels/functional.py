@@ -34,10 +34,13 @@ class _Plan(NamedTuple):
     dims: Tuple[int, int, int]
 
 
-def _new_plan(key, x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset) -> _Plan:
-    """Validate a single-adapter call and pick its backend; remember the result under ``key`` (unless None)."""
-    validate(x, weight, bias, lambda_d, lambda_b, projection, None, in_offset, out_offset)
-    probe = make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, None, in_offset, out_offset)
+def _new_plan(key, x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset,
+              adapter_ids=None) -> _Plan:
+    """Validate a call and pick its backend; remember the result under ``key`` (unless None). With
+    ``adapter_ids`` the plan holds what does not depend on the ids' values (checked on every call)."""
+    validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
+    ids = None if adapter_ids is None else checked_adapter_ids(adapter_ids, x, lambda_d.shape[0])[0]
+    probe = make_problem(x, weight, bias, lambda_d, lambda_b, projection, None, ids, in_offset, out_offset)
     plan = _Plan(weakref.ref(projection), select(probe, backend), x.device.type, (probe.M, probe.K, probe.N))
     if key is not None:
         if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
@@ -124,7 +127,7 @@ def vera_linear(
                             out_offset=out_offset)
     compiling = torch.compiler.is_compiling()
     plan = None
-    if adapter_ids is None and not compiling:  # the memoised plan (while compiling, dynamo guards on metadata)
+    if not compiling:  # the memoised plan (while compiling, dynamo guards on metadata)
         try:  # the key: every input of validation and backend choice (each attribute read costs ~0.05 µs)
             key = (
                 x.shape, x.dtype, x.device, x.layout,
@@ -134,6 +137,7 @@ def vera_linear(
                 lambda_b.shape, lambda_b.dtype, lambda_b.device, lambda_b.layout,
                 id(projection), backend, _override.name, _read_env(), torch.is_grad_enabled(),
                 type(in_offset), in_offset, type(out_offset), out_offset,  # 1.0 == 1 but only an int is valid
+                adapter_ids is None,  # the ids themselves are checked on every call
             )
             plan = _PLAN_CACHE.get(key)
         except (AttributeError, TypeError, RuntimeError):  # not tensors, unhashable, nested: validate() says what
@@ -149,12 +153,15 @@ def vera_linear(
             return vera_linear(_autocast_cast(x, dtype), _autocast_cast(weight, dtype), _autocast_cast(bias, dtype),
                                lambda_d, lambda_b, projection, dropout_p, training, backend,
                                adapter_ids=adapter_ids, in_offset=in_offset, out_offset=out_offset)
-    if plan is None and adapter_ids is None and not compiling:
-        plan = _new_plan(key, x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset)
+    if plan is None and not compiling:
+        plan = _new_plan(key, x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset,
+                         adapter_ids)
     ids = base_rows = None
     if plan is not None:
         chosen, dims = plan.backend, plan.dims
-    else:  # adapter ids are values, checked on every call; while compiling dynamo traces the checks
+        if adapter_ids is not None:  # adapter ids are values, checked on every call
+            ids, base_rows = checked_adapter_ids(adapter_ids, x, lambda_d.shape[0])
+    else:  # while compiling dynamo traces the checks
         validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
         if adapter_ids is not None:
             ids, base_rows = checked_adapter_ids(adapter_ids, x, lambda_d.shape[0])

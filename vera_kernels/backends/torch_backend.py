@@ -107,7 +107,7 @@ class TorchBackend(Backend):
         op = _operands(problem)
         cd = op.cd
         if problem.adapter_ids is not None:
-            return self._bank_forward(problem, op.A_K, op.B_N, cd)
+            return self._bank_forward(problem, op)
         x2d, lambda_d, lambda_b = problem.x2d, problem.lambda_d, problem.lambda_b
         base = F.linear(x2d, problem.weight, problem.bias)
         xa = x2d if x2d.dtype == cd else x2d.to(cd)
@@ -123,25 +123,26 @@ class TorchBackend(Backend):
             return base.add_(adapter), s  # base is this call's own fresh tensor
         return (base.to(cd) + adapter).to(x2d.dtype), s
 
-    def _bank_forward(self, problem: Problem, A_K, B_N, cd):
+    def _bank_forward(self, problem: Problem, op: Operands):
         """``vera_forward_math`` with each row's bank vectors: the single-adapter ops with the two vectors
         gathered per row (``banks.row_index``), the ``lambda_b`` product fused into the add to the base
         output (``addcmul_``); rows with id -1 are masked only when the batch has some."""
-        x2d, ids = problem.x2d, problem.adapter_ids
+        x2d, ids, cd = problem.x2d, problem.adapter_ids, op.cd
         base = F.linear(x2d, problem.weight, problem.bias)
         xa = x2d if x2d.dtype == cd else x2d.to(cd)
         if problem.dropout is not None:
             xa = dropped(xa, problem)
-        s = F.linear(xa, A_K)
+        s = torch.mm(xa, op.A_Kt)
         index, no_adapter = row_index(ids, problem.base_rows)
         u = s * problem.lambda_d.index_select(0, index).to(cd)
         lambda_b = problem.lambda_b.index_select(0, index).to(cd)  # a fresh tensor
         if no_adapter is not None:  # rows with id -1 add exactly nothing, whatever bank row 0 holds
             u.masked_fill_(no_adapter, 0.0)
             lambda_b.masked_fill_(no_adapter, 0.0)
+        adapter = torch.mm(u, op.B_Nt)
         if base.dtype == cd:
-            return base.addcmul_(F.linear(u, B_N), lambda_b), s  # base is this call's own fresh tensor
-        return base.to(cd).addcmul_(F.linear(u, B_N), lambda_b).to(x2d.dtype), s
+            return base.addcmul_(adapter, lambda_b), s  # base is this call's own fresh tensor
+        return base.to(cd).addcmul_(adapter, lambda_b).to(x2d.dtype), s
 
     def _bank_backward(self, problem: Problem, gy, s, A_K, B_N, need_d, need_b):
         """Per-row ``g`` and the bank gradients ``[n, r]``, ``[n, N]`` (reduced by ``bank_sum``)."""
