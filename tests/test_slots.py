@@ -350,3 +350,22 @@ def test_a_first_version_file_is_read_through_the_staging_buffer(tmp_path):
     slots.release()
     slots.evict("old")
     assert slots.ids(["old"]).tolist() == [1] and _slot_equals(model, 1, vectors)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["read-into-rows", "staged"])
+def test_a_swap_under_a_live_graph_is_seen_by_autograd(store, direct, monkeypatch):
+    """A swap writes the banks in place like ``copy_`` would: a backward through a graph that saved a bank
+    before the swap raises autograd's in-place error instead of using the new vectors silently."""
+    from vera_kernels import slots as slots_mod
+
+    monkeypatch.setattr(slots_mod, "_PREADV", direct and slots_mod._PREADV)
+    model = _bank().train()
+    slots = vk.SlotCache(model, store)
+    ids = slots.ids(["user0", "user1"])
+    versions = [p._version for p in model.parameters() if p.requires_grad]
+    with vk.adapter_ids(model, ids):
+        loss = model(tm.inputs(2, 5, seed=4)).logits.square().mean()
+    slots.ids(["user2"])  # evicts user0 while the graph is alive
+    assert all(p._version > v for p, v in zip([p for p in model.parameters() if p.requires_grad], versions))
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()

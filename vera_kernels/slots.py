@@ -34,6 +34,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
 from .core import warn_once
 from .models import check_slot, shared_projection, vera_layers
@@ -248,10 +249,13 @@ class SlotCache:
             if (_PREADV and self._packed() and self._tables[0][0].device.type == "cpu"
                     and all(offset is not None for _, offset in opened)):
                 self._evict(slots)
-                for slot, user, (f, offset) in zip(slots, users, opened):
-                    self._read_into_slot(slot, f, offset)
-                    self._user_of[slot] = user
-                    self._lru[user] = slot
+                try:
+                    for slot, user, (f, offset) in zip(slots, users, opened):
+                        self._read_into_slot(slot, f, offset)
+                        self._user_of[slot] = user
+                        self._lru[user] = slot
+                finally:  # written behind autograd's back: a graph that saved a bank must see the change
+                    increment_version(self._checks[2])
                 return
             one = len(users) == 1
             stage = self._stage if one else torch.empty(len(users), len(self._stage))
@@ -298,6 +302,7 @@ class SlotCache:
                 else:
                     rows = stage[:, start:start + size].reshape(len(slots), table.shape[0], -1).transpose(0, 1)
                     table.index_copy_(1, torch.tensor(slots, device=table.device), rows.to(table.device))
+            increment_version(self._checks[2])  # the banks do not share the tables' version counter
         else:
             index = torch.tensor(slots, dtype=torch.int64)
             for (name, kind, _), v in zip(self._layout, stage.split(self._sizes, dim=-1)):
