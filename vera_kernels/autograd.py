@@ -64,9 +64,8 @@ class VeRAFunction(torch.autograd.Function):
         ctx.save_for_backward(s, problem.weight, lambda_d, lambda_b, problem.adapter_ids,
                               dropout.seed if dropout is not None and dropout.seed_is_tensor else None)
         # what backward needs besides the saved tensors (never x: it is not kept alive for backward)
-        ctx.meta = (problem.projection, dropout, problem.K, problem.N, problem.in_offset, problem.out_offset)
-        ctx.backend = backend
-        ctx.x_shape = x.shape
+        ctx.meta = (backend, x.shape, problem.projection, dropout, problem.K, problem.N, problem.in_offset,
+                    problem.out_offset)
         return y2d  # [M, N]: the caller reshapes (a view made in here could not be modified in place)
 
     @staticmethod
@@ -75,7 +74,7 @@ class VeRAFunction(torch.autograd.Function):
         need_x, need_d, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if not (need_x or need_d or need_b):
             return None, None, None, None, None
-        projection, dropout, K, N, in_offset, out_offset = ctx.meta
+        backend, x_shape, projection, dropout, K, N, in_offset, out_offset = ctx.meta
         if seed is not None:  # drawn inside a compiled graph: the saved tensor, not the traced one
             dropout = Dropout(p=dropout.p, seed=seed, threshold=dropout.threshold, scale=dropout.scale)
         with torch.no_grad():
@@ -87,8 +86,8 @@ class VeRAFunction(torch.autograd.Function):
                 projection=projection, dropout=dropout, M=gy2d.shape[0], K=K, N=N,
                 adapter_ids=dense(adapter_ids), in_offset=in_offset, out_offset=out_offset,
             )
-            gx, gd, gb = ctx.backend.backward(problem, gy2d, s, (need_x, need_d, need_b))
-            gx = gx.reshape(ctx.x_shape) if (need_x and gx is not None) else None
+            gx, gd, gb = backend.backward(problem, gy2d, s, (need_x, need_d, need_b))
+            gx = gx.reshape(x_shape) if (need_x and gx is not None) else None
             gd = gd.to(lambda_d.dtype) if (need_d and gd is not None) else None
             gb = gb.to(lambda_b.dtype) if (need_b and gb is not None) else None
         gx, gd, gb = _first_order_only((gx, gd, gb), (lambda_d, lambda_b, grad_y))

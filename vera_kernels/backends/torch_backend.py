@@ -27,6 +27,7 @@ class Operands(NamedTuple):
     A_Kt: torch.Tensor  # A_K.t() and B_N.t(): the forward's products are torch.mm on these, the mm that
     B_Nt: torch.Tensor  # F.linear(x, A_K) runs, without transposing on every call
     cd: torch.dtype
+    casts: bool  # whether x, the weight or a vector is not in cd (16-bit inputs; float64 with float32)
 
 
 def _operands(problem: Problem) -> Operands:
@@ -47,7 +48,8 @@ def _operands(problem: Problem) -> Operands:
     else:
         A, B = proj.materialize(cd, device, cache=True)
     A_K, B_N = A[:, i0 : i0 + problem.K], B[o0 : o0 + problem.N]
-    operands = Operands(A_K, B_N, A_K.t(), B_N.t(), cd)
+    casts = not (dtype == problem.lambda_d.dtype == problem.lambda_b.dtype == cd)
+    operands = Operands(A_K, B_N, A_K.t(), B_N.t(), cd, casts)
     if cacheable(A_K, B_N):
         proj._cache[key] = operands
     return operands
@@ -110,18 +112,16 @@ class TorchBackend(Backend):
             return self._bank_forward(problem, op)
         x2d, lambda_d, lambda_b = problem.x2d, problem.lambda_d, problem.lambda_b
         base = F.linear(x2d, problem.weight, problem.bias)
-        xa = x2d if x2d.dtype == cd else x2d.to(cd)
+        xa = x2d
+        if op.casts:  # .to() returns the tensors already in cd as they are
+            xa, lambda_d, lambda_b = x2d.to(cd), lambda_d.to(cd), lambda_b.to(cd)
         if problem.dropout is not None:
             xa = dropped(xa, problem)
         s = torch.mm(xa, op.A_Kt)
-        if lambda_d.dtype != cd:
-            lambda_d = lambda_d.to(cd)
-        if lambda_b.dtype != cd:
-            lambda_b = lambda_b.to(cd)
         adapter = torch.mm(lambda_d * s, op.B_Nt).mul_(lambda_b)  # in place on the fresh product
-        if base.dtype == cd:
-            return base.add_(adapter), s  # base is this call's own fresh tensor
-        return (base.to(cd) + adapter).to(x2d.dtype), s
+        if op.casts:
+            return (base.to(cd) + adapter).to(x2d.dtype), s
+        return base.add_(adapter), s  # base is this call's own fresh tensor
 
     def _bank_forward(self, problem: Problem, op: Operands):
         """``vera_forward_math`` with each row's bank vectors: the single-adapter ops with the two vectors
