@@ -261,9 +261,10 @@ def merge_compile_reports(reports) -> dict:
     out = {}
     for rep in reports:
         for name, k in rep["kernels"].items():
-            m = out.setdefault(name, {"compiles": 0, "seconds": 0.0, "errors": [], "max_shared": 0,
-                                      "over_shared": [], "serialised_wgmma": [], "spills": []})
-            m["compiles"] += k["compiles"]
+            m = out.setdefault(name, {"compiles": 0, "distinct": 0, "cache_hits": 0, "seconds": 0.0, "errors": [],
+                                      "max_shared": 0, "over_shared": [], "serialised_wgmma": [], "spills": []})
+            for key in ("compiles", "distinct", "cache_hits"):
+                m[key] += k.get(key, 0)
             m["seconds"] = round(m["seconds"] + k["seconds"], 2)
             m["max_shared"] = max(m["max_shared"], k["max_shared"])
             for key in ("errors", "over_shared", "serialised_wgmma", "spills"):
@@ -308,9 +309,18 @@ def precompile(args, timeout: float, results: Results) -> bool:
         first_call += data["first_call"]
     merged = merge_compile_reports(reports)
     ok = ok and not any(k["errors"] for k in merged.values()) and not any(f["error"] for f in first_call)
+    if args.rehearsal:  # and what else fails a rehearsal: first-choice configs over shared memory, serialised
+        from vera_kernels.ops import rehearsal
+
+        found = rehearsal.problems({"arch": args.rehearsal, "shared_limit": rehearsal.shared_limit(args.rehearsal),
+                                    "kernels": merged})
+        for p in found:
+            print(f"REHEARSAL FAILURE {p}", flush=True)
+        ok = ok and not found
     results.update(compile=merged, first_call=first_call)
     total = sum(k["compiles"] for k in merged.values())
-    print(f"precompile: {total} compiles in {time.time() - t0:.0f}s wall "
+    print(f"precompile: {total} compiles ({sum(k['distinct'] for k in merged.values())} distinct per worker, "
+          f"{sum(k['cache_hits'] for k in merged.values())} from the on-disk cache) in {time.time() - t0:.0f}s wall "
           f"({sum(k['seconds'] for k in merged.values()):.0f}s of compile)", flush=True)
     for name, k in sorted(merged.items()):
         print(f"  {name}: {k['compiles']} compiles, {k['seconds']:.1f}s, errors {len(k['errors'])}, "

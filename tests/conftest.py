@@ -17,8 +17,8 @@ import pytest  # noqa: E402
 
 import vera_kernels as vk  # noqa: E402
 from vera_kernels.backends import get_backend  # noqa: E402
-from rehearsal_plugin import (pytest_addoption, pytest_runtest_makereport,  # noqa: E402,F401 (hooks)
-                              pytest_sessionfinish, pytest_terminal_summary)
+from rehearsal_plugin import (pytest_addoption, pytest_collection_modifyitems,  # noqa: E402,F401 (hooks)
+                              pytest_runtest_makereport, pytest_sessionfinish, pytest_terminal_summary)
 
 
 def pytest_configure(config):
@@ -30,6 +30,8 @@ ALL_BACKENDS = ("torch", "cpu", "cuda", "triton")
 
 def backend_skip_reason(name: str, device: torch.device = DEVICE):
     """None if backend ``name`` can run on ``device`` here, else why not."""
+    if rehearsal_plugin.backend_skip_reason(name):
+        return rehearsal_plugin.backend_skip_reason(name)
     try:
         b = get_backend(name)
     except vk.BackendUnavailableError as e:

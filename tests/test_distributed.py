@@ -5,6 +5,8 @@ single-process run: the first step's outputs and the vectors after 3 SGD steps. 
 counts the bytes all-reduced per step, which must equal the computed ``Σ (r + N) · 4``.
 """
 
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,6 +14,7 @@ import torch.distributed as dist
 import dist_workers as dw
 import vera_kernels as vk
 from vera_kernels.backends import get_backend
+from vera_kernels.core import interpreting
 from vera_kernels.distributed import shard_range, vera_bytes_per_step
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -33,6 +36,8 @@ def _triton_tp_skip_reason():
     why = _usable("triton")
     if why is not None:
         return why
+    if not interpreting():  # on a GPU machine the backend refuses the ranks' CPU tensors
+        return "the ranks hold CPU tensors, which the Triton backend runs only under its interpreter"
     if not get_backend("triton").supports_offsets:
         return ("the Triton backend does not support tensor-parallel shard offsets yet "
                 "(get_backend('triton').supports_offsets is False)")
@@ -141,6 +146,16 @@ def test_tensor_parallel_layouts_and_offsets(results, backend):
         assert r["placements"] == want
         assert tuple(r["offsets"]["fc1"]) == (0, shard_range(dw.HIDDEN, dw.WORLD, rank)[0])
         assert tuple(r["offsets"]["fc2"]) == (shard_range(dw.HIDDEN, dw.WORLD, rank)[0], 0)
+
+
+def test_triton_scenario_only_under_the_interpreter(monkeypatch):
+    """The ranks hold CPU tensors: on a GPU machine (no interpreter) the Triton backend refuses them, so the
+    scenario is not launched there (else every test of this module would error in the shared fixture)."""
+    from vera_kernels.backends.triton_backend import TritonBackend
+
+    monkeypatch.setattr(TritonBackend, "unavailable_reason", lambda self: None)
+    monkeypatch.setattr(sys.modules[__name__], "interpreting", lambda: False)
+    assert "interpreter" in _triton_tp_skip_reason()
 
 
 def test_tensor_parallel_forward_on_triton_interpreter(results):

@@ -111,3 +111,57 @@ def test_tests_with_cpu_tensors_take_backends_that_run_them(module, test, monkey
     monkeypatch.setattr(TritonBackend, "device_types", ("cuda",))  # what a GPU machine's Triton backend runs
     monkeypatch.setattr(TritonBackend, "unavailable_reason", lambda self: None)
     assert "cpu" in backend_skip_reason("triton", torch.device("cpu"))
+
+
+def test_a_cache_hit_keeps_the_ptxas_findings_of_its_compile(tmp_path, monkeypatch):
+    """A warm Triton cache runs no ptxas: the findings of the compile that filled it are read back, and a
+    cache filled outside a rehearsal (no findings stored) is compiled again so that ptxas's log is seen."""
+    from types import SimpleNamespace
+
+    from triton import knobs
+
+    from vera_kernels.ops import rehearsal
+
+    monkeypatch.setattr(rehearsal, "_findings_path", lambda h: tmp_path / f"{h}.json")
+    hits = []
+
+    def fake_compile(src, target=None, options=None):
+        hit = bool(hits) and not knobs.compilation.always_compile
+        hits.append(hit)
+        if not hit:
+            print("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized "
+                  "due to non wgmma instructions defining accumulator registers\n"
+                  "ptxas info    : Used 255 registers, 8 bytes spill stores, 16 bytes spill loads")
+        knobs.compilation.listener(cache_hit=hit)
+        return SimpleNamespace(hash="h1")
+
+    _, cold, hit = rehearsal._compile_with_findings(fake_compile, None, None, {}, {})
+    assert not hit and cold["serialised_wgmma"] and (cold["spill_stores"], cold["spill_loads"]) == (8, 16)
+    _, warm, hit = rehearsal._compile_with_findings(fake_compile, None, None, {}, {})
+    assert hit and warm == cold and hits == [False, True]
+    (tmp_path / "h1.json").unlink()
+    _, again, hit = rehearsal._compile_with_findings(fake_compile, None, None, {}, {})
+    assert not hit and again == cold and hits == [False, True, True, False]
+    assert knobs.compilation.listener is None and not knobs.compilation.always_compile
+
+
+def test_only_the_package_sees_the_rehearsed_gpu():
+    """torch, other libraries and the tests would allocate CUDA memory or pin host memory when told a GPU
+    exists (PEFT loads adapter files to "cuda", AOTAutograd saves the CUDA RNG state): they get the true
+    answer; the package and the benchmark scripts see the rehearsed GPU."""
+    from vera_kernels.ops import rehearsal
+
+    is_available = rehearsal._cuda_patches(90)["is_available"]
+    assert is_available() == torch.cuda.is_available()  # asked from a test
+    for name, sees in [("vera_kernels.backends.triton_backend", True), ("benchmarks.impls", True),
+                       ("peft.utils.save_and_load", torch.cuda.is_available()),
+                       ("torch._functorch.aot_autograd", torch.cuda.is_available())]:
+        scope = {"__name__": name, "f": is_available}
+        exec("answer = f()", scope)
+        assert scope["answer"] is sees, name
+
+
+def test_files_skipped_under_the_rehearsal_exist():
+    from rehearsal_plugin import SAME_WITHOUT_REHEARSAL
+
+    assert SAME_WITHOUT_REHEARSAL and all((ROOT / "tests" / name).is_file() for name in SAME_WITHOUT_REHEARSAL)

@@ -8,9 +8,10 @@ CPU:
   its launcher does nothing, its device properties are the GPU's (shared memory per block, SMs), and its
   benchmarker runs a call once (so an autotuner compiles every config) and reports the same time for
   each config (so the first one wins, as with autotuning off).
-* The package sees a CUDA device: ``torch.cuda.is_available()``, the capability, the SM count and
-  name answer as the GPU would, CPU tensors are dispatched with the CUDA priority list and the "triton"
-  backend accepts them. Kernels are launched through ``JITFunction.run`` with the real arguments, so
+* The package sees a CUDA device: ``torch.cuda.is_available()`` (asked from the package or a benchmark
+  script; torch, other libraries and the tests get the true answer, since they would allocate CUDA
+  memory), the capability, the SM count and name answer as the GPU would, CPU tensors are dispatched
+  with the CUDA priority list and the "triton" backend accepts them. Kernels are launched through ``JITFunction.run`` with the real arguments, so
   Triton's run-time specialisation (integers equal to 1, divisibility by 16 of pointers, strides and
   sizes, ``do_not_specialize``) is the one a GPU run gets.
 * Every compile is recorded per kernel (``report()``): count, seconds, errors, shared memory against the
@@ -30,15 +31,18 @@ runs ptxas and its log is seen. The process must not have launched a Triton kern
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import io
 import json
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional
 
@@ -78,6 +82,8 @@ class KernelRecord:
 
     compiles: int = 0
     seconds: float = 0.0
+    distinct: int = 0  # compiles of a key (source, specialisation, constexprs, options, target) not seen before
+    cache_hits: int = 0  # compiles that Triton's on-disk cache answered
     launches: int = 0
     errors: List[str] = field(default_factory=list)
     max_shared: int = 0
@@ -91,7 +97,18 @@ class _Recorder:
     def __init__(self, arch: int):
         self.arch = arch
         self.kernels: Dict[str, KernelRecord] = {}
+        self.keys: set = set()
         self.lock = threading.Lock()
+        self.trace = os.environ.get("VERA_KERNELS_REHEARSAL_TRACE")  # a JSON line per compile, appended
+
+    def note(self, name: str, key: str, seconds: float, hit: bool, what: str) -> None:
+        if not self.trace:
+            return
+        line = json.dumps({"kernel": name, "key": key, "s": round(seconds, 3), "hit": hit, "what": what,
+                           "arch": self.arch, "pid": os.getpid(),
+                           "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]})
+        with open(self.trace, "a") as f:
+            f.write(line + "\n")
 
     def get(self, name: str) -> KernelRecord:
         with self.lock:
@@ -227,9 +244,63 @@ def _describe(src, options: dict) -> str:
     return f"{src.fn.__name__}{shown}/w{options.get('num_warps')}s{options.get('num_stages')}"
 
 
-def _wrap_compile(compile_fn):
+def _compile_key(src, target, options: dict) -> str:
+    """What makes two compiles the same: the kernel's source and specialisation (signature, constexprs,
+    alignment attributes), the options and the target."""
+    opts = sorted((k, repr(v)) for k, v in options.items())
+    return hashlib.sha256(f"{src.hash()}|{target}|{opts}".encode()).hexdigest()[:20]
+
+
+def _findings_path(kernel_hash: str) -> Path:
+    """Where the ptxas findings of a compiled kernel are kept beside Triton's on-disk cache: a cache hit
+    runs no ptxas, so a rehearsal with a warm cache reads them from here."""
     from triton import knobs
 
+    return Path(knobs.cache.dir) / "vera-rehearsal" / f"{kernel_hash}.json"
+
+
+def _compile_logged(compile_fn, src, target, options, kwargs):
+    """``compile_fn`` with ptxas's log captured: ``(kernel, log, cache_hit)``."""
+    from triton import knobs
+
+    hit = []
+    log = io.StringIO()
+    with _LOG_LOCK, contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.listener = lambda **kw: hit.append(kw.get("cache_hit", False))
+        try:
+            kernel = compile_fn(src, target=target, options=options, **kwargs)
+        finally:
+            knobs.nvidia.dump_ptxas_log = False
+            knobs.compilation.listener = None
+    return kernel, log.getvalue(), bool(hit and hit[-1])
+
+
+def _compile_with_findings(compile_fn, src, target, options, kwargs):
+    """``(kernel, ptxas findings, cache_hit)``; a cache hit without stored findings is compiled again."""
+    from triton import knobs
+
+    kernel, log, hit = _compile_logged(compile_fn, src, target, options, kwargs)
+    path = _findings_path(kernel.hash)
+    if hit:
+        try:
+            return kernel, json.loads(path.read_text()), True
+        except (OSError, ValueError):
+            knobs.compilation.always_compile = True  # a cache filled outside a rehearsal: see ptxas's log
+            try:
+                kernel, log, hit = _compile_logged(compile_fn, src, target, options, kwargs)
+            finally:
+                knobs.compilation.always_compile = False
+    found = ptxas_findings(log)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(found))
+        os.replace(tmp, path)
+    return kernel, found, False
+
+
+def _wrap_compile(compile_fn):
     def compile(src, target=None, options=None, **kwargs):
         if _state is None or not hasattr(src, "fn"):
             return compile_fn(src, target=target, options=options, **kwargs)
@@ -238,26 +309,32 @@ def _wrap_compile(compile_fn):
         rec = _state.get(name)
         first = _is_first_choice(src, options)
         what = ("first" if first else "other") + " " + _describe(src, options)
-        log = io.StringIO()
+        key = _compile_key(src, target, options)
         t0 = time.perf_counter()
         try:
-            with _LOG_LOCK, contextlib.redirect_stdout(log):
-                knobs.nvidia.dump_ptxas_log = True
-                try:
-                    kernel = compile_fn(src, target=target, options=options, **kwargs)
-                finally:
-                    knobs.nvidia.dump_ptxas_log = False
+            kernel, found, hit = _compile_with_findings(compile_fn, src, target, options, kwargs)
         except Exception as e:
+            seconds = time.perf_counter() - t0
             with _state.lock:
                 rec.compiles += 1
-                rec.seconds += time.perf_counter() - t0
-                rec.errors.append(f"{what}: {type(e).__name__}: {e}"[:2000])
+                rec.seconds += seconds
+                if key not in _state.keys:
+                    _state.keys.add(key)
+                    rec.distinct += 1
+                    rec.errors.append(f"{what}: {type(e).__name__}: {e}"[:2000])
+            _state.note(name, key, seconds, False, what)
             raise
-        found = ptxas_findings(log.getvalue())
+        seconds = time.perf_counter() - t0
         shared = int(kernel.metadata.shared)
+        _state.note(name, key, seconds, hit, what)
         with _state.lock:
             rec.compiles += 1
-            rec.seconds += time.perf_counter() - t0
+            rec.seconds += seconds
+            rec.cache_hits += hit
+            if key in _state.keys:
+                return kernel  # its findings are recorded already
+            _state.keys.add(key)
+            rec.distinct += 1
             rec.max_shared = max(rec.max_shared, shared)
             if shared > shared_limit(_state.arch):
                 rec.over_shared.append(f"{what}: {shared} B")
@@ -277,11 +354,17 @@ _LOG_LOCK = threading.RLock()
 # --- the CUDA device the package sees -----------------------------------------------------------------
 
 
+# the code that sees the rehearsed GPU through torch.cuda (is_available, the capability, the properties):
+# the package, and the benchmark scripts that drive a rehearsal. torch itself, other libraries and the tests get the true answer: they
+# would allocate CUDA memory or pin host memory, which the rehearsal cannot fake (their tensors stay real).
+_SEES_THE_GPU = ("vera_kernels", "benchmarks", "gpu_check", "__main__")
+
+
 def _cuda_patches(arch: int) -> dict:
     a = ARCHS[arch]
     props = SimpleNamespace(name=a["name"], major=arch // 10, minor=arch % 10, multi_processor_count=a["sms"],
                             total_memory=a["memory"], shared_memory_per_block_optin=a["shared"])
-    return {
+    fakes = {
         "is_available": lambda: True,
         "device_count": lambda: 1,
         "current_device": lambda: 0,
@@ -290,6 +373,21 @@ def _cuda_patches(arch: int) -> dict:
         "get_device_name": lambda device=None: a["name"],
         "synchronize": lambda device=None: None,
     }
+    return {name: _for_the_package(fake, getattr(torch.cuda, name)) for name, fake in fakes.items()}
+
+
+def _for_the_package(fake, real):
+    """``fake`` when called from the code that sees the rehearsed GPU (``_SEES_THE_GPU``), else ``real``."""
+
+    def answer(*args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        return (fake if caller.partition(".")[0] in _SEES_THE_GPU else real)(*args, **kwargs)
+
+    return answer
+
+
+# installed packages that load CUDA-only code at import when torch.cuda.is_available()
+_IMPORT_BEFORE = ("bitsandbytes",)
 
 
 def record(arch: int) -> None:
@@ -322,6 +420,9 @@ def start(arch: int) -> None:
     backends = importlib.import_module("vera_kernels.backends")  # the package attribute is a function
     from ..backends.triton_backend import TritonBackend
 
+    for module in _IMPORT_BEFORE:  # they pick CUDA code at import when a GPU is seen, which is not there
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
     record(arch)
     triton.runtime.driver.set_active(_driver_class()(arch))
     for name, fn in _cuda_patches(arch).items():
@@ -339,6 +440,8 @@ def report() -> dict:
     kernels = {k: vars(v) for k, v in sorted(_state.kernels.items())}
     return {"arch": _state.arch, "shared_limit": shared_limit(_state.arch), "kernels": kernels,
             "totals": {"compiles": sum(v["compiles"] for v in kernels.values()),
+                       "distinct": sum(v["distinct"] for v in kernels.values()),
+                       "cache_hits": sum(v["cache_hits"] for v in kernels.values()),
                        "seconds": round(sum(v["seconds"] for v in kernels.values()), 1),
                        "errors": sum(len(v["errors"]) for v in kernels.values())}}
 
@@ -359,10 +462,12 @@ def problems(rep: Optional[dict] = None) -> List[str]:
 def summary(rep: Optional[dict] = None) -> str:
     """One line per kernel: compiles, seconds, launches, largest shared memory, findings."""
     rep = rep or report()
-    lines = [f"GPU rehearsal sm_{rep['arch']}: {rep['totals']['compiles']} compiles in "
-             f"{rep['totals']['seconds']} s, {rep['totals']['errors']} errors"]
+    t = rep["totals"]
+    lines = [f"GPU rehearsal sm_{rep['arch']}: {t['compiles']} compiles ({t['distinct']} distinct, "
+             f"{t['cache_hits']} from the on-disk cache) in {t['seconds']} s, {t['errors']} errors"]
     for name, k in rep["kernels"].items():
-        lines.append(f"  {name}: {k['compiles']} compiles, {k['seconds']:.1f} s, {k['launches']} launches, "
+        lines.append(f"  {name}: {k['compiles']} compiles ({k['distinct']} distinct, {k['cache_hits']} cached), "
+                     f"{k['seconds']:.1f} s, {k['launches']} launches, "
                      f"shared <= {k['max_shared']} B, over limit {len(k['over_shared'])}, serialised wgmma "
                      f"{len(k['serialised_wgmma'])}, spilling {len(k['spills'])}, errors {len(k['errors'])}")
     return "\n".join(lines)
