@@ -28,8 +28,7 @@ SAME_WITHOUT_REHEARSAL = {
     # these run their code in fresh processes (python -c, torchrun), which the rehearsal does not reach:
     # there it takes the CPU route, as in the CPU suite
     "test_readme.py": "runs each documentation block in a fresh process",
-    "test_serve_users_example.py": "runs the example in a fresh process",
-    "test_examples_distributed.py": "runs the example under torchrun",
+    "test_examples.py": "runs each example in fresh processes (python, torchrun)",
 }
 
 
