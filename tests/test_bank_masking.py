@@ -44,8 +44,8 @@ def test_checked_ids_say_whether_some_row_has_no_adapter():
     from vera_kernels.core import checked_adapter_ids
 
     x = torch.randn(3, 2, 5)
-    ids, base_rows = checked_adapter_ids(torch.tensor([2, -1, 0]), x, 4)
-    assert ids.tolist() == [2, 2, -1, -1, 0, 0] and base_rows is True
+    ids, base_rows, group = checked_adapter_ids(torch.tensor([2, -1, 0]), x, 4)
+    assert ids.tolist() == [2, 2, -1, -1, 0, 0] and base_rows is True and group == 2
     assert checked_adapter_ids(torch.tensor([[1, 3], [0, 0], [2, 1]]), x, 4)[1] is False
     assert checked_adapter_ids(torch.zeros(0, dtype=torch.int64), torch.randn(0, 5), 4)[1] is None
 
@@ -62,7 +62,7 @@ def test_torch_bank_forward_with_and_without_the_base_rows_hint(ids):
     proj = vk.Projection(11, r, K, N)
     x, W, b = torch.randn(5, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
     ld, lb = torch.rand(n, r, generator=g) + 0.5, torch.randn(n, N, generator=g)
-    flat, base_rows = checked_adapter_ids(torch.tensor(ids), x, n)
+    flat, base_rows, _ = checked_adapter_ids(torch.tensor(ids), x, n)
     assert base_rows is (-1 in ids)
     outs = [get_backend("torch").forward(make_problem(x, W, b, ld, lb, proj, None, flat, base_rows=hint))[0]
             for hint in (base_rows, None)]
@@ -73,3 +73,29 @@ def test_torch_bank_forward_with_and_without_the_base_rows_hint(ids):
     base = torch.nn.functional.linear(x, W, b)
     for m in (m for m, a in enumerate(ids) if a < 0):
         assert torch.equal(outs[0][m], base[m])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ids", [[2, 1, 1], [1, -1, 2]])
+def test_torch_bank_forward_reads_one_bank_row_per_sequence(dtype, ids):
+    """Per-sequence ids of a [B, T, K] input: the rows of a sequence share one id (Problem.row_group = T), so
+    the torch backend gathers one bank row per sequence and broadcasts it; the output is bit-identical to
+    the same call with one id per row."""
+    from vera_kernels.backends import get_backend
+    from vera_kernels.core import checked_adapter_ids, make_problem
+
+    g = torch.Generator().manual_seed(5)
+    n, r, K, N, T = 3, 4, 6, 7, 5
+    proj = vk.Projection(13, r, K, N)
+    x = torch.randn(len(ids), T, K, generator=g).to(dtype)
+    W, b = torch.randn(N, K, generator=g).to(dtype), torch.randn(N, generator=g).to(dtype)
+    ld, lb = torch.rand(n, r, generator=g) + 0.5, torch.randn(n, N, generator=g)
+    ld[0, 1] = float("nan")  # no row uses adapter 0, and rows with id -1 (which index it) must not see it
+    per_seq = checked_adapter_ids(torch.tensor(ids), x, n)
+    per_row = checked_adapter_ids(torch.tensor(ids)[:, None].expand(-1, T), x, n)
+    assert per_seq[2] == T and per_row[2] == 1 and torch.equal(per_seq[0], per_row[0])
+    ys = [get_backend("torch").forward(make_problem(x, W, b, ld, lb, proj, None, flat, base_rows=base,
+                                                    row_group=group))[0] for flat, base, group in (per_seq, per_row)]
+    assert torch.equal(ys[0], ys[1]) and torch.isfinite(ys[0]).all()
+    y = vk.vera_linear(x, W, b, ld, lb, proj, adapter_ids=torch.tensor(ids), backend="torch")
+    assert torch.equal(y.reshape(ys[0].shape), ys[0])

@@ -123,6 +123,9 @@ class Problem:
     # With adapter_ids: whether some row has id -1 (its bank rows must then be zeros, not bank row 0), when
     # the caller knows it from checking the ids; None: not known (a backend masks those rows anyway).
     base_rows: Optional[bool] = None
+    # With adapter_ids: rows come in groups of this many consecutive rows with one id (per-sequence ids of a
+    # [B, T, K] input: T), so a backend may read one bank row per group instead of one per row.
+    row_group: int = 1
 
     @property
     def num_adapters(self) -> int:
@@ -185,9 +188,10 @@ class BatchIds:
         return hit
 
 
-def checked_adapter_ids(adapter_ids, x: torch.Tensor, num_adapters: int) -> Tuple[torch.Tensor, Optional[bool]]:
-    """``flatten_adapter_ids``, and whether some row has id -1 (``None`` where the values are not read:
-    empty or meta ids)."""
+def checked_adapter_ids(adapter_ids, x: torch.Tensor,
+                        num_adapters: int) -> Tuple[torch.Tensor, Optional[bool], int]:
+    """``flatten_adapter_ids``, whether some row has id -1 (``None`` where the values are not read: empty or
+    meta ids), and how many consecutive rows share each id (``Problem.row_group``)."""
     if type(adapter_ids) is BatchIds:
         if not torch.compiler.is_compiling():
             return adapter_ids.rows(x, num_adapters)
@@ -198,10 +202,12 @@ def checked_adapter_ids(adapter_ids, x: torch.Tensor, num_adapters: int) -> Tupl
     if adapter_ids.device != x.device:
         raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}")
     lead = x.shape[:-1]
+    group = 1
     if adapter_ids.shape == lead:
         ids = adapter_ids
     elif len(lead) >= 1 and adapter_ids.shape == lead[:1]:
         ids = adapter_ids.reshape(lead[:1] + (1,) * (len(lead) - 1)).expand(lead)
+        group = math.prod(lead[1:])
     else:
         raise ValueError(
             f"adapter_ids must have shape {tuple(lead)} (one id per row) or {tuple(lead[:1])} (one per sequence), "
@@ -216,7 +222,7 @@ def checked_adapter_ids(adapter_ids, x: torch.Tensor, num_adapters: int) -> Tupl
             raise ValueError(f"adapter_ids must be in [-1, {num_adapters}) (-1 = no adapter), got values in "
                              f"[{lo}, {hi}]")
         base_rows = lo < 0
-    return ids, base_rows
+    return ids, base_rows, group
 
 
 def validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids=None, in_offset=0,
@@ -312,7 +318,7 @@ def dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, adapter_ids=None, in_offset=0,
-                 out_offset=0, base_rows=None, dims=None) -> Problem:
+                 out_offset=0, base_rows=None, dims=None, row_group=1) -> Problem:
     """The :class:`Problem` of a validated call; ``dims`` is its ``(M, K, N)`` when the caller knows them
     already (a memoised plan), else they are read from the shapes."""
     if dims is None:
@@ -332,4 +338,4 @@ def make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, adapt
     if adapter_ids is not None:
         adapter_ids = dense(adapter_ids)
     return Problem(x2d, weight, bias, lambda_d, lambda_b, projection, dropout, M, K, N, adapter_ids, in_offset,
-                   out_offset, base_rows)
+                   out_offset, base_rows, row_group)

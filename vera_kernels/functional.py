@@ -157,18 +157,19 @@ def vera_linear(
         plan = _new_plan(key, x, weight, bias, lambda_d, lambda_b, projection, backend, in_offset, out_offset,
                          adapter_ids)
     ids = base_rows = None
+    row_group = 1
     if plan is not None:
         chosen, dims = plan.backend, plan.dims
         if adapter_ids is not None:  # adapter ids are values, checked on every call
-            ids, base_rows = checked_adapter_ids(adapter_ids, x, lambda_d.shape[0])
+            ids, base_rows, row_group = checked_adapter_ids(adapter_ids, x, lambda_d.shape[0])
     else:  # while compiling dynamo traces the checks
         validate(x, weight, bias, lambda_d, lambda_b, projection, adapter_ids, in_offset, out_offset)
         if adapter_ids is not None:
-            ids, base_rows = checked_adapter_ids(adapter_ids, x, lambda_d.shape[0])
+            ids, base_rows, row_group = checked_adapter_ids(adapter_ids, x, lambda_d.shape[0])
         chosen = dims = None
     dropout = None if (dropout_p == 0.0 and type(dropout_p) in (float, int)) else make_dropout(dropout_p, training)
     problem = make_problem(x, weight, bias, lambda_d, lambda_b, projection, dropout, ids, in_offset, out_offset,
-                           base_rows, dims)
+                           base_rows, dims, row_group)
     if chosen is None:
         chosen = select(problem, backend)
     if compiling:  # caches must exist before the traced Function (see Backend.prepare)

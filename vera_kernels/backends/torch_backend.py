@@ -133,16 +133,30 @@ class TorchBackend(Backend):
         if problem.dropout is not None:
             xa = dropped(xa, problem)
         s = torch.mm(xa, op.A_Kt)
+        M, g = problem.M, problem.row_group
+        if g > 1:  # consecutive rows share an id: one bank row per group, broadcast over its rows
+            ids = ids[::g]
         index, no_adapter = row_index(ids, problem.base_rows)
-        u = s * problem.lambda_d.index_select(0, index).to(cd)
+        lambda_d = problem.lambda_d.index_select(0, index).to(cd)
         lambda_b = problem.lambda_b.index_select(0, index).to(cd)  # a fresh tensor
+        if g > 1:
+            lambda_d, lambda_b = lambda_d[:, None], lambda_b[:, None]
+            s_, base_ = s.view(M // g, g, s.shape[1]), base.view(M // g, g, problem.N)
+        else:
+            s_, base_ = s, base
+        u = s_ * lambda_d
         if no_adapter is not None:  # rows with id -1 add exactly nothing, whatever bank row 0 holds
+            if g > 1:
+                no_adapter = no_adapter[:, None]
             u.masked_fill_(no_adapter, 0.0)
             lambda_b.masked_fill_(no_adapter, 0.0)
-        adapter = torch.mm(u, op.B_Nt)
-        if base.dtype == cd:
-            return base.addcmul_(adapter, lambda_b), s  # base is this call's own fresh tensor
-        return base.to(cd).addcmul_(adapter, lambda_b).to(x2d.dtype), s
+        adapter = torch.mm(u.view(M, -1), op.B_Nt)
+        if base.dtype == cd:  # base is this call's own fresh tensor
+            base_.addcmul_(adapter.view(base_.shape), lambda_b)
+            return base, s
+        y = base.to(cd)
+        y.view(base_.shape).addcmul_(adapter.view(base_.shape), lambda_b)
+        return y.to(x2d.dtype), s
 
     def _bank_backward(self, problem: Problem, gy, s, A_K, B_N, need_d, need_b):
         """Per-row ``g`` and the bank gradients ``[n, r]``, ``[n, N]`` (reduced by ``bank_sum``)."""
