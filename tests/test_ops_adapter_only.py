@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 import vera_kernels as vk  # noqa: E402
 from conftest import DEVICE, backend_skip_reason  # noqa: E402
 from parity import assert_parity  # noqa: E402
-from triton_cases import ab, adapter_input, poisoned  # noqa: E402,F401
+from triton_cases import ab, adapter_input, grad_x_adapter, poisoned  # noqa: E402,F401
 from vera_kernels.core import make_dropout  # noqa: E402
 from vera_kernels.projection import dropout_keep_mask  # noqa: E402
 from vera_kernels.quantized import adapter_term  # noqa: E402
@@ -113,15 +113,9 @@ def test_grad_input_without_weight_is_the_adapter_part(poisoned, ab_source, case
     g, ld = torch.randn(M, r, device=DEVICE), torch.rand(r, device=DEVICE) + 0.5
     drop = make_dropout(p, True)
     gx = grad_input(gy, None, g, ld, proj, drop, decode=decode, in_features=K)
-    outs = []
-    for cd in (torch.float32, torch.float64):
-        A, _ = ab(proj, K, N, cd, DEVICE, rounded_to=dtype if cd == torch.float32 else None)
-        adapter = (g.to(cd) * ld.to(cd)) @ A
-        if drop is not None:
-            adapter = adapter * dropout_keep_mask(drop.seed, drop.threshold, M, K, DEVICE).to(cd) * drop.scale
-        outs.append(adapter.to(dtype) if cd == torch.float32 else adapter)
+    ref32, ref64 = grad_x_adapter(g, ld, proj, drop, M, K, N, dtype, DEVICE)
     assert gx.dtype == dtype and gx.shape == (M, K)
-    assert_parity(gx, outs[0], outs[1], dtype, "grad_x (adapter part)")
+    assert_parity(gx, ref32.to(dtype), ref64, dtype, "grad_x (adapter part)")
     with pytest.raises(ValueError, match="in_features"):
         grad_input(gy, None, g, ld, proj, drop)
 

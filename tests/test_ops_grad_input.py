@@ -8,9 +8,8 @@ pytest.importorskip("triton")
 import vera_kernels as vk  # noqa: E402
 from conftest import DEVICE, backend_skip_reason  # noqa: E402
 from parity import assert_parity  # noqa: E402
-from triton_cases import ab, poisoned  # noqa: E402,F401
+from triton_cases import grad_x_adapter, poisoned  # noqa: E402,F401
 from vera_kernels.core import make_dropout  # noqa: E402
-from vera_kernels.projection import dropout_keep_mask  # noqa: E402
 
 pytestmark = pytest.mark.skipif(backend_skip_reason("triton") is not None, reason=str(backend_skip_reason("triton")))
 
@@ -36,13 +35,8 @@ def test_grad_input_matches_reference(poisoned, case, dtype):  # noqa: F811
     g, ld = torch.randn(M, r, device=DEVICE), torch.rand(r, device=DEVICE) + 0.5
     drop = make_dropout(p, True)
     gx = grad_input(gy, W, g, ld, proj, drop, decode=decode)
-    outs = []
-    for cd in (torch.float32, torch.float64):
-        A, _ = ab(proj, K, N, cd, DEVICE, rounded_to=dtype if cd == torch.float32 else None)
-        adapter = (g.to(cd) * ld.to(cd)) @ A
-        if drop is not None:
-            adapter = adapter * dropout_keep_mask(drop.seed, drop.threshold, M, K, DEVICE).to(cd) * drop.scale
-        base = (gy @ W).to(cd) if cd == torch.float32 else gy.to(cd) @ W.to(cd)
-        outs.append((base + adapter).to(dtype if cd == torch.float32 else cd))
+    ref32, ref64 = grad_x_adapter(g, ld, proj, drop, M, K, N, dtype, DEVICE)
+    base32, base64 = (gy @ W).float(), gy.double() @ W.double()
+    outs = [(base32 + ref32).to(dtype), base64 + ref64]
     assert gx.dtype == dtype
     assert_parity(gx, outs[0], outs[1], dtype, "grad_x")

@@ -38,3 +38,17 @@ def ab(projection, K, N, dtype, device, rounded_to=None):
     else:
         A, B = projection.materialize(dtype, device)
     return A[:, :K], B[:N]
+
+
+def grad_x_adapter(g, ld, projection, dropout, M, K, N, dtype, device):
+    """``mask · q ⊙ ((g ⊙ lambda_d) A_K)`` in float32 (A_K rounded to ``dtype``, then cast to ``dtype``) and
+    in float64: the two references of ``grad_input``'s adapter part."""
+    outs = []
+    for cd in (torch.float32, torch.float64):
+        A, _ = ab(projection, K, N, cd, device, rounded_to=dtype if cd == torch.float32 else None)
+        adapter = (g.to(cd) * ld.to(cd)) @ A
+        if dropout is not None:
+            keep = dropout_keep_mask(dropout.seed, dropout.threshold, M, K, device)
+            adapter = adapter * keep.to(cd) * dropout.scale
+        outs.append(adapter)
+    return outs
