@@ -13,7 +13,6 @@ from conftest import DEVICE, backend_skip_reason  # noqa: E402
 from parity import assert_parity  # noqa: E402
 from triton_cases import ab, adapter_input, grad_x_adapter, poisoned  # noqa: E402,F401
 from vera_kernels.core import make_dropout  # noqa: E402
-from vera_kernels.projection import dropout_keep_mask  # noqa: E402
 from vera_kernels.quantized import adapter_term  # noqa: E402
 
 pytestmark = pytest.mark.skipif(backend_skip_reason("triton") is not None, reason=str(backend_skip_reason("triton")))
