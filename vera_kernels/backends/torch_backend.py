@@ -118,10 +118,10 @@ class TorchBackend(Backend):
         if problem.dropout is not None:
             xa = dropped(xa, problem)
         s = torch.mm(xa, op.A_Kt)
-        adapter = torch.mm(lambda_d * s, op.B_Nt).mul_(lambda_b)  # in place on the fresh product
+        adapter = torch.mm(lambda_d * s, op.B_Nt)
         if op.casts:
-            return (base.to(cd) + adapter).to(x2d.dtype), s
-        return base.add_(adapter), s  # base is this call's own fresh tensor
+            return base.to(cd).addcmul_(adapter, lambda_b).to(x2d.dtype), s
+        return base.addcmul_(adapter, lambda_b), s  # base is this call's own fresh tensor
 
     def _bank_forward(self, problem: Problem, op: Operands):
         """``vera_forward_math`` with each row's bank vectors: the single-adapter ops with the two vectors
