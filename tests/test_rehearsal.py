@@ -165,3 +165,12 @@ def test_files_skipped_under_the_rehearsal_exist():
     from rehearsal_plugin import SAME_WITHOUT_REHEARSAL
 
     assert SAME_WITHOUT_REHEARSAL and all((ROOT / "tests" / name).is_file() for name in SAME_WITHOUT_REHEARSAL)
+
+
+def test_the_rehearsed_gpu_is_seen_inside_torch_compile():
+    """Code that torch.compile traces (fullgraph) asks torch.cuda too: the answer must trace."""
+    from vera_kernels.ops import rehearsal
+
+    is_available = rehearsal._cuda_patches(90)["is_available"]
+    f = torch.compile(lambda x: x + 1 if is_available() else x - 1, fullgraph=True, backend="eager")
+    assert f(torch.zeros(1)).item() == 1
