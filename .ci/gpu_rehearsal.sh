@@ -27,29 +27,37 @@ export VERA_KERNELS_AUTOTUNE=0 OMP_NUM_THREADS=1  # one thread each: two process
 unset TRITON_INTERPRET
 opts=(-q -rfE -p no:cacheprovider -W ignore::UserWarning)
 
-# one architecture's whole plan, in order; its progress goes to $out/sm$1.progress
+# one architecture's whole plan, both parts run whatever the first gives; progress in $out/sm$1.progress
 plan() {
-  local arch=$1 log="$out/sm$1" s=$SECONDS
+  local arch=$1 log="$out/sm$1" s=$SECONDS rc=0
   export TRITON_CACHE_DIR="$cache/sm$arch"
   echo "tests: start" > "$log.progress"
-  python -m pytest "${opts[@]}" --gpu-rehearsal="$arch" --gpu-rehearsal-json="$out/tests-sm$arch.json" \
-    tests/test_*.py > "$log-tests.log" 2>&1 || { echo "tests: FAILED [$((SECONDS - s)) s]" >> "$log.progress"; return 1; }
-  echo "tests: done [$((SECONDS - s)) s]" >> "$log.progress"
-  VERA_KERNELS_AUTOTUNE=1 python -W ignore benchmarks/gpu_check.py --rehearsal "$arch" --skip-tests --jobs 1 --budget 3000 \
-    --out "$out/gpu_check-sm$arch.json" > "$log-gpu_check.log" 2>&1 \
-    || { echo "gpu_check real shapes: FAILED [$((SECONDS - s)) s]" >> "$log.progress"; return 1; }
-  echo "gpu_check real shapes: done [$((SECONDS - s)) s]" >> "$log.progress"
+  if python -m pytest "${opts[@]}" --gpu-rehearsal="$arch" --gpu-rehearsal-json="$out/tests-sm$arch.json" \
+      tests/test_*.py > "$log-tests.log" 2>&1; then
+    echo "tests: done [$((SECONDS - s)) s]" >> "$log.progress"
+  else
+    echo "tests: FAILED [$((SECONDS - s)) s]" >> "$log.progress"; rc=1
+  fi
+  if VERA_KERNELS_AUTOTUNE=1 python -W ignore benchmarks/gpu_check.py --rehearsal "$arch" --skip-tests --jobs 1 \
+      --budget 3000 --out "$out/gpu_check-sm$arch.json" > "$log-gpu_check.log" 2>&1; then
+    echo "gpu_check real shapes: done [$((SECONDS - s)) s]" >> "$log.progress"
+  else
+    echo "gpu_check real shapes: FAILED [$((SECONDS - s)) s]" >> "$log.progress"; rc=1
+  fi
+  return $rc
 }
 
 say "sm_90 and sm_80 side by side: whole test plan, then gpu_check's real-shape plan (logs in $out)"
 plan 90 & p90=$!
 plan 80 & p80=$!
-last=""
+n=0
+where() {  # one architecture's phase, and the percentage pytest has reached in it
+  echo "$(tail -n1 "$out/sm$1.progress" 2>/dev/null) $(grep -ao '\[ *[0-9]*%\]' "$out/sm$1-tests.log" 2>/dev/null | tail -n1)"
+}
 while kill -0 $p90 2>/dev/null || kill -0 $p80 2>/dev/null; do
-  now="$(tail -qn1 "$out/sm90.progress" "$out/sm80.progress" 2>/dev/null | paste -sd'|')"
-  [ "$now" = "$last" ] || say "sm_90: ${now%%|*}; sm_80: ${now#*|}"
-  last=$now
-  sleep 10
+  sleep 5
+  n=$((n + 1))
+  [ $((n % 12)) -eq 0 ] && say "sm_90: $(where 90); sm_80: $(where 80)"
 done
 rc=0
 wait $p90 || rc=1
