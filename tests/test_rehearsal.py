@@ -151,14 +151,15 @@ def test_only_the_package_sees_the_rehearsed_gpu():
     answer; the package and the benchmark scripts see the rehearsed GPU."""
     from vera_kernels.ops import rehearsal
 
-    is_available = rehearsal._cuda_patches(90)["is_available"]
-    assert is_available() == torch.cuda.is_available()  # asked from a test
+    patches = rehearsal._cuda_patches(90)
+    assert "is_available" not in patches  # its true answer for everyone (torch.compile folds it as a constant)
+    device_count = patches["device_count"]
+    assert device_count() == torch.cuda.device_count()  # asked from a test
     for name, sees in [("vera_kernels.backends.triton_backend", True), ("benchmarks.impls", True),
-                       ("peft.utils.save_and_load", torch.cuda.is_available()),
-                       ("torch._functorch.aot_autograd", torch.cuda.is_available())]:
-        scope = {"__name__": name, "f": is_available}
+                       ("peft.utils.save_and_load", False), ("torch._functorch.aot_autograd", False)]:
+        scope = {"__name__": name, "f": device_count}
         exec("answer = f()", scope)
-        assert scope["answer"] is sees, name
+        assert (scope["answer"] == 1) is sees or torch.cuda.device_count() == 1, name
 
 
 def test_files_skipped_under_the_rehearsal_exist():
@@ -171,6 +172,6 @@ def test_the_rehearsed_gpu_is_seen_inside_torch_compile():
     """Code that torch.compile traces (fullgraph) asks torch.cuda too: the answer must trace."""
     from vera_kernels.ops import rehearsal
 
-    is_available = rehearsal._cuda_patches(90)["is_available"]
-    f = torch.compile(lambda x: x + 1 if is_available() else x - 1, fullgraph=True, backend="eager")
+    device_count = rehearsal._cuda_patches(90)["device_count"]
+    f = torch.compile(lambda x: x + device_count(), fullgraph=True, backend="eager")
     assert f(torch.zeros(1)).item() == 1

@@ -8,9 +8,10 @@ CPU:
   its launcher does nothing, its device properties are the GPU's (shared memory per block, SMs), and its
   benchmarker runs a call once (so an autotuner compiles every config) and reports the same time for
   each config (so the first one wins, as with autotuning off).
-* The package sees a CUDA device: ``torch.cuda.is_available()`` (asked from the package or a benchmark
-  script; torch, other libraries and the tests get the true answer, since they would allocate CUDA
-  memory), the capability, the SM count and name answer as the GPU would, CPU tensors are dispatched
+* The package sees a CUDA device: the "triton" backend is available, and the capability, the SM count
+  and name answer as the GPU would when the package or a benchmark script asks (torch, other libraries
+  and the tests get the true answers, and ``torch.cuda.is_available()`` stays false for everyone: they
+  would allocate CUDA memory or pin host memory, and torch.compile folds it as a constant), CPU tensors are dispatched
   with the CUDA priority list and the "triton" backend accepts them. Kernels are launched through ``JITFunction.run`` with the real arguments, so
   Triton's run-time specialisation (integers equal to 1, divisibility by 16 of pointers, strides and
   sizes, ``do_not_specialize``) is the one a GPU run gets.
@@ -354,7 +355,7 @@ _LOG_LOCK = threading.RLock()
 # --- the CUDA device the package sees -----------------------------------------------------------------
 
 
-# the code that sees the rehearsed GPU through torch.cuda (is_available, the capability, the properties):
+# the code that sees the rehearsed GPU through torch.cuda (the capability, the properties, the count):
 # the package, and the benchmark scripts that drive a rehearsal. torch itself, other libraries and the tests get the true answer: they
 # would allocate CUDA memory or pin host memory, which the rehearsal cannot fake (their tensors stay real).
 _SEES_THE_GPU = ("vera_kernels", "benchmarks", "gpu_check", "__main__")
@@ -365,7 +366,6 @@ def _cuda_patches(arch: int) -> dict:
     props = SimpleNamespace(name=a["name"], major=arch // 10, minor=arch % 10, multi_processor_count=a["sms"],
                             total_memory=a["memory"], shared_memory_per_block_optin=a["shared"])
     fakes = {
-        "is_available": lambda: True,
         "device_count": lambda: 1,
         "current_device": lambda: 0,
         "get_device_capability": lambda device=None: (arch // 10, arch % 10),
@@ -433,6 +433,7 @@ def start(arch: int) -> None:
     # asks the patched torch.cuda for the GPU's SMs)
     backends.PRIORITY["cpu"] = backends.PRIORITY["cuda"]
     TritonBackend.device_types = ("cuda", "cpu")
+    TritonBackend.unavailable_reason = lambda self: None  # torch.cuda.is_available() keeps its true answer
 
 
 def report() -> dict:
